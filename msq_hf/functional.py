@@ -84,7 +84,10 @@ def signed_codes(weight: torch.Tensor, bits: int, scale: torch.Tensor | None = N
     bits = _check_bits(bits)
     scale = max_abs_scale(weight) if scale is None else scale
     levels = 2**bits
-    return torch.clamp(torch.round(weight.detach() * (levels / scale)), -(levels - 1), levels - 1)
+    # same arithmetic as fake_quantize_signmag (division by the power-of-two step), so that
+    # codes * step reproduces the fake-quantized weight bit for bit
+    step = (scale / levels).to(weight.dtype)
+    return torch.div(weight.detach(), step).round_().clamp_(-(levels - 1), levels - 1)
 
 
 def fake_quantize_signmag(weight: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as QF
+from .kernels import KERNELS
 
 REG_ATTR = "_msq_reg"
 
@@ -47,27 +48,21 @@ class MSQWeightQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, bits: int, k: int, continuous: bool, code_units: bool,
                 mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = QF.max_abs_scale(weight)
-        wq = QF.fake_quantize_signmag(weight, bits, scale)
+        w = weight.detach()
         if k <= 0:
             ctx.reg = False
-            return wq, weight.new_zeros(())
-        low = QF.fake_quantize_signmag(weight, bits - k, scale)
-        diff = (weight.detach() if continuous else wq) - low
-        coef = (2.0**bits if code_units else 1.0) / scale
-        if mean:
-            coef = coef / weight.numel()
-        reg = torch.linalg.vector_norm(diff, 1) * coef
+            return QF.fake_quantize_signmag(w, bits, QF.max_abs_scale(w)), w.new_zeros(())
+        wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, code_units, mean)
         ctx.reg = True
-        ctx.save_for_backward(diff, coef)
-        return wq, reg.to(weight.dtype)
+        ctx.save_for_backward(sign, coef)
+        return wq, reg
 
     @staticmethod
     def backward(ctx: Any, grad_wq: torch.Tensor, grad_reg: torch.Tensor):  # type: ignore[override]
         grad = grad_wq
         if ctx.reg and grad_reg is not None:
-            diff, coef = ctx.saved_tensors
-            grad = torch.addcmul(grad_wq, torch.sign(diff), (grad_reg * coef).to(grad_wq.dtype))
+            sign, coef = ctx.saved_tensors
+            grad = KERNELS.backward(grad_wq, sign, grad_reg, coef)
         return grad, None, None, None, None, None
 
 
