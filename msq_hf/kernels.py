@@ -72,6 +72,13 @@ def _fused_backward_graph(grad, sign, grad_reg, coef):
     return grad + sign.to(grad.dtype) * (grad_reg * coef).to(grad.dtype)
 
 
+def _fused_backward_inplace_graph(grad, sign, grad_reg, coef):
+    # the weight gradient autograd hands the quantizer is a fresh buffer owned by this backward
+    # call; adding into it saves one weight-sized allocation and write per layer and step
+    grad.add_(sign.to(grad.dtype) * (grad_reg * coef).to(grad.dtype))
+    return grad
+
+
 class _Kernels:
     """Lazily compiled kernels with a one-time self-check against the eager versions."""
 
@@ -80,6 +87,7 @@ class _Kernels:
         self._state: str | None = None  # None (untried), "compiled", "eager"
         self._fwd = None
         self._bwd = None
+        self._bwd_inplace = None
         self._consts: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     @staticmethod
@@ -95,18 +103,19 @@ class _Kernels:
         try:
             fwd = torch.compile(_fused_forward_graph, dynamic=True, fullgraph=True)
             bwd = torch.compile(_fused_backward_graph, dynamic=True, fullgraph=True)
-            self._self_check(fwd, bwd)
+            bwd_inplace = torch.compile(_fused_backward_inplace_graph, dynamic=True, fullgraph=True)
+            self._self_check(fwd, bwd, bwd_inplace)
         except Exception as exc:  # no compiler, unsupported platform, mismatch, ...
             if mode in ("1", "true", "yes", "compile"):
                 raise RuntimeError(f"MSQ_HF_COMPILE={mode}: compiling the MSQ kernels failed: {exc}") from exc
             logger.warning("msq_hf: using eager MSQ kernels (torch.compile unavailable here: %s)", exc)
             self._state = "eager"
             return
-        self._fwd, self._bwd = fwd, bwd
+        self._fwd, self._bwd, self._bwd_inplace = fwd, bwd, bwd_inplace
         self._state = "compiled"
 
     @staticmethod
-    def _self_check(fwd, bwd) -> None:
+    def _self_check(fwd, bwd, bwd_inplace) -> None:
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(4099, generator=gen)
         w[:64] = torch.arange(-32, 32) / 16.0  # exact ties on several grids
@@ -120,7 +129,8 @@ class _Kernels:
                     raise RuntimeError(f"compiled forward kernel disagrees with eager at bits={bits}, k={k}")
         g = torch.randn(4099, generator=gen)
         args = (got[1], torch.tensor(0.5), got[3])
-        if not torch.allclose(bwd(g, *args), fused_backward_eager(g, *args)):
+        ref = fused_backward_eager(g, *args)
+        if not (torch.allclose(bwd(g, *args), ref) and torch.allclose(bwd_inplace(g.clone(), *args), ref)):
             raise RuntimeError("compiled backward kernel disagrees with the eager reference")
 
     def _ready(self) -> bool:
@@ -145,7 +155,9 @@ class _Kernels:
     def backward(self, grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor):
         """Straight-through gradient plus the regularizer gradient, compiled when possible."""
         if self._state == "compiled" and grad.device.type == "cpu" and grad.dtype == torch.float32:
-            return self._bwd(grad.reshape(-1), sign.reshape(-1), grad_reg, coef).view_as(grad)
+            # in place only when no higher-order graph is being recorded through this gradient
+            kernel = self._bwd if grad.requires_grad or torch.is_grad_enabled() else self._bwd_inplace
+            return kernel(grad.reshape(-1), sign.reshape(-1), grad_reg, coef).view_as(grad)
         return fused_backward_eager(grad, sign, grad_reg, coef)
 
     @property
