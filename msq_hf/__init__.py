@@ -17,6 +17,7 @@ from .convert import (
 )
 from .layers import MSQConv2d, MSQLinear
 from .quantizer import MSQQuantizer
+from . import models  # noqa: F401  (registers resnet20/32/56_cifar with timm)
 
 __version__ = "0.1.0"
 

@@ -117,11 +117,26 @@ def _act_quantizer(config: MSQConfig, module: nn.Module) -> nn.Module | None:
     return make_act_quantizer(kind, config.act_bits)
 
 
+def _references(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``id(module) -> [(parent, attribute)]`` for every place a module is registered.
+
+    A module can be registered under several parents (shared blocks); all of them must see the
+    swapped layer, or the model would run half float, half quantized.
+    """
+    refs: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                refs.setdefault(id(child), []).append((parent, attr))
+    return refs
+
+
 def swap_layers(model: nn.Module, config: MSQConfig, names: list[str],
                 bit_scheme: dict[str, int] | None = None) -> None:
     """Replace the named Linear/Conv2d modules by MSQ layers (parameters are shared, not copied)."""
     same_pad = _same_pad_conv_types()
     first = names[0] if names else None
+    refs = _references(model)
     for name in names:
         module = model.get_submodule(name)
         bits = (bit_scheme or {}).get(name, config.init_bits)
@@ -134,7 +149,8 @@ def swap_layers(model: nn.Module, config: MSQConfig, names: list[str],
         if act is not None:
             act.to(device=module.weight.device)
         new.train(module.training)
-        _set_submodule(model, name, new)
+        for parent, attr in refs.get(id(module), []):
+            setattr(parent, attr, new)
 
 
 def attach_quantizer(model: nn.Module, config: MSQConfig, pre_quantized: bool = False) -> None:

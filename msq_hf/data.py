@@ -347,6 +347,7 @@ def load_fashion_mnist(split: str = "train", limit: int | None = None, image_siz
     """
     _check_split(split)
     _check_shape_args(image_size, channels)
+    search_dirs = list(search_dirs) if search_dirs is not None else None  # iterated twice below
     errors: list[str] = []
     directory = find_fashion_mnist(search_dirs)
     if directory is not None:

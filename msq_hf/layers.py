@@ -372,9 +372,16 @@ class MSQConv2d(MSQLayerMixin, nn.Conv2d):
 
     def to_float(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the dequantized weight."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, self.bias is not None,
-                         self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        if self.same_pad:
+            from timm.layers.conv2d_same import Conv2dSame
+
+            conv: nn.Conv2d = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                         0, self.dilation, self.groups, self.bias is not None)
+            conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        else:
+            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                             self.padding, self.dilation, self.groups, self.bias is not None,
+                             self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.quantized_weight())
             if self.bias is not None:
