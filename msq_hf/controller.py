@@ -152,3 +152,336 @@ def hutchinson_seed(seed: int, global_step: int) -> int:
     other random numbers were consumed in between.
     """
     return (int(seed) * 1_000_003 + int(global_step) * 7_919 + 17) % (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# the controller
+# --------------------------------------------------------------------------------------------
+
+class MSQController:
+    """Pruning state and regularizer of one MSQ model, usable from any training loop.
+
+    Args:
+        model: a model converted by :func:`msq_hf.quantize_model` (the unwrapped module, not DDP).
+        config: MSQ hyperparameters; defaults to ``model.msq_config``.
+        total_steps: number of optimizer steps of the run (needed for the forced final round at
+            ``config.final_round_fraction``); can be set later through :attr:`total_steps`.
+        seed: base seed of the Hutchinson probes (a pruning step at ``global_step`` uses a seed derived
+            from ``(seed, global_step)`` only).
+        loss_fn: ``loss_fn(model, batch) -> loss`` for the Hessian pass; default :func:`default_loss`.
+
+    Typical loop::
+
+        ctl = MSQController(model, total_steps=num_steps)
+        for step, batch in enumerate(loader, start=1):
+            if step == 1:
+                ctl.start(batch)                        # k from the sensitivities at init_bits
+            loss = task_loss(model, batch) + ctl.regularization()
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+            ctl.maybe_step(step, batch)                # every config.prune_interval steps
+    """
+
+    def __init__(self, model: nn.Module, config: MSQConfig | None = None, total_steps: int | None = None, *,
+                 seed: int = 0, loss_fn: LossFn | None = None):
+        config = config if config is not None else getattr(model, "msq_config", None)
+        if config is None:
+            raise ValueError(f"{type(model).__name__} has no msq_config; pass config=MSQConfig(...) or convert the "
+                             "model with msq_hf.quantize_model(model, config)")
+        if not isinstance(config, MSQConfig):
+            raise TypeError(f"config must be an msq_hf.MSQConfig, got {type(config).__name__}")
+        self.model = model
+        self.config = config
+        self.layers = msq_layers(model)
+        self.names = list(self.layers)
+        self.numels = {name: int(layer.weight.numel()) for name, layer in self.layers.items()}
+        self.seed = int(seed)
+        self.loss_fn = loss_fn
+        self._total_steps: int | None = None
+        self._history: list[dict[str, Any]] = []
+        self._started = False
+        self._finalized = False
+        self._last_rates: dict[str, float] = {}
+        self._last_sens: dict[str, float] = {}
+        self._last_reg = 0.0
+        self._schedule = self._make_schedule()
+        self._sched_state: Any = self._initial_schedule_state()
+        self.total_steps = total_steps
+
+
+    # -- schedule adapter (the only place that knows the BitPruningSchedule API) ----------------
+    def _make_schedule(self) -> Any:
+        from .schedule import BitPruningSchedule
+
+        return BitPruningSchedule(self.config, self.numels)
+
+    def _initial_schedule_state(self) -> Any:
+        return self._schedule.initial_state(self.bits)
+
+    def _schedule_check_reachable(self) -> None:
+        self._schedule.check_reachable(self._sched_state, total_steps=self._total_steps)
+
+    def _schedule_assign_k(self, bits: Mapping[str, int], sens: Mapping[str, float] | None) -> dict[str, int]:
+        return dict(self._schedule.assign_k(dict(bits), None if sens is None else dict(sens)))
+
+    def _schedule_step(self, rates: dict[str, float], sens: dict[str, float] | None, global_step: int) -> Any:
+        decision = self._schedule.step(self._sched_state, rates, sens, global_step)
+        self._sched_state = decision.state
+        self._apply(decision.bits, decision.k)
+        self._finalized = bool(decision.finalized)
+        self._record(global_step, rates, sens, "final" if self._finalized else "regularize", decision.pruned)
+        return decision
+
+    def _schedule_state_dict(self) -> Any:
+        return self._schedule.state_dict(self._sched_state)
+
+    def _schedule_load_state_dict(self, state: Any) -> None:
+        self._sched_state = self._schedule.load_state_dict(state)
+
+    # -- read-only views --------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps of the whole run (``None``: unknown, no forced final round)."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or int(value) < 1):
+            raise ValueError(f"total_steps={value!r} is invalid: expected a positive integer or None")
+        self._total_steps = None if value is None else int(value)
+        if hasattr(self._schedule, "total_steps"):
+            self._schedule.total_steps = self._total_steps
+
+    @property
+    def started(self) -> bool:
+        """True once :meth:`start` assigned the initial ``k`` (or a state was loaded)."""
+        return self._started
+
+    @property
+    def finalized(self) -> bool:
+        """True after the final pruning round: no regularizer, no more pruning (plain QAT)."""
+        return self._finalized
+
+    @property
+    def phase(self) -> str:
+        """``"regularize"`` (LSB regularizer + pruning) or ``"qat"`` (after the final round)."""
+        return "qat" if self._finalized else "regularize"
+
+    @property
+    def bits(self) -> dict[str, int]:
+        """Current precision per layer."""
+        return {name: layer.n_bits for name, layer in self.layers.items()}
+
+    @property
+    def ks(self) -> dict[str, int]:
+        """Current ``k`` (LSBs targeted by the next pruning step) per layer."""
+        return {name: layer.n_k for name, layer in self.layers.items()}
+
+    @property
+    def compression(self) -> float:
+        """``32 * sum N_l / sum b_l N_l`` of the current bits (sign bit counted per the config)."""
+        return float(_compression_ratio([self.numels[n] for n in self.names], [self.layers[n].n_bits for n in self.names],
+                                        self.config.count_sign_bit))
+
+    @property
+    def avg_bits(self) -> float:
+        """Parameter-weighted mean magnitude bits."""
+        total = sum(self.numels.values())
+        return sum(self.numels[n] * self.layers[n].n_bits for n in self.names) / total
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per pruning step (and the start): ``step, bits, k, rates, sensitivities, compression,
+        avg_bits, phase, pruned``."""
+        return [dict(entry) for entry in self._history]
+
+    @property
+    def last_regularization(self) -> float:
+        """Value of the last :meth:`regularization` term (already multiplied by lambda)."""
+        return self._last_reg
+
+    @property
+    def regularizing(self) -> bool:
+        """Whether the regularizer is on (started, not finalized, lambda > 0, some layer with k > 0)."""
+        return self._started and not self._finalized and self.config.reg_strength > 0 \
+            and any(layer.n_k > 0 for layer in self.layers.values())
+
+    # -- the regularizer ------------------------------------------------------------------------
+    def regularization(self) -> torch.Tensor:
+        """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8), to add to the loss.
+
+        The layers computed ``R_l`` inside their fused quantizer during the forward; this only sums
+        them (and clears them, so a term is never added twice). Returns a 0-dim zero tensor without
+        gradient in eval mode, under ``no_grad``, after the final round or with lambda = 0.
+        """
+        terms = [t for t in (layer.pop_regularization() for layer in self.layers.values()) if t is not None]
+        if not terms or self._finalized or self.config.reg_strength == 0:
+            self._last_reg = 0.0
+            device = next(iter(self.layers.values())).weight.device
+            return torch.zeros((), device=device)
+        reg = torch.stack([t.float() for t in terms]).sum() * self.config.reg_strength
+        self._last_reg = float(reg.detach())
+        return reg
+
+    # -- measurements ---------------------------------------------------------------------------
+    def nonzero_rates(self) -> dict[str, float]:
+        """LSB nonzero rate of each layer for its current ``k`` (0.0 for layers with ``k = 0``)."""
+        with torch.no_grad():
+            return {name: float(layer.lsb_nonzero_rate()) for name, layer in self.layers.items()}
+
+    def _loss_for_hessian(self, loss_fn: LossFn | None) -> Callable[[nn.Module, Any], torch.Tensor]:
+        if loss_fn is not None:
+            return loss_fn
+        if self.loss_fn is not None:
+            return self.loss_fn
+
+        def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+            # accelerate's mixed-precision wrapper keeps the fp32 forward here (hf-integration §2.4)
+            forward = getattr(model, "_original_forward", None)
+            return default_loss(model, batch, forward)
+
+        return loss
+
+    def sensitivities(self, batch: Batch, global_step: int = 0, loss_fn: LossFn | None = None) -> dict[str, float]:
+        """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``hessian_batch_size`` samples of ``batch``.
+
+        Runs in eval mode and fp32 inside :func:`msq_hf.sensitivity.hessian_safe`; uses
+        ``torch.autograd.grad`` only, so ``.grad``, the optimizer and BatchNorm running statistics are
+        untouched. Probes are seeded by :func:`hutchinson_seed` ``(seed, global_step)``. Not reduced
+        across ranks (see :meth:`maybe_step`).
+        """
+        from .sensitivity import estimate_sensitivities
+
+        sub = slice_batch(batch, self.config.hessian_batch_size)
+        cfg = self.config
+        return dict(estimate_sensitivities(
+            self.model, self.layers, sub, self._loss_for_hessian(loss_fn),
+            max_probes=cfg.hessian_max_probes, tol=cfg.hessian_tol, normalize=cfg.sensitivity_norm,
+            seed=hutchinson_seed(self.seed, global_step)))
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        from .sensitivity import reduce_across_ranks
+
+        return dict(reduce_across_ranks(values))
+
+    def _measure(self, batch: Batch | None, global_step: int, loss_fn: LossFn | None,
+                 need_sens: bool) -> tuple[dict[str, float], dict[str, float] | None]:
+        rates = self._reduce(self.nonzero_rates())
+        sens = None
+        if need_sens and self.config.hessian_guided:
+            if batch is None:
+                raise ValueError("hessian_guided=True needs a batch for the sensitivity pass; pass batch=... "
+                                 "(or set MSQConfig.hessian_guided=False)")
+            sens = self._reduce(self.sensitivities(batch, global_step, loss_fn))
+        return rates, sens
+
+    # -- pruning ----------------------------------------------------------------------------------
+    def _apply(self, bits: Mapping[str, int], ks: Mapping[str, int]) -> None:
+        for name, layer in self.layers.items():
+            layer.set_bits(int(bits[name]), int(ks.get(name, 0)))
+
+    def _record(self, step: int, rates: Mapping[str, float], sens: Mapping[str, float] | None, phase: str,
+                pruned: Sequence[str]) -> None:
+        self._last_rates = dict(rates)
+        if sens is not None:
+            self._last_sens = dict(sens)
+        self._history.append({
+            "step": int(step), "bits": self.bits, "k": self.ks, "rates": dict(rates),
+            "sensitivities": dict(sens) if sens is not None else None,
+            "compression": self.compression, "avg_bits": self.avg_bits, "phase": phase, "pruned": list(pruned),
+        })
+
+    def start(self, batch: Batch | None = None, loss_fn: LossFn | None = None) -> None:
+        """Initial ``k`` assignment (step 0): sensitivities at the current bits, ``k = 1`` above the mean, 2 below.
+
+        Raises ``ValueError`` before any training if ``config.target_compression`` cannot be reached
+        (checked by the schedule), naming the target and what is reachable.
+        """
+        self._schedule_check_reachable()
+        rates, sens = self._measure(batch, 0, loss_fn, need_sens=True)
+        ks = self._schedule_assign_k(self.bits, sens)
+        self._apply(self.bits, ks)
+        if hasattr(self._sched_state, "k"):
+            self._sched_state.k = dict(ks)
+        self._started = True
+        self._record(0, self.nonzero_rates(), sens, "regularize", [])
+        logger.info("msq_hf: start, %d layers, k=%s", len(self.layers), self.ks)
+
+    def is_pruning_step(self, global_step: int) -> bool:
+        """True if :meth:`maybe_step` would run a pruning step at ``global_step``."""
+        if self._finalized or global_step <= 0:
+            return False
+        if global_step % self.config.prune_interval == 0:
+            return True
+        # the forced final round must happen even if its step is not a multiple of the interval
+        cutoff = self.final_round_step
+        return cutoff is not None and global_step == cutoff
+
+    @property
+    def final_round_step(self) -> int | None:
+        """Optimizer step at which the final round is forced (``final_round_fraction * total_steps``)."""
+        if self._total_steps is None:
+            return None
+        return max(1, math.ceil(self.config.final_round_fraction * self._total_steps))
+
+    def maybe_step(self, global_step: int, batch: Batch | None = None, loss_fn: LossFn | None = None) -> Any:
+        """Run a pruning step if ``global_step`` (optimizer steps done) is one; else return ``None``.
+
+        Measures nonzero rates and (``hessian_guided``) sensitivities, reduces them across ranks, lets
+        the schedule decide, and writes the new bits/k into the layers. Returns the schedule's decision.
+        """
+        if not self._started:
+            self.start(batch, loss_fn)
+        if not self.is_pruning_step(global_step):
+            return None
+        rates, sens = self._measure(batch, global_step, loss_fn, need_sens=True)
+        decision = self._schedule_step(rates, sens, global_step)
+        return decision
+
+    # -- logging ----------------------------------------------------------------------------------
+    def log_dict(self, per_layer: bool = True) -> dict[str, float]:
+        """Flat numeric metrics for loggers: ``msq/compression``, ``msq/avg_bits``, ``msq/phase`` (code of
+        :data:`PHASE_CODES`), ``msq/reg`` and, per layer, ``msq/bits/<name>``, ``msq/k/<name>``,
+        ``msq/nonzero/<name>``, ``msq/sens/<name>`` (last measured values)."""
+        out: dict[str, float] = {
+            "msq/compression": round(self.compression, 4), "msq/avg_bits": round(self.avg_bits, 4),
+            "msq/phase": float(PHASE_CODES[self.phase]), "msq/reg": self._last_reg,
+            "msq/pruning_steps": float(sum(1 for h in self._history if h["step"] > 0)),
+        }
+        if per_layer:
+            for name, layer in self.layers.items():
+                out[f"msq/bits/{name}"] = float(layer.n_bits)
+                out[f"msq/k/{name}"] = float(layer.n_k)
+                if name in self._last_rates:
+                    out[f"msq/nonzero/{name}"] = float(self._last_rates[name])
+                if name in self._last_sens:
+                    out[f"msq/sens/{name}"] = float(self._last_sens[name])
+        return out
+
+    # -- persistence ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: schedule state, history, bits/k, phase, seed, total steps."""
+        return {
+            "version": STATE_VERSION, "started": self._started, "finalized": self._finalized,
+            "phase": self.phase, "seed": self.seed, "total_steps": self._total_steps,
+            "bits": self.bits, "k": self.ks, "last_rates": dict(self._last_rates), "last_sensitivities":
+            dict(self._last_sens), "history": self.history, "schedule": self._schedule_state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (also re-applies bits/k to the layers)."""
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"MSQ controller state version {version!r} is not supported (expected {STATE_VERSION})")
+        unknown = sorted(set(state["bits"]) ^ set(self.names))
+        if unknown:
+            raise ValueError(f"MSQ controller state does not match the model: layer(s) {unknown[:5]} are in only one "
+                             "of them")
+        self._apply(state["bits"], state["k"])
+        self._started = bool(state["started"])
+        self._finalized = bool(state["finalized"])
+        if state.get("total_steps") is not None and self._total_steps is None:
+            self.total_steps = state["total_steps"]
+        self._last_rates = {k: float(v) for k, v in state.get("last_rates", {}).items()}
+        self._last_sens = {k: float(v) for k, v in state.get("last_sensitivities", {}).items()}
+        self._history = [dict(h) for h in state.get("history", [])]
+        self._schedule_load_state_dict(state["schedule"])

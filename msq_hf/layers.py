@@ -210,10 +210,11 @@ class MSQLayerMixin:
     def set_bits(self, bits: int, k: int | None = None) -> None:
         """Set the precision (and optionally k); ``k`` is capped so that ``bits - k >= 1``."""
         QF._check_bits(bits)
+        # fix (tests): validate k before touching any buffer, so a rejected call leaves the layer unchanged
+        if k is not None and (k < 0 or (k > 0 and bits - k < 1)):
+            raise ValueError(f"k={k} is invalid for bits={bits} (need 0 <= k < bits)")
         self.bits.fill_(int(bits))
         if k is not None:
-            if k < 0 or (k > 0 and bits - k < 1):
-                raise ValueError(f"k={k} is invalid for bits={bits} (need 0 <= k < bits)")
             self.k.fill_(int(k))
         elif self.n_k >= bits:
             self.k.fill_(bits - 1)

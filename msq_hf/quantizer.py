@@ -11,6 +11,7 @@ It makes ``from_pretrained`` rebuild MSQ models and ``save_pretrained`` write th
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ class MSQQuantizer(HfQuantizer):
             quantization_config = MSQConfig.from_dict(quantization_config)
         super().__init__(quantization_config, **kwargs)
         self._expected_bits: dict[str, int] = {}
+        # set by msq_hf.export around save_pretrained: (packed state dict, metadata, bit scheme)
+        self._msq_export_payload: tuple[dict[str, torch.Tensor], dict[str, str], dict[str, int]] | None = None
 
     # -- capabilities ---------------------------------------------------------------------------
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -47,6 +50,27 @@ class MSQQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if self.quantization_config.msq_format == "packed" and self.pre_quantized:
             from . import serialization  # noqa: F401  (packed exports need the export module)
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        """Point transformers at the packed weight file of an msq_hf export before it resolves files.
+
+        Exports name their weights ``msq_model.safetensors`` (recorded as ``config.msq_weights``) so that
+        transformers *without* ``import msq_hf`` fails with "no file named model.safetensors" instead of
+        loading random weights; with msq_hf imported this hook (called from ``get_hf_quantizer``, before
+        the checkpoint files are resolved) sets ``config.transformers_weights`` to that name.
+        """
+        config = super().update_attn_implementation(config)
+        weights = getattr(config, "msq_weights", None)
+        if self.pre_quantized and self.quantization_config.msq_format == "packed" and weights \
+                and getattr(config, "transformers_weights", None) is None:
+            if not isinstance(weights, str) or os.path.basename(weights) != weights \
+                    or not weights.endswith((".safetensors", ".safetensors.index.json")):
+                from .errors import MSQFormatError
+
+                raise MSQFormatError(f"config.json msq_weights={weights!r} is invalid: expected a safetensors "
+                                     "file name (or index) inside the export directory")
+            config.transformers_weights = weights
+        return config
 
     # -- loading --------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -99,9 +123,30 @@ class MSQQuantizer(HfQuantizer):
 
     # -- saving ---------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
-        """Record the current bit scheme in the config before ``config.json`` is written."""
-        from .convert import bit_scheme
+        """Record the current bit scheme in the config before ``config.json`` is written.
 
+        A plain ``save_pretrained`` writes a training checkpoint (``msq_format="fake"``: float latent
+        weights + ``bits``/``k``, resumable). Inside ``msq_hf.export`` (or for a model loaded from an
+        export, whose layers hold only packed codes) it returns the bit-packed state dict instead.
+        """
+        from .convert import bit_scheme
+        from .serialization import packed_state_dict, quantized_layers
+
+        if self._msq_export_payload is not None:
+            state, metadata, scheme = self._msq_export_payload
+            self.quantization_config.bit_scheme = dict(scheme)
+            self.quantization_config.msq_format = "packed"
+            return state, dict(metadata)
+        from .packed_layers import MSQPackedMixin
+
+        if any(isinstance(m, MSQPackedMixin) for m in quantized_layers(model).values()):
+            state, layers = packed_state_dict(model)
+            self.quantization_config.bit_scheme = {n: i["bits"] for n, i in layers.items()}
+            self.quantization_config.msq_format = "packed"
+            self.quantization_config.dequantize = False
+            from .config import FORMAT_VERSION
+
+            return state, {"msq_format": "packed", "format_version": str(FORMAT_VERSION)}
         self.quantization_config.bit_scheme = bit_scheme(model)
         self.quantization_config.msq_format = "fake"
         return None, {"msq_format": "fake"}

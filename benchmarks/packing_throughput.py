@@ -1,0 +1,114 @@
+"""Throughput of ``msq_hf.packing`` against safetensors writing and reading the same bytes.
+
+For every width, ``--numel`` random codes (uint8, int16 for width 9: the dtype ``unpack_codes``
+returns) are packed and unpacked, and the packed stream is written with ``save_file`` and read
+back with ``load_file`` in a temporary directory. All four operations run in interleaved rounds
+in the same process; the table reports the median of ``--repeats`` rounds. Every rate is in MB/s
+(1 MB = 1e6 bytes) of *packed* bytes, so the pack/write and unpack/read ratios compare work on the
+same payload; a ratio above 1 means packing is faster than safetensors I/O of its output.
+
+safetensors' default ``load_file`` maps the file and returns before any byte is read, so the
+read reference is ``load_file(..., backend="pread")``, which copies the bytes into the tensor;
+the lazy mmap time is shown for information.
+
+The last two columns answer the end-to-end question "does packing pay for itself in I/O time?":
+``(pack + write packed) / write codes`` and ``(read packed + unpack) / read codes``, where the
+``codes`` file holds the unpacked codes (1 byte each, 2 for width 9). Below 1 means saving (or
+loading) the packed stream, packing included, is faster than saving (loading) the raw codes.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/packing_throughput.py
+    python benchmarks/packing_throughput.py --numel 1000000 --repeats 5 --widths 3 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from msq_hf.packing import pack_codes, packed_nbytes, unpack_codes  # noqa: E402
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(width: int, numel: int, repeats: int, directory: str) -> dict[str, float]:
+    """Median seconds of pack, unpack, safetensors write/read (pread), lazy mmap load, and
+    write/read of the unpacked codes."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(width)
+    dtype = torch.uint8 if width <= 8 else torch.int16
+    codes = torch.randint(0, 1 << width, (numel,), generator=gen, dtype=torch.int64).to(dtype)
+    packed = pack_codes(codes, width)
+    if not torch.equal(unpack_codes(packed, width, numel), codes):
+        raise RuntimeError(f"round trip failed for width {width}")
+    path = os.path.join(directory, f"w{width}.safetensors")
+    raw_path = os.path.join(directory, f"w{width}_codes.safetensors")
+
+    ops: dict[str, Callable[[], object]] = {
+        "pack": lambda: pack_codes(codes, width),
+        "unpack": lambda: unpack_codes(packed, width, numel),
+        "write": lambda: save_file({"packed": packed}, path),
+        "read": lambda: load_file(path, backend="pread")["packed"],
+        "mmap": lambda: load_file(path)["packed"],
+        "write_codes": lambda: save_file({"codes": codes}, raw_path),
+        "read_codes": lambda: load_file(raw_path, backend="pread")["codes"],
+    }
+    for fn in ops.values():  # warm-up: allocator, page cache, lazy imports
+        fn()
+    if not torch.equal(load_file(path, backend="pread")["packed"], packed):
+        raise RuntimeError(f"safetensors read back different bytes for width {width}")
+    samples: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(repeats):
+        for key, fn in ops.items():
+            samples[key].append(_timed(fn))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--numel", type=int, default=4 * 2**20, help="codes per width (default 4Mi)")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds; medians are reported")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(range(1, 10)))
+    args = parser.parse_args(argv)
+
+    import safetensors
+
+    print(f"torch {torch.__version__}, safetensors {safetensors.__version__}, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+          f"{args.numel} codes per width, median of {args.repeats}")
+    print()
+    print("| width | packed MB | pack MB/s | unpack MB/s | st write MB/s | st read MB/s | "
+          "st mmap MB/s | pack / write | unpack / read | (pack+write) / write codes | "
+          "(read+unpack) / read codes |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as directory:
+        for width in args.widths:
+            mb = packed_nbytes(args.numel, width) / 1e6
+            t = measure(width, args.numel, args.repeats, directory)
+            rate = {k: mb / v for k, v in t.items()}
+            print(f"| {width} | {mb:.2f} | {rate['pack']:.0f} | {rate['unpack']:.0f} | {rate['write']:.0f} | "
+                  f"{rate['read']:.0f} | {rate['mmap']:.0f} | {rate['pack'] / rate['write']:.2f} | "
+                  f"{rate['unpack'] / rate['read']:.2f} | "
+                  f"{(t['pack'] + t['write']) / t['write_codes']:.2f} | "
+                  f"{(t['read'] + t['unpack']) / t['read_codes']:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,419 @@
+"""Hessian-trace (Hutchinson) estimation and HAWQ-V2 layer sensitivity (MSQ Eq. 9).
+
+MSQ chooses how many LSBs a layer may lose per pruning step from its sensitivity
+
+    S_l = (Tr(H_l) / N_l) * ||Q_{n_l}(W_l) - W_l||^2          (normalize="avg", HAWQ-V2)
+    S_l =  Tr(H_l)        * ||Q_{n_l}(W_l) - W_l||^2          (normalize="sum")
+
+where ``H_l`` is the diagonal block of the task-loss Hessian for layer ``l``'s weights. The trace is
+estimated with Hutchinson's method: ``Tr(H) = E[z^T H z]`` for Rademacher ``z`` (entries +-1),
+each ``Hz`` computed by a double backward (Pearlmutter's trick) without ever forming ``H``.
+
+Everything here uses ``torch.autograd.grad`` only, so no ``.grad`` attribute, optimizer state or
+gradient accumulation of the training loop is touched. :func:`hessian_safe` makes a model
+double-differentiable for the pass (eval mode, math SDPA, eager attention, pure-PyTorch hard
+activations, fp32) and restores everything afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Mapping
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Normalize = Literal["avg", "sum"]
+
+__all__ = [
+    "TraceEstimate",
+    "estimate_sensitivities",
+    "hawq_sensitivity",
+    "hessian_safe",
+    "hutchinson_trace",
+    "reduce_across_ranks",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Hutchinson trace estimator
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TraceEstimate:
+    """Result of :func:`hutchinson_trace`.
+
+    Attributes:
+        trace: estimated ``Tr(H_l)`` per parameter (mean of ``z_l^T (H z)_l`` over probes).
+        stderr: standard error of that mean (sample std / sqrt(probes)); ``inf`` with one probe.
+        probes: number of Rademacher probes used.
+        converged: True if the relative-change criterion stopped the loop before ``max_probes``.
+        history: running mean of the summed trace after every probe (for diagnostics).
+    """
+
+    trace: dict[str, float]
+    stderr: dict[str, float]
+    probes: int
+    converged: bool = False
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        """Estimated trace of the whole block-diagonal (sum over parameters)."""
+        return math.fsum(self.trace.values())
+
+
+def _rademacher(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # draw on the generator's device (CPU by default) and move: the same seed then gives the same
+    # probes whatever device the model is on
+    device = generator.device if generator is not None else p.device
+    z = torch.randint(0, 2, p.shape, generator=generator, device=device, dtype=torch.int8)
+    return (z.to(device=p.device, dtype=p.dtype) * 2 - 1)
+
+
+def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: Mapping[str, torch.Tensor], max_probes: int = 50,
+                     tol: float = 1e-2, min_probes: int = 4,
+                     generator: torch.Generator | None = None) -> TraceEstimate:
+    """Hutchinson estimate of the Hessian trace of ``loss_fn()`` per parameter block.
+
+    One forward/backward with ``create_graph=True`` gives the gradient ``g``; each probe then draws
+    Rademacher ``z`` for all parameters jointly and computes ``Hz = d(g.z)/dW`` by a double backward,
+    accumulating ``z_l . (Hz)_l`` per parameter. The loop stops when the running mean of the summed
+    trace changes by less than ``tol`` (relative) after at least ``min_probes`` probes, or at
+    ``max_probes``.
+
+    Args:
+        loss_fn: zero-argument callable returning the scalar loss (the forward runs once).
+        params: ``{name: tensor}``; every tensor must require grad and be used by the loss (an unused
+            parameter gets trace 0).
+        max_probes, tol, min_probes: stopping rule (``tol >= 0``; ``min_probes`` is clamped to ``max_probes``).
+        generator: RNG for the probes (``None``: torch's global RNG).
+
+    Never reads or writes ``.grad`` (``torch.autograd.grad`` only) and releases the graph on return.
+    """
+    if not params:
+        raise ValueError("hutchinson_trace: params is empty")
+    if not (isinstance(max_probes, int) and max_probes >= 1):
+        raise ValueError(f"hutchinson_trace: max_probes={max_probes!r} must be a positive integer")
+    if not (isinstance(min_probes, int) and min_probes >= 1):
+        raise ValueError(f"hutchinson_trace: min_probes={min_probes!r} must be a positive integer")
+    min_probes = min(min_probes, max_probes)
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"hutchinson_trace: tol={tol!r} must be a number >= 0")
+    names = list(params)
+    tensors = [params[n] for n in names]
+    frozen = [n for n, t in zip(names, tensors) if not t.requires_grad]
+    if frozen:
+        raise ValueError(f"hutchinson_trace: parameter(s) {frozen[:5]} do not require grad")
+
+    sums = [0.0] * len(names)
+    sq_sums = [0.0] * len(names)
+    history: list[float] = []
+    probes = 0
+    converged = False
+    loss = grads = None
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
+                raise ValueError(f"hutchinson_trace: loss_fn must return a scalar tensor, got "
+                                 f"{type(loss).__name__}{shape}")
+            grads = torch.autograd.grad(loss.reshape(()), tensors, create_graph=True, allow_unused=True)
+        # gradients that do not depend on any parameter (loss linear in them, or unused) have Hz = 0
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        prev_mean: float | None = None
+        for probe in range(1, max_probes + 1):
+            vs = [_rademacher(t, generator) for t in tensors]
+            values = torch.zeros(len(names), dtype=torch.float64, device=tensors[0].device)
+            if live:
+                hvs = torch.autograd.grad([grads[i] for i in live], tensors, grad_outputs=[vs[i] for i in live],
+                                          retain_graph=True, allow_unused=True)
+                parts = [torch.zeros((), dtype=torch.float64, device=tensors[0].device) if hv is None
+                         else (v.double() * hv.double()).sum().to(tensors[0].device) for v, hv in zip(vs, hvs)]
+                values = torch.stack(parts)
+            per_layer = values.tolist()  # one host sync per probe
+            for i, value in enumerate(per_layer):
+                sums[i] += value
+                sq_sums[i] += value * value
+            probes = probe
+            mean = math.fsum(sums) / probes
+            history.append(mean)
+            if probe >= min_probes and prev_mean is not None:
+                if abs(mean - prev_mean) <= tol * (abs(prev_mean) + 1e-12):
+                    converged = True
+                    break
+            prev_mean = mean
+    finally:
+        # drop every reference to the double-backward graph so its buffers are freed now
+        del loss, grads
+    trace = {n: sums[i] / probes for i, n in enumerate(names)}
+    stderr: dict[str, float] = {}
+    for i, n in enumerate(names):
+        if probes < 2:
+            stderr[n] = math.inf
+        else:
+            var = max(sq_sums[i] - sums[i] ** 2 / probes, 0.0) / (probes - 1)
+            stderr[n] = math.sqrt(var / probes)
+    return TraceEstimate(trace=trace, stderr=stderr, probes=probes, converged=converged, history=history)
+
+
+# --------------------------------------------------------------------------------------------
+# HAWQ-V2 sensitivity
+# --------------------------------------------------------------------------------------------
+
+def hawq_sensitivity(trace: Mapping[str, float], weights: Mapping[str, torch.Tensor],
+                     quantized: Mapping[str, torch.Tensor], normalize: Normalize = "avg") -> dict[str, float]:
+    """HAWQ-V2 sensitivity ``S_l = (Tr_l / N_l) * ||Q(W_l) - W_l||^2`` (``avg``) or ``Tr_l * ||.||^2`` (``sum``).
+
+    Computed in float64. Keys (and their order) are those of ``trace``.
+    """
+    if normalize not in ("avg", "sum"):
+        raise ValueError(f"hawq_sensitivity: normalize={normalize!r} must be 'avg' or 'sum'")
+    out: dict[str, float] = {}
+    for name, tr in trace.items():
+        if name not in weights or name not in quantized:
+            raise KeyError(f"hawq_sensitivity: layer {name!r} has a trace but no "
+                           f"{'weight' if name not in weights else 'quantized weight'}")
+        w, q = weights[name], quantized[name]
+        if w.shape != q.shape:
+            raise ValueError(f"hawq_sensitivity: layer {name!r}: quantized shape {tuple(q.shape)} != weight shape "
+                             f"{tuple(w.shape)}")
+        with torch.no_grad():
+            err = float((q.detach().double() - w.detach().double()).pow(2).sum())
+        scale = float(tr) / w.numel() if normalize == "avg" else float(tr)
+        out[name] = scale * err
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# making a model double-differentiable
+# --------------------------------------------------------------------------------------------
+
+class HardSigmoidDD(nn.Module):
+    """``relu6(x + 3) / 6`` written with ``clamp`` so it has a second derivative (torch's native
+    ``hardsigmoid_backward`` has none)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 3.0).clamp(0.0, 6.0) / 6.0
+
+
+class HardSwishDD(nn.Module):
+    """``x * relu6(x + 3) / 6`` in plain ops (double-differentiable on every backend)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x + 3.0).clamp(0.0, 6.0) / 6.0
+
+
+# Activation modules whose native kernels lack a double backward, with their replacements.
+# Checked on CPU with torch 2.14: Hardsigmoid fails ("derivative for aten::hardsigmoid_backward is
+# not implemented"); Hardswish, SiLU, GELU, Mish, ELU, ReLU6 pass. Hardswish is swapped anyway
+# because older torch releases and other backends lacked its double backward and the swap is exact.
+_DD_REPLACEMENTS: dict[type[nn.Module], Callable[[], nn.Module]] = {
+    nn.Hardsigmoid: HardSigmoidDD,
+    nn.Hardswish: HardSwishDD,
+}
+
+
+def _device_types(model: nn.Module) -> list[str]:
+    types = {p.device.type for p in model.parameters()} | {"cpu"}
+    if torch.cuda.is_available():
+        types.add("cuda")
+    return sorted(types)
+
+
+@contextlib.contextmanager
+def _swap_activations(model: nn.Module) -> Iterator[int]:
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and type(child) in _DD_REPLACEMENTS:
+                    parent._modules[name] = _DD_REPLACEMENTS[type(child)]()
+                    swapped.append((parent, name, child))
+        yield len(swapped)
+    finally:
+        for parent, name, original in reversed(swapped):
+            parent._modules[name] = original  # the exact original object (hooks, attributes kept)
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[bool]:
+    """Switch HF models from sdpa/flash/flex attention to eager; restore every config afterwards."""
+    configs: dict[int, tuple[Any, Any]] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            configs.setdefault(id(config), (config, config._attn_implementation_internal))
+            for sub_key in getattr(config, "sub_configs", {}) or {}:
+                sub = getattr(config, sub_key, None)
+                if sub is not None and hasattr(sub, "_attn_implementation_internal"):
+                    configs.setdefault(id(sub), (sub, sub._attn_implementation_internal))
+    changed = False
+    try:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            setter = getattr(module, "set_attn_implementation", None)
+            impl = getattr(config, "_attn_implementation", None) if config is not None else None
+            if setter is None or impl in (None, "eager"):
+                continue
+            try:
+                setter("eager")
+                changed = True
+            except Exception as err:  # an unusual model: the math-SDPA context still covers sdpa
+                logger.warning("hessian_safe: could not switch %s to eager attention (%s); relying on the math "
+                               "SDPA backend", type(module).__name__, err)
+        yield changed
+    finally:
+        for config, value in configs.values():
+            config._attn_implementation_internal = value
+
+
+@contextlib.contextmanager
+def hessian_safe(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which double backward through ``model`` works; restores the model on exit.
+
+    Inside the context:
+
+    * ``model.eval()`` (no dropout, BatchNorm uses and keeps its running statistics); the previous
+      ``training`` flag of every submodule is restored afterwards;
+    * ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused CPU/flash SDPA kernels have no
+      double backward, the math one has;
+    * timm attention modules get ``fused_attn = False`` (explicit softmax attention);
+    * HF models whose ``config._attn_implementation`` is not eager are switched to eager with
+      ``set_attn_implementation`` (every config's value is restored afterwards);
+    * ``nn.Hardsigmoid`` / ``nn.Hardswish`` modules are replaced by pure-PyTorch equivalents (the exact
+      original module objects are put back afterwards);
+    * autocast is disabled (CPU and CUDA) so the pass runs in the parameters' dtype.
+
+    Activations called functionally (``F.hardsigmoid`` inside a custom ``forward``) cannot be
+    swapped; such a model raises "derivative for aten::hardsigmoid_backward is not implemented".
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = [(m, m.training) for m in model.modules()]
+    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    with contextlib.ExitStack() as stack:
+        try:
+            model.eval()
+            for module, _ in fused:
+                module.fused_attn = False
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(_eager_attention(model))
+            stack.enter_context(_swap_activations(model))
+            for device_type in _device_types(model):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            yield model
+        finally:
+            for module, value in fused:
+                module.fused_attn = value
+            for module, value in flags:
+                module.training = value
+
+
+# --------------------------------------------------------------------------------------------
+# distributed reduction
+# --------------------------------------------------------------------------------------------
+
+def reduce_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
+    """Mean of ``values`` over all ranks of the default process group (identity without one).
+
+    The values are packed in sorted-key order into one float64 tensor and all-reduced, so every rank
+    gets bit-identical results; the returned dict keeps the caller's key order. Every rank must pass
+    the same keys (checked: a ``ValueError`` names the difference).
+    """
+    import torch.distributed as dist
+
+    out = {name: float(v) for name, v in values.items()}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return out
+    keys = sorted(out)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    for rank, other in enumerate(gathered):
+        if other != keys:
+            diff = sorted(set(other) ^ set(keys))
+            raise ValueError(f"reduce_across_ranks: rank {rank} has different keys than rank {dist.get_rank()} "
+                             f"(differing: {diff[:5]})")
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf /= dist.get_world_size()
+    reduced = dict(zip(keys, buf.cpu().tolist()))
+    return {name: reduced[name] for name in out}
+
+
+# --------------------------------------------------------------------------------------------
+# everything together
+# --------------------------------------------------------------------------------------------
+
+def _default_quantized_weight(module: nn.Module) -> torch.Tensor:
+    fn = getattr(module, "quantized_weight", None)
+    if fn is None:
+        raise TypeError(f"{type(module).__name__} has no quantized_weight(); pass quantized_weight_fn=...")
+    return fn()
+
+
+def estimate_sensitivities(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    quantized_weight_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+    max_probes: int = 50,
+    tol: float = 1e-2,
+    normalize: Normalize = "avg",
+    seed: int | None = 0,
+    min_probes: int = 4,
+) -> tuple[dict[str, float], TraceEstimate]:
+    """HAWQ-V2 sensitivities of ``layers`` (MSQ Eq. 9) on one batch: ``(sensitivities, trace estimate)``.
+
+    Args:
+        model: the (unwrapped) model; ``loss_fn(model, batch)`` must return the scalar task loss
+            (no regularizer), and must use ``layers`` (submodules of ``model``) in its forward.
+        layers: ``{name: module}``; each module needs a ``.weight`` tensor.
+        quantized_weight_fn: ``module -> Q(W)`` at the current precision; default
+            ``module.quantized_weight()`` (what MSQ layers provide).
+        max_probes, tol, min_probes: Hutchinson stopping rule (see :func:`hutchinson_trace`).
+        normalize: ``"avg"`` (``Tr/N``, HAWQ-V2) or ``"sum"`` (``Tr``).
+        seed: seeds a private CPU generator for the probes (``None``: torch's global RNG).
+
+    Runs inside :func:`hessian_safe`. Weights that do not require grad are switched on for the pass and
+    switched back; ``.grad`` of every parameter is left untouched.
+    """
+    if normalize not in ("avg", "sum"):
+        raise ValueError(f"estimate_sensitivities: normalize={normalize!r} must be 'avg' or 'sum'")
+    if not layers:
+        raise ValueError("estimate_sensitivities: layers is empty")
+    qfn = quantized_weight_fn if quantized_weight_fn is not None else _default_quantized_weight
+    params: dict[str, torch.Tensor] = {}
+    for name, module in layers.items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"estimate_sensitivities: layer {name!r} ({type(module).__name__}) has no .weight tensor")
+        params[name] = weight
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(int(seed))
+    toggled = [p for p in params.values() if not p.requires_grad]
+    try:
+        for p in toggled:
+            p.requires_grad_(True)
+        with hessian_safe(model):
+            est = hutchinson_trace(lambda: loss_fn(model, batch), params, max_probes=max_probes, tol=tol,
+                                   min_probes=min_probes, generator=generator)
+    finally:
+        for p in toggled:
+            p.requires_grad_(False)
+    with torch.no_grad():
+        quantized = {name: qfn(module) for name, module in layers.items()}
+    sens = hawq_sensitivity(est.trace, params, quantized, normalize)
+    return sens, est

@@ -1,0 +1,360 @@
+"""``MSQTrainer`` and ``MSQCallback``: MSQ inside the Hugging Face ``Trainer``.
+
+``MSQTrainer`` is a :class:`transformers.Trainer` that
+
+* converts the model with :func:`msq_hf.quantize_model` when it has no MSQ layer yet;
+* adds the LSB regularizer of the :class:`~msq_hf.controller.MSQController` to the training loss,
+  scaled so that gradient accumulation gives the gradient of the full accumulated batch;
+* trains raw timm / ``nn.Module`` classifiers (``forward(x) -> logits``) as well as HF models;
+* keeps a detached reference to the last training batch for the Hessian pass;
+* writes ``msq_state.json`` (the pruning schedule) into every checkpoint and restores it on
+  ``train(resume_from_checkpoint=...)``, so a resumed run ends with the same bit scheme;
+* merges the ``msq/*`` metrics into every training log (TensorBoard, W&B, ``log_history``).
+
+``MSQCallback`` forwards the Trainer events to the controller (pruning steps, logging, saving).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import MSQConfig
+from .controller import MSQController, _logits, detach_batch
+from .convert import iter_msq_layers, quantize_model
+
+logger = logging.getLogger(__name__)
+
+MSQ_STATE_NAME = "msq_state.json"
+"""File written into every checkpoint folder with :meth:`MSQController.state_dict`."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    return isinstance(_unwrap(model), PreTrainedModel)
+
+
+def _column_names(dataset: Any) -> list[str] | None:
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, dict):  # DatasetDict
+        names = next(iter(names.values()), None)
+    return list(names) if names is not None else None
+
+
+def write_msq_state(controller: MSQController, directory: str | os.PathLike[str]) -> str:
+    """Write ``controller.state_dict()`` as ``<directory>/msq_state.json``; return the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, MSQ_STATE_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(controller.state_dict(), handle, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # never leave a half-written state in a checkpoint
+    return path
+
+
+def read_msq_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``msq_state.json`` of a checkpoint folder, or ``None`` if the folder has none."""
+    path = os.path.join(directory, MSQ_STATE_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+
+
+class MSQCallback(TrainerCallback):
+    """Drives the :class:`MSQController` of an :class:`MSQTrainer` from Trainer events.
+
+    * ``on_train_begin``: tells the controller the number of optimizer steps (``state.max_steps``,
+      needed for the forced final round) and restores the schedule when resuming;
+    * ``on_step_end``: runs :meth:`MSQController.maybe_step` with the last training batch; when a
+      pruning step ran it asks the Trainer to log at this step, so the new bits reach every logger;
+    * ``on_save``: makes sure the checkpoint folder holds ``msq_state.json``.
+
+    The initial sensitivity/k assignment (``controller.start``) runs in ``compute_loss`` on the first
+    training batch, because no batch exists yet at ``on_train_begin``.
+    """
+
+    def __init__(self, trainer: "MSQTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        controller = trainer.msq_controller
+        controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
+        resume = trainer._msq_resume_state
+        trainer._msq_resume_state = None
+        if resume is not None:
+            controller.load_state_dict(resume)
+            logger.info("msq_hf: restored the pruning schedule at step %d (phase %s, compression %.2f)",
+                        state.global_step, controller.phase, controller.compression)
+        elif state.global_step > 0 and not controller.started:
+            logger.warning("msq_hf: resuming at step %d from a checkpoint without %s; the schedule restarts "
+                           "from the bits stored in the model", state.global_step, MSQ_STATE_NAME)
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
+        trainer = self.trainer
+        batch = trainer._msq_last_inputs
+        if batch is None:
+            return None
+        decision = trainer.msq_controller.maybe_step(state.global_step, batch)
+        if decision is not None:
+            # Log at this step through the normal path (log_history + every report_to target).
+            control.should_log = True
+            return control
+        return None
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MSQ_STATE_NAME)):
+            write_msq_state(self.trainer.msq_controller, folder)
+
+
+class MSQTrainer(Trainer):
+    """A :class:`transformers.Trainer` that trains with MSQ (LSB regularizer + bit pruning, then QAT).
+
+    Args:
+        model: an HF model (``PreTrainedModel``, including ``TimmWrapperForImageClassification``) or a
+            raw classifier ``nn.Module`` (timm) whose ``forward(x)`` returns logits. If it has no MSQ
+            layer it is converted in place with ``quantize_model(model, msq_config)``.
+        args: ``TrainingArguments``. For raw models ``remove_unused_columns=False`` and
+            ``label_names=["labels"]`` are set (with a warning) when left at their defaults.
+        msq_config: MSQ hyperparameters. Defaults to the config attached by ``quantize_model``.
+        model_args: for raw timm models, the ``timm.create_model`` keyword arguments needed to rebuild
+            the architecture; stored in the checkpoint ``config.json`` (see :func:`load_timm_checkpoint`).
+        **kwargs: every other ``Trainer`` argument. When ``data_collator`` is not given and the data
+            has ``pixel_values``/``labels`` columns (or the model is raw), ``collate_pixel_values`` is used.
+
+    Attributes:
+        msq_controller: the :class:`MSQController` (bits, schedule, history, ``log_dict()``).
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
+                 data_collator: Any = None, *, msq_config: MSQConfig | None = None,
+                 model_args: dict[str, Any] | None = None, **kwargs: Any):
+        if model is None:
+            raise ValueError("MSQTrainer needs model=... (model_init is not supported: the MSQ layers and "
+                             "their schedule belong to one model instance)")
+        if kwargs.get("model_init") is not None:
+            raise ValueError("MSQTrainer does not support model_init; pass model=...")
+        if msq_config is not None and not isinstance(msq_config, MSQConfig):
+            raise TypeError(f"msq_config must be an msq_hf.MSQConfig, got {type(msq_config).__name__}")
+        has_msq = any(True for _ in iter_msq_layers(model))
+        if not has_msq:
+            if msq_config is None:
+                raise ValueError(f"{type(model).__name__} has no MSQ layers and no msq_config was given: pass "
+                                 "msq_config=MSQConfig(...) or call msq_hf.quantize_model(model, config) first")
+            quantize_model(model, msq_config)
+        config = msq_config if msq_config is not None else getattr(model, "msq_config", None)
+        if config is None:
+            raise ValueError(f"{type(model).__name__} has MSQ layers but no msq_config attribute; pass "
+                             "msq_config=MSQConfig(...)")
+        self._msq_raw = not _is_hf_model(model)
+        if args is None:
+            args = TrainingArguments(output_dir="tmp_trainer")
+        if self._msq_raw:
+            self._raw_model_defaults(args)
+        train_dataset = kwargs.get("train_dataset")
+        if data_collator is None:
+            columns = _column_names(train_dataset) if train_dataset is not None else None
+            if self._msq_raw or (columns is not None and set(columns) <= {"pixel_values", "labels"}
+                                 and "pixel_values" in columns):
+                from .data import collate_pixel_values
+
+                data_collator = collate_pixel_values
+        self._msq_model_args = dict(model_args) if model_args else None
+        self._msq_last_inputs: Any = None
+        self._msq_resume_state: dict[str, Any] | None = None
+        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        if self._msq_raw:
+            # the raw-model loss below is a per-micro-batch mean: the Trainer must divide it by GA
+            self.model_accepts_loss_kwargs = False
+        self.msq_controller = MSQController(self.model, config, total_steps=None, seed=self.args.seed)
+        self.msq_callback = MSQCallback(self)
+        self.add_callback(self.msq_callback)
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _raw_model_defaults(args: TrainingArguments) -> None:
+        changed = []
+        if args.remove_unused_columns:
+            # forward(x) has no column names: the Trainer would drop pixel_values and labels
+            args.remove_unused_columns = False
+            changed.append("remove_unused_columns=False")
+        if args.label_names is None:
+            # without label names, evaluation reports no eval_loss for models that are not PreTrainedModel
+            args.label_names = ["labels"]
+            changed.append("label_names=['labels']")
+        if changed:
+            logger.warning("msq_hf: the model is not a transformers PreTrainedModel; set %s in TrainingArguments",
+                           ", ".join(changed))
+
+    def _loss_is_ga_scaled(self, num_items_in_batch: Any) -> bool:
+        """Exactly the rule ``Trainer.training_step`` uses to decide whether to divide the loss by GA."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    def _raw_compute_loss(self, model: nn.Module, inputs: dict[str, Any],
+                          num_items_in_batch: Any) -> tuple[torch.Tensor, Any]:
+        label_name = (self.label_names or ["labels"])[0]
+        if "pixel_values" not in inputs or label_name not in inputs:
+            raise KeyError(f"MSQTrainer with a raw model needs 'pixel_values' and {label_name!r} in each batch, got "
+                           f"keys {sorted(inputs)}; use msq_hf.data.collate_pixel_values or rename the columns")
+        labels = inputs[label_name]
+        outputs = model(inputs["pixel_values"])
+        logits = _logits(outputs)
+        if self.compute_loss_func is not None:
+            loss = self.compute_loss_func({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
+        elif self.label_smoother is not None:
+            loss = self.label_smoother({"logits": logits}, labels)
+        else:
+            loss = F.cross_entropy(logits.float(), labels)
+        return loss, {"logits": logits}
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Task loss (HF: ``Trainer.compute_loss``; raw models: CE on logits) + the MSQ regularizer.
+
+        The regularizer joins only in training. It is divided by ``current_gradient_accumulation_steps``
+        when the Trainer will not divide the loss itself (loss already normalised by
+        ``num_items_in_batch``), so with GA the gradient equals that of one step on the whole batch.
+        """
+        training = model.training
+        controller = self.msq_controller
+        if training:
+            self._msq_last_inputs = detach_batch(inputs)
+            if not controller.started:
+                controller.start(self._msq_last_inputs)
+        if self._msq_raw:
+            loss, outputs = self._raw_compute_loss(model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        if training:
+            reg = controller.regularization()
+            if reg.requires_grad:
+                if self._loss_is_ga_scaled(num_items_in_batch):
+                    steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                    reg = reg / steps
+                loss = loss + reg.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the ``msq/*`` metrics to training logs before they reach ``log_history`` and the loggers.
+
+        (Editing ``logs`` in a callback's ``on_log`` is too late: ``log_history`` is copied before
+        ``on_log`` and the ``report_to`` callbacks run before user callbacks.)
+        """
+        if not any(key.startswith(("eval_", "test_")) for key in logs):
+            logs = {**logs, **self.msq_controller.log_dict()}
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; when resuming, also restores the MSQ schedule from ``msq_state.json``."""
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        if checkpoint is not None and os.path.isdir(checkpoint):
+            self._msq_resume_state = read_msq_state(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save as ``Trainer`` does, plus ``msq_state.json``; raw timm models also get a rebuildable ``config.json``."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        if self._msq_raw:
+            self._save_raw_config(output_dir)
+        write_msq_state(self.msq_controller, output_dir)
+
+    def _save_raw_config(self, output_dir: str) -> None:
+        from .convert import bit_scheme
+
+        core = _unwrap(self.model)
+        config = self.msq_controller.config.copy(bit_scheme=bit_scheme(core))
+        data: dict[str, Any] = {}
+        if hasattr(core, "pretrained_cfg"):
+            try:
+                from timm.models._hub import save_config_for_hf
+
+                model_args = self._msq_model_args
+                if model_args is None:
+                    try:  # timm >= 1.0.31 records the create_model arguments on the model
+                        from timm.models import get_model_args
+
+                        model_args = get_model_args(core) or None
+                    except Exception:  # older timm or a model it cannot describe
+                        model_args = None
+                path = os.path.join(output_dir, "config.json")
+                save_config_for_hf(core, path, model_args=model_args)
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except Exception as exc:  # the weights are saved anyway; the config is a convenience
+                logger.warning("msq_hf: could not write a timm config.json for %s (%s); only weights are saved",
+                               type(core).__name__, exc)
+                data = {}
+        if not data:
+            data = {"model_class": f"{type(core).__module__}.{type(core).__qualname__}"}
+            if self._msq_model_args:
+                data["model_args"] = self._msq_model_args
+        data["quantization_config"] = config.to_dict()
+        with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+
+
+def load_timm_checkpoint(checkpoint_dir: str | os.PathLike[str], **create_kwargs: Any) -> nn.Module:
+    """Rebuild a raw timm MSQ model saved by :class:`MSQTrainer` (weights, bits and ``k`` included).
+
+    Uses ``config.json`` (``architecture``, ``num_classes``, ``model_args``, ``quantization_config``)
+    and ``model.safetensors`` of the folder; ``create_kwargs`` override ``timm.create_model`` arguments.
+    Raises ``FileNotFoundError`` naming the missing file, ``ValueError`` if the config has no timm
+    architecture.
+    """
+    import timm
+    from safetensors.torch import load_file
+
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    config_path = os.path.join(checkpoint_dir, "config.json")
+    weights_path = os.path.join(checkpoint_dir, "model.safetensors")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing; is {checkpoint_dir} an MSQTrainer checkpoint of a timm model?")
+    with open(config_path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    architecture = data.get("architecture")
+    if not architecture:
+        raise ValueError(f"{config_path} has no 'architecture' field (keys: {sorted(data)}); only timm models can be "
+                         "rebuilt, load other models yourself and call load_state_dict")
+    kwargs: dict[str, Any] = dict(data.get("model_args") or {})
+    if "num_classes" in data:
+        kwargs.setdefault("num_classes", data["num_classes"])
+    kwargs.update(create_kwargs)
+    model = timm.create_model(architecture, pretrained=False, **kwargs)
+    quantize_model(model, MSQConfig.from_dict(data["quantization_config"]))
+    model.load_state_dict(load_file(weights_path), strict=True)
+    return model
+
+
+__all__ = ["MSQ_STATE_NAME", "MSQCallback", "MSQTrainer", "load_timm_checkpoint", "read_msq_state",
+           "write_msq_state"]
