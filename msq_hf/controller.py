@@ -204,7 +204,6 @@ class MSQController:
         self._last_sens: dict[str, float] = {}
         self._last_reg = 0.0
         self._schedule = self._make_schedule()
-        self._sched_state: Any = self._initial_schedule_state()
         self.total_steps = total_steps
 
 
@@ -212,30 +211,34 @@ class MSQController:
     def _make_schedule(self) -> Any:
         from .schedule import BitPruningSchedule
 
-        return BitPruningSchedule(self.config, self.numels)
+        cfg = self.config
+        return BitPruningSchedule(cfg.target_compression, cfg.prune_threshold, min_bits=cfg.min_bits,
+                                  count_sign_bit=cfg.count_sign_bit, final_round_fraction=cfg.final_round_fraction,
+                                  default_k=cfg.default_k)
 
-    def _initial_schedule_state(self) -> Any:
-        return self._schedule.initial_state(self.bits)
+    def _layer_states(self) -> Any:
+        from .schedule import make_state
+
+        return make_state(self.bits, self.ks, self.numels)
 
     def _schedule_check_reachable(self) -> None:
-        self._schedule.check_reachable(self._sched_state, total_steps=self._total_steps)
+        self._schedule.check_reachable(self.numels)
 
     def _schedule_assign_k(self, bits: Mapping[str, int], sens: Mapping[str, float] | None) -> dict[str, int]:
         return dict(self._schedule.assign_k(dict(bits), None if sens is None else dict(sens)))
 
     def _schedule_step(self, rates: dict[str, float], sens: dict[str, float] | None, global_step: int) -> Any:
-        decision = self._schedule.step(self._sched_state, rates, sens, global_step)
-        self._sched_state = decision.state
+        decision = self._schedule.step(self._layer_states(), rates, sens, global_step)
         self._apply(decision.bits, decision.k)
         self._finalized = bool(decision.finalized)
         self._record(global_step, rates, sens, "final" if self._finalized else "regularize", decision.pruned)
         return decision
 
     def _schedule_state_dict(self) -> Any:
-        return self._schedule.state_dict(self._sched_state)
+        return self._schedule.state_dict()
 
     def _schedule_load_state_dict(self, state: Any) -> None:
-        self._sched_state = self._schedule.load_state_dict(state)
+        self._schedule.load_state_dict(state)
 
     # -- read-only views --------------------------------------------------------------------------
     @property
@@ -353,10 +356,11 @@ class MSQController:
 
         sub = slice_batch(batch, self.config.hessian_batch_size)
         cfg = self.config
-        return dict(estimate_sensitivities(
+        sens, _estimate = estimate_sensitivities(
             self.model, self.layers, sub, self._loss_for_hessian(loss_fn),
             max_probes=cfg.hessian_max_probes, tol=cfg.hessian_tol, normalize=cfg.sensitivity_norm,
-            seed=hutchinson_seed(self.seed, global_step)))
+            seed=hutchinson_seed(self.seed, global_step), min_probes=min(4, cfg.hessian_max_probes))
+        return dict(sens)
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         from .sensitivity import reduce_across_ranks
@@ -400,8 +404,6 @@ class MSQController:
         rates, sens = self._measure(batch, 0, loss_fn, need_sens=True)
         ks = self._schedule_assign_k(self.bits, sens)
         self._apply(self.bits, ks)
-        if hasattr(self._sched_state, "k"):
-            self._sched_state.k = dict(ks)
         self._started = True
         self._record(0, self.nonzero_rates(), sens, "regularize", [])
         logger.info("msq_hf: start, %d layers, k=%s", len(self.layers), self.ks)

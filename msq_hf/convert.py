@@ -211,14 +211,29 @@ def msq_layers(model: nn.Module) -> dict[str, MSQLayerMixin]:
     return layers
 
 
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` for every trainable MSQ layer *or* packed (loaded-export) layer.
+
+    The reporting functions below use this, so they work on a model being trained and on one
+    rebuilt by :func:`msq_hf.from_pretrained` alike. ``ValueError`` if there is none.
+    """
+    from .packed_layers import MSQPackedMixin  # local: packed_layers imports this module's neighbours
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (MSQLayerMixin, MSQPackedMixin))}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MSQ layers; call msq_hf.quantize_model(model, config) first "
+                         "or load an MSQ export with msq_hf.from_pretrained")
+    return layers
+
+
 def bit_scheme(model: nn.Module) -> dict[str, int]:
     """Current bits per quantized layer, keyed by in-memory module name."""
-    return {name: layer.n_bits for name, layer in msq_layers(model).items()}
+    return {name: layer.n_bits for name, layer in quantized_layers(model).items()}
 
 
 def layer_numels(model: nn.Module) -> dict[str, int]:
     """Number of weights of each quantized layer (what the compression ratio counts)."""
-    return {name: layer.weight.numel() for name, layer in msq_layers(model).items()}
+    return {name: layer.weight.numel() for name, layer in quantized_layers(model).items()}
 
 
 def compression_ratio(model: nn.Module, count_sign_bit: bool | None = None) -> float:
@@ -228,7 +243,7 @@ def compression_ratio(model: nn.Module, count_sign_bit: bool | None = None) -> f
     norms, activation quantizer parameters and float layers are not counted. ``n_l`` counts
     magnitude bits (paper accounting) unless ``count_sign_bit`` (default: the model's config).
     """
-    layers = msq_layers(model)
+    layers = quantized_layers(model)
     if count_sign_bit is None:
         cfg = getattr(model, "msq_config", None)
         count_sign_bit = bool(cfg.count_sign_bit) if cfg is not None else False
@@ -277,6 +292,7 @@ __all__ = [
     "msq_layers",
     "pattern_matches",
     "quantize_model",
+    "quantized_layers",
     "set_bit_scheme",
     "swap_layers",
 ]

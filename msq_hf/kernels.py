@@ -140,6 +140,14 @@ class _Kernels:
                     self._try_compile()
         return self._state == "compiled"
 
+    def _fall_back(self, exc: Exception) -> None:
+        """Give up on the compiled kernels for the rest of the process (e.g. recompile limit hit)."""
+        if self.mode() in ("1", "true", "yes", "compile"):
+            raise RuntimeError(f"MSQ_HF_COMPILE={self.mode()}: a compiled MSQ kernel failed: {exc}") from exc
+        logger.warning("msq_hf: compiled MSQ kernel failed (%s: %s); using the eager kernels from now on",
+                       type(exc).__name__, exc)
+        self._state = "eager"
+
     def forward(self, w: torch.Tensor, bits: int, k: int, continuous: bool, code_units: bool, mean: bool):
         """``(W_q, sign, R, c)`` of one layer, compiled when possible (float32 CPU weights)."""
         numel = w.numel() if mean else None
@@ -148,16 +156,36 @@ class _Kernels:
             consts = self._consts.get(key)
             if consts is None:  # cached: four tensor constructions per layer per step are measurable
                 consts = self._consts.setdefault(key, tuple(torch.tensor(c) for c in _constants(*key)))
-            wq, sign, reg, coef = self._fwd(w.reshape(-1), *consts, continuous)
-            return wq.view_as(w), sign.view_as(w), reg, coef
+            # always a flat contiguous vector that is not a view (detach drops ``_base``, on whose
+            # strides dynamo would otherwise guard): the compiled graph sees one input layout whatever
+            # the weight's rank, size-1 dims or memory format, so layer variety causes no recompiles
+            flat = w.reshape(-1).contiguous().detach()
+            try:
+                wq, sign, reg, coef = self._fwd(flat, *consts, bool(continuous))
+            except Exception as exc:  # noqa: BLE001 -- any compiler failure must not break training
+                self._fall_back(exc)
+            else:
+                return wq.view(w.shape), sign.view(w.shape), reg, coef
         return fused_forward_eager(w, *_constants(bits, k, code_units, numel), continuous)
 
-    def backward(self, grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor):
-        """Straight-through gradient plus the regularizer gradient, compiled when possible."""
+    def backward(self, grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor,
+                 may_overwrite: bool = False):
+        """Straight-through gradient plus the regularizer gradient, compiled when possible.
+
+        ``may_overwrite``: the caller owns ``grad`` (see ``msq_quantize_weight(owns_grad=...)``); the
+        sum is then written into it when that is safe (contiguous, no graph recorded through it).
+        """
         if self._state == "compiled" and grad.device.type == "cpu" and grad.dtype == torch.float32:
-            # in place only when no higher-order graph is being recorded through this gradient
-            kernel = self._bwd if grad.requires_grad or torch.is_grad_enabled() else self._bwd_inplace
-            return kernel(grad.reshape(-1), sign.reshape(-1), grad_reg, coef).view_as(grad)
+            inplace = (may_overwrite and grad.is_contiguous() and not grad.requires_grad
+                       and not torch.is_grad_enabled() and grad._base is None)
+            flat = (grad.reshape(-1) if inplace else grad.reshape(-1).contiguous()).detach()
+            try:
+                kernel = self._bwd_inplace if inplace else self._bwd
+                out = kernel(flat, sign.reshape(-1).contiguous().detach(), grad_reg.detach(), coef.detach())
+            except Exception as exc:  # noqa: BLE001
+                self._fall_back(exc)
+            else:
+                return out.view(grad.shape)
         return fused_backward_eager(grad, sign, grad_reg, coef)
 
     @property

@@ -47,13 +47,14 @@ class MSQWeightQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, bits: int, k: int, continuous: bool, code_units: bool,
-                mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                mean: bool, owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.detach()
         if k <= 0:
             ctx.reg = False
             return QF.fake_quantize_signmag(w, bits, QF.max_abs_scale(w)), w.new_zeros(())
         wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, code_units, mean)
         ctx.reg = True
+        ctx.owns_grad = owns_grad
         ctx.save_for_backward(sign, coef)
         return wq, reg
 
@@ -62,14 +63,21 @@ class MSQWeightQuantize(torch.autograd.Function):
         grad = grad_wq
         if ctx.reg and grad_reg is not None:
             sign, coef = ctx.saved_tensors
-            grad = KERNELS.backward(grad_wq, sign, grad_reg, coef)
-        return grad, None, None, None, None, None
+            grad = KERNELS.backward(grad_wq, sign, grad_reg, coef, may_overwrite=ctx.owns_grad)
+        return grad, None, None, None, None, None, None
 
 
 def msq_quantize_weight(weight: torch.Tensor, bits: int, k: int = 0, *, continuous: bool = True,
-                        code_units: bool = True, mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Functional entry point of :class:`MSQWeightQuantize` (returns ``(W_q, R)``)."""
-    return MSQWeightQuantize.apply(weight, int(bits), int(k), continuous, code_units, mean)
+                        code_units: bool = True, mean: bool = False,
+                        owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Functional entry point of :class:`MSQWeightQuantize` (returns ``(W_q, R)``).
+
+    ``owns_grad=True`` promises that ``W_q`` feeds exactly one linear/convolution op, whose backward
+    hands the quantizer a freshly allocated weight gradient; the backward may then add the
+    regularizer gradient into that buffer in place. Leave it ``False`` whenever ``W_q`` is used
+    anywhere else (the incoming gradient could be shared, expanded or the caller's own tensor).
+    """
+    return MSQWeightQuantize.apply(weight, int(bits), int(k), continuous, code_units, mean, owns_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,14 +228,14 @@ class MSQLayerMixin:
             self.k.fill_(bits - 1)
 
     # -- quantization ----------------------------------------------------------------------
-    def _quantized_weight_and_reg(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _quantized_weight_and_reg(self, owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         bits = self.n_bits
         want_reg = self.training and torch.is_grad_enabled() and self.n_k > 0
         if self.wnorm == "signmag":
             wq, reg = msq_quantize_weight(
                 self.weight, bits, self.n_k if want_reg else 0,
                 continuous=self.lsb_form == "continuous", code_units=self.lsb_units == "code",
-                mean=self.reg_reduction == "mean")
+                mean=self.reg_reduction == "mean", owns_grad=owns_grad)
             return wq, (reg if want_reg else None)
         # DoReFa-affine normalization: readable autograd path (slower; an ablation option).
         wq = QF.quantize_weight(self.weight, bits, "dorefa")
@@ -282,7 +290,8 @@ class MSQLayerMixin:
         return self.act_quant(x) if self.act_quant is not None else x
 
     def _msq_weight(self) -> torch.Tensor:
-        wq, reg = self._quantized_weight_and_reg()
+        # W_q goes straight into this layer's F.linear/conv, whose weight gradient is a fresh buffer
+        wq, reg = self._quantized_weight_and_reg(owns_grad=True)
         setattr(self, REG_ATTR, reg)
         return wq
 

@@ -7,4 +7,5 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
-exec python -m pytest -q -p no:cacheprovider "$@"
+# two workers: the suite is CPU-bound and single-threaded per test (tests/conftest.py pins 1 thread)
+exec python -m pytest -q -p no:cacheprovider -n "${MSQ_TEST_WORKERS:-2}" "$@"

@@ -154,8 +154,12 @@ def test_state_dict_round_trip_is_json_and_restores_bits() -> None:
 
 
 def test_unreachable_target_raises_on_start() -> None:
-    _, ctl = make(target_compression=16.0, prune_interval=12)   # 2 pruning steps from 8 bits cannot reach 2 bits
-    with pytest.raises(ValueError, match="target_compression"):
+    # MSQConfig refuses this on construction; a config edited afterwards must still be caught before
+    # training: every layer at min_bits=4 gives 8x at best and the forced round cannot go below min_bits
+    model, _ = make(min_bits=4, target_compression=5.0)
+    model.msq_config.target_compression = 16.0
+    ctl = MSQController(model, total_steps=24)
+    with pytest.raises(ValueError, match="target_compression=16 is unreachable.*8.0000x"):
         ctl.start(data(8))
     assert not ctl.started
 

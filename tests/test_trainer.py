@@ -176,12 +176,14 @@ def test_pruning_lowers_bits_at_the_interval_then_qat(tmp_path) -> None:
 
 
 def test_unreachable_target_fails_before_training(tmp_path) -> None:
-    # 2 pruning steps of at most 2 bits from 8 bits cannot reach 2 average bits (16x)
-    cfg = pruning_config(target_compression=16.0, prune_interval=5)
+    # MSQConfig validates on construction; an edit afterwards (min_bits=4 caps compression at 8x)
+    # must still fail before the first optimizer step
+    cfg = pruning_config(target_compression=5.0, prune_interval=5, min_bits=4)
+    cfg.target_compression = 16.0
     trainer = MSQTrainer(model=tiny_resnet(), args=args_for(tmp_path, max_steps=10), train_dataset=make_dataset(16),
                          msq_config=cfg)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    with pytest.raises(ValueError, match="target_compression"):
+    with pytest.raises(ValueError, match="target_compression=16 is unreachable"):
         trainer.train()
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed although training should not have started"

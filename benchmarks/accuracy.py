@@ -1,0 +1,565 @@
+"""Accuracy vs compression of MSQ and its baselines: ResNet-20 on Fashion-MNIST, one shared training loop.
+
+Every method trains ``resnet20_cifar`` (1 input channel, 32 px: Fashion-MNIST padded 28->32) with the same
+data subset, epochs, optimizer (SGD, momentum 0.9, cosine learning rate, weight decay) and seeds. Methods:
+
+=================  ==========================================================================================
+``float``          plain float training
+``dorefa2/3``      uniform 2-/3-bit DoReFa weights (16x / 10.7x)
+``bsq``            BSQ bit planes from 8 bits, bit-level group Lasso, re-quantize + prune planes every epoch
+                   of the regularization phase, then fine-tuning at the fixed scheme
+``csq``            CSQ relaxed bits + masks from 8 bits, budget target 2 bits, temperature 1 -> 200,
+                   hard masks (ticket phase) for the last epoch
+``msq16``          MSQ (``MSQController``) to 16x with Hessian-guided k; ``msq16_nohess`` with k = 1
+``msq10.7``        MSQ to 32/3 = 10.67x; ``msq10.7_nohess`` likewise without Hessian guidance
+=================  ==========================================================================================
+
+One JSON file per (method, seed) lands in ``--results-dir`` as soon as that run finishes (and a
+``.partial`` progress file after every epoch), so an interrupted suite keeps what it measured.
+
+Usage (from the repository root)::
+
+    python benchmarks/accuracy.py --jobs 2                              # the whole suite
+    python benchmarks/accuracy.py --methods float msq16 --epochs 1 --train-limit 2000   # quick check
+    python benchmarks/accuracy.py --summary                              # table of the stored results
+    python benchmarks/plot_results.py                                    # plots from the stored results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of the method table: the family and its quantization target."""
+
+    family: str                      # float | dorefa | bsq | csq | msq
+    bits: int | None = None          # DoReFa weight bits
+    target: float | None = None      # MSQ target compression
+    hessian: bool = True             # MSQ Hessian-guided k
+
+
+METHODS: dict[str, MethodSpec] = {
+    "float": MethodSpec("float"),
+    "msq16": MethodSpec("msq", target=16.0, hessian=True),
+    "dorefa2": MethodSpec("dorefa", bits=2),
+    "msq16_nohess": MethodSpec("msq", target=16.0, hessian=False),
+    "msq10.7": MethodSpec("msq", target=32.0 / 3.0, hessian=True),
+    "msq10.7_nohess": MethodSpec("msq", target=32.0 / 3.0, hessian=False),
+    "dorefa3": MethodSpec("dorefa", bits=3),
+    "csq": MethodSpec("csq"),
+    "bsq": MethodSpec("bsq"),
+}
+"""Run order of the suite: the headline runs (float, MSQ 16x, DoReFa 2-bit) first, so a suite cut short
+still answers the main question."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"methods to run (default: all): {', '.join(METHODS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (model init, data order, probes)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--train-limit", type=int, default=12000, help="class-stratified training subset (0 = all 60k)")
+    p.add_argument("--test-limit", type=int, default=5000, help="class-stratified test subset (0 = all 10k)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the subset selection (same for every run)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs executed in parallel processes")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--skip-done", action="store_true", help="skip (method, seed) runs whose JSON already exists")
+    p.add_argument("--summary", action="store_true", help="only print the table of the stored results")
+    # MSQ
+    g = p.add_argument_group("MSQ")
+    g.add_argument("--reg-strength", type=float, default=1e-5)
+    g.add_argument("--prune-threshold", type=float, default=0.3)
+    g.add_argument("--prune-interval", type=int, default=10)
+    g.add_argument("--final-round-fraction", type=float, default=0.65)
+    g.add_argument("--hessian-max-probes", type=int, default=2)
+    g.add_argument("--hessian-batch-size", type=int, default=32)
+    # baselines
+    g = p.add_argument_group("baselines")
+    g.add_argument("--bsq-decay", type=float, default=5e-3, help="BSQ group-Lasso strength (its --decay)")
+    g.add_argument("--bsq-threshold", type=float, default=0.01,
+                   help="BSQ plane-pruning threshold, a fraction (its --thre / 100)")
+    g.add_argument("--csq-lambda", type=float, default=0.01, help="CSQ budget-regularizer strength")
+    g.add_argument("--csq-target-bits", type=float, default=2.0)
+    g.add_argument("--reg-fraction", type=float, default=0.65,
+                   help="BSQ/CSQ: fraction of the epochs spent regularizing/searching before fine-tuning")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+def load_tensors(split: str, limit: int, seed: int) -> tuple[Any, Any]:
+    """Fashion-MNIST ``split`` as ``(pixel_values [N,1,32,32] float32, labels [N] int64)`` tensors."""
+    import torch
+
+    from msq_hf.data import load_fashion_mnist
+
+    ds = load_fashion_mnist(split, limit=limit or None, image_size=32, channels=1, seed=seed)
+    cols = ds[:len(ds)]  # a torch-formatted slice stacks each column into one tensor
+    x = torch.as_tensor(cols["pixel_values"]).float().contiguous()
+    y = torch.as_tensor(cols["labels"]).long()
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"Fashion-MNIST {split}: expected pixel_values [N, 1, 32, 32], got {tuple(x.shape)}")
+    return x, y
+
+
+# ------------------------------------------------------------------------------------------------
+# one run
+# ------------------------------------------------------------------------------------------------
+
+class Method:
+    """Hooks of one quantization method inside the shared loop (the default is float training)."""
+
+    name = "float"
+
+    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int):
+        self.model, self.args = model, args
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+
+    def start(self, batch: tuple[Any, Any]) -> None:
+        """Called once before the first step (MSQ's initial k assignment)."""
+
+    def regularization(self) -> Any:
+        """Term added to the task loss of the current training forward."""
+        return None
+
+    def after_step(self, global_step: int, batch: tuple[Any, Any]) -> bool:
+        """Called after every optimizer step; True means parameter shapes changed (re-create the optimizer)."""
+        return False
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch."""
+
+    def on_epoch_end(self, epoch: int) -> bool:
+        """Called after each epoch; True means parameter shapes changed."""
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        """``compression``, ``avg_bits``, ``bit_scheme`` (and method extras) at the end of training."""
+        return {"compression": 1.0, "avg_bits": 32.0, "bit_scheme": None}
+
+
+def _avg_bits(numels: dict[str, int], scheme: dict[str, int]) -> float:
+    total = sum(numels.values())
+    return sum(numels[n] * scheme[n] for n in scheme) / total
+
+
+class DoReFa(Method):
+    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int, bits: int):
+        super().__init__(model, args, total_steps, steps_per_epoch)
+        from msq_hf.baselines import dorefa
+
+        self.mod = dorefa
+        dorefa.convert(model, bits=bits)
+
+    def summary(self) -> dict[str, Any]:
+        layers = self.mod.dorefa_layers(self.model)
+        scheme = self.mod.bit_scheme(self.model)
+        numels = {n: int(m.numel) if hasattr(m, "numel") and isinstance(m.numel, int) else int(m.weight.numel())
+                  for n, m in layers.items()}
+        return {"compression": self.mod.compression_ratio(self.model), "avg_bits": _avg_bits(numels, scheme),
+                "bit_scheme": scheme}
+
+
+class BSQ(Method):
+    """BSQ: group Lasso + per-epoch re-quantization/plane pruning during the first ``reg_fraction`` epochs."""
+
+    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int):
+        super().__init__(model, args, total_steps, steps_per_epoch)
+        from msq_hf.baselines import bsq
+
+        self.mod = bsq
+        bsq.convert(model, init_bits=8)
+        self.reg_epochs = max(1, round(args.reg_fraction * args.epochs))
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def regularization(self) -> Any:
+        if self.epoch >= self.reg_epochs:
+            return None
+        return self.args.bsq_decay * self.mod.regularization(self.model)
+
+    def after_step(self, global_step: int, batch: tuple[Any, Any]) -> bool:
+        self.mod.clamp_bits_(self.model)
+        return False
+
+    def on_epoch_end(self, epoch: int) -> bool:
+        if epoch >= self.reg_epochs:
+            return False
+        # BSQ re-quantizes every Prun_Int epochs; a few-epoch run needs it every epoch of the search
+        scheme = self.mod.requantize_and_adjust(self.model, threshold=self.args.bsq_threshold)
+        self.history.append({"epoch": epoch + 1, "bits": scheme, "compression": self.mod.compression_ratio(self.model)})
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        layers = self.mod.bsq_layers(self.model)
+        scheme = self.mod.bit_scheme(self.model)
+        numels = {n: int(m.numel) for n, m in layers.items()}
+        return {"compression": self.mod.compression_ratio(self.model), "avg_bits": _avg_bits(numels, scheme),
+                "bit_scheme": scheme, "bsq_history": self.history}
+
+
+class CSQ(Method):
+    """CSQ: temperature 1 -> 200 over the search, hard masks (ticket) for the remaining epochs."""
+
+    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int):
+        super().__init__(model, args, total_steps, steps_per_epoch)
+        from msq_hf.baselines import csq
+
+        self.mod = csq
+        csq.convert(model, init_bits=8, target_bits=args.csq_target_bits)
+        self.ticket_epoch = max(1, round(args.reg_fraction * args.epochs))
+        self.epoch = 0
+        self.scheme_at_ticket: dict[str, int] | None = None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+        if epoch >= self.ticket_epoch and self.scheme_at_ticket is None:
+            self.scheme_at_ticket = self.mod.finalize_masks(self.model)
+
+    def _set_temperature(self, global_step: int) -> None:
+        # CSQ's per-epoch schedule beta = 200^(e/ticket), evaluated per step: with a handful of epochs the
+        # per-epoch jumps would be 3x each
+        epoch = global_step / self.steps_per_epoch
+        self.mod.set_temperature(self.model, self.mod.temperature_schedule(epoch, self.ticket_epoch))
+
+    def start(self, batch: tuple[Any, Any]) -> None:
+        self._set_temperature(0)
+
+    def regularization(self) -> Any:
+        if self.epoch >= self.ticket_epoch:
+            return None
+        return self.args.csq_lambda * self.mod.regularization(self.model)
+
+    def after_step(self, global_step: int, batch: tuple[Any, Any]) -> bool:
+        self._set_temperature(global_step)
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        layers = self.mod.csq_layers(self.model)
+        scheme = self.mod.bit_scheme(self.model)
+        numels = {n: int(m.numel) for n, m in layers.items()}
+        return {"compression": self.mod.compression_ratio(self.model), "avg_bits": _avg_bits(numels, scheme),
+                "bit_scheme": scheme, "csq_code_average_bits": self.mod.average_bits(self.model)}
+
+
+class MSQ(Method):
+    """MSQ through :class:`msq_hf.MSQController` (regularize + prune, final round, then QAT)."""
+
+    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int,
+                 target: float, hessian: bool, seed: int):
+        super().__init__(model, args, total_steps, steps_per_epoch)
+        import msq_hf
+        from msq_hf.controller import MSQController
+
+        self.config = msq_hf.MSQConfig(
+            init_bits=8, target_compression=target, reg_strength=args.reg_strength,
+            prune_threshold=args.prune_threshold, prune_interval=args.prune_interval,
+            final_round_fraction=args.final_round_fraction, hessian_guided=hessian,
+            hessian_max_probes=args.hessian_max_probes, hessian_batch_size=args.hessian_batch_size)
+        msq_hf.quantize_model(model, self.config)
+        self.ctl = MSQController(model, self.config, total_steps=total_steps, seed=seed)
+
+    def start(self, batch: tuple[Any, Any]) -> None:
+        self.ctl.start(batch)
+
+    def regularization(self) -> Any:
+        return self.ctl.regularization()
+
+    def after_step(self, global_step: int, batch: tuple[Any, Any]) -> bool:
+        self.ctl.maybe_step(global_step, batch)
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        return {"compression": self.ctl.compression, "avg_bits": self.ctl.avg_bits, "bit_scheme": self.ctl.bits,
+                "msq_config": self.config.to_dict(), "msq_history": self.ctl.history,
+                "final_round_step": self.ctl.final_round_step, "numels": dict(self.ctl.numels)}
+
+
+def make_method(name: str, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int,
+                seed: int) -> Method:
+    """Convert ``model`` in place for method ``name`` and return its hooks."""
+    spec = METHODS[name]
+    if spec.family == "float":
+        return Method(model, args, total_steps, steps_per_epoch)
+    if spec.family == "dorefa":
+        return DoReFa(model, args, total_steps, steps_per_epoch, int(spec.bits))
+    if spec.family == "bsq":
+        return BSQ(model, args, total_steps, steps_per_epoch)
+    if spec.family == "csq":
+        return CSQ(model, args, total_steps, steps_per_epoch)
+    if spec.family == "msq":
+        return MSQ(model, args, total_steps, steps_per_epoch, float(spec.target), spec.hessian, seed)
+    raise ValueError(f"method {name!r} has unknown family {spec.family!r}")
+
+
+def evaluate(model: Any, x: Any, y: Any, batch_size: int = 500) -> float:
+    """Top-1 accuracy (%) of ``model`` in eval mode."""
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    model.train()
+    return 100.0 * correct / len(y)
+
+
+def result_path(results_dir: Path, method: str, seed: int) -> Path:
+    return results_dir / f"{method}_seed{seed}.json"
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Train ``method`` with ``seed`` in this process; write and return its result record."""
+    import torch
+    import torch.nn.functional as F
+    import timm
+    from tqdm import tqdm
+
+    import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
+
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    x_train, y_train = load_tensors("train", args.train_limit, args.data_seed)
+    x_test, y_test = load_tensors("test", args.test_limit, args.data_seed)
+
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet20_cifar", pretrained=False, num_classes=10, in_chans=1)
+    steps_per_epoch = len(y_train) // args.batch_size          # drop the last partial batch: equal steps
+    total_steps = steps_per_epoch * args.epochs
+    hooks = make_method(method, model, args, total_steps, steps_per_epoch, seed)
+    model.train()
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    def lr_at(step: int) -> float:
+        # cosine decay per step, set by hand so it survives BSQ's optimizer re-creation
+        return 0.5 * args.lr * (1.0 + math.cos(math.pi * step / total_steps))
+
+    opt = make_optimizer()
+    gen = torch.Generator().manual_seed(seed)
+    out = result_path(args.results_dir, method, seed)
+    partial = out.with_suffix(".partial.json")
+    record: dict[str, Any] = {
+        "method": method, "family": METHODS[method].family, "seed": seed, "command": command,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("methods", "seeds", "jobs", "summary", "skip_done")},
+        "train_images": int(len(y_train)), "test_images": int(len(y_test)), "steps": total_steps,
+        "torch": torch.__version__, "threads": args.threads, "machine": machine_description(), "epochs_log": [],
+    }
+    step = 0
+    bar = tqdm(total=total_steps, desc=f"{method}/s{seed}", mininterval=5.0, dynamic_ncols=True)
+    for epoch in range(args.epochs):
+        hooks.on_epoch_start(epoch)
+        order = torch.randperm(len(y_train), generator=gen)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for b in range(steps_per_epoch):
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            batch = (x_train[idx], y_train[idx])
+            if step == 0:
+                hooks.start(batch)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            logits = model(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            reg = hooks.regularization()
+            total = loss if reg is None else loss + reg
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            step += 1
+            if hooks.after_step(step, batch):
+                opt = make_optimizer()
+            loss_sum += float(loss) * len(idx)
+            correct += int((logits.detach().argmax(1) == batch[1]).sum())
+            seen += len(idx)
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", **extra_postfix(hooks))
+        if hooks.on_epoch_end(epoch):
+            opt = make_optimizer()
+        record["epochs_log"].append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                                     "train_acc": 100.0 * correct / seen, "wall_s": time.time() - t_start,
+                                     **extra_postfix(hooks)})
+        partial.write_text(json.dumps(record, indent=1))
+    bar.close()
+    record["accuracy"] = evaluate(model, x_test, y_test)
+    record.update(hooks.summary())
+    record["wall_s"] = time.time() - t_start
+    out.write_text(json.dumps(record, indent=1))
+    partial.unlink(missing_ok=True)
+    print(f"{method} seed {seed}: accuracy {record['accuracy']:.2f}%, compression {record['compression']:.2f}x, "
+          f"avg bits {record['avg_bits']:.2f}, wall {record['wall_s']:.0f} s -> {out}", flush=True)
+    return record
+
+
+def extra_postfix(hooks: Method) -> dict[str, str]:
+    """Progress-bar extras: current compression of MSQ / BSQ / CSQ."""
+    if isinstance(hooks, MSQ):
+        return {"comp": f"{hooks.ctl.compression:.2f}", "phase": hooks.ctl.phase}
+    if isinstance(hooks, BSQ):
+        return {"comp": f"{hooks.mod.compression_ratio(hooks.model):.2f}"}
+    if isinstance(hooks, CSQ):
+        return {"comp": f"{hooks.mod.compression_ratio(hooks.model):.2f}"}
+    return {}
+
+
+def machine_description() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# suite driver
+# ------------------------------------------------------------------------------------------------
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run record in ``results_dir`` (partial files excluded)."""
+    if not results_dir.is_dir():
+        return []
+    records = []
+    for path in sorted(results_dir.glob("*.json")):
+        if path.name.endswith(".partial.json"):
+            continue
+        records.append(json.loads(path.read_text()))
+    order = list(METHODS)
+    return sorted(records, key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["seed"]))
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table: mean accuracy over seeds per method, compression, avg bits, wall time."""
+    import statistics
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by.setdefault(r["method"], []).append(r)
+    float_acc = statistics.mean(r["accuracy"] for r in by["float"]) if "float" in by else None
+    lines = ["| method | seeds | accuracy (%) | vs float (pt) | compression | avg bits | wall (min) |",
+             "|---|---|---|---|---|---|---|"]
+    for method, rs in by.items():
+        accs = [r["accuracy"] for r in rs]
+        acc = statistics.mean(accs)
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        delta = f"{acc - float_acc:+.2f}" if float_acc is not None and method != "float" else "–"
+        comp = statistics.mean(r["compression"] for r in rs)
+        bits = statistics.mean(r["avg_bits"] for r in rs)
+        wall = statistics.mean(r["wall_s"] for r in rs) / 60
+        lines.append(f"| {method} | {len(rs)} | {acc:.2f}{spread} | {delta} | {comp:.2f}x | {bits:.2f} | {wall:.1f} |")
+    return "\n".join(lines)
+
+
+def child_command(method: str, seed: int, argv: list[str]) -> list[str]:
+    """Command line running one (method, seed) of this suite in a child process."""
+    keep: list[str] = []
+    skip = False
+    for i, tok in enumerate(argv):
+        if skip:
+            if tok.startswith("--"):
+                skip = False
+            else:
+                continue
+        if tok in ("--methods", "--seeds"):
+            skip = True
+            continue
+        if tok.startswith("--jobs"):
+            if tok == "--jobs":
+                skip = True
+            continue
+        keep.append(tok)
+    return [sys.executable, str(Path(__file__).resolve()), *keep, "--methods", method, "--seeds", str(seed),
+            "--jobs", "1"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.summary:
+        print(summary_table(load_results(args.results_dir)))
+        return 0
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit(f"--jobs ({args.jobs}) and --threads ({args.threads}) must be >= 1")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    runs = [(m, s) for s in args.seeds for m in args.methods]
+    if args.skip_done:
+        runs = [(m, s) for m, s in runs if not result_path(args.results_dir, m, s).exists()]
+    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in argv)
+    t0 = time.time()
+    if args.jobs == 1 or len(runs) <= 1:
+        for method, seed in runs:
+            run_one(method, seed, args, command)
+    else:
+        # one process per run: separate interpreters, so two runs really use two cores
+        logs = args.results_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        pending = list(runs)
+        active: list[tuple[str, int, subprocess.Popen, Any]] = []
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        failures = []
+        while pending or active:
+            while pending and len(active) < args.jobs:
+                method, seed = pending.pop(0)
+                log = open(logs / f"{method}_seed{seed}.log", "w")
+                proc = subprocess.Popen(child_command(method, seed, argv), stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=str(ROOT))
+                print(f"[{time.time() - t0:6.0f} s] started {method} seed {seed} (pid {proc.pid}, log {log.name})",
+                      flush=True)
+                active.append((method, seed, proc, log))
+            time.sleep(2.0)
+            for item in list(active):
+                method, seed, proc, log = item
+                if proc.poll() is not None:
+                    log.close()
+                    active.remove(item)
+                    status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                    if proc.returncode != 0:
+                        failures.append((method, seed))
+                    print(f"[{time.time() - t0:6.0f} s] {status}: {method} seed {seed}", flush=True)
+        if failures:
+            print(f"failed runs: {failures}; see {logs}", file=sys.stderr)
+    print(f"\nsuite wall time {(time.time() - t0) / 60:.1f} min\n")
+    print(summary_table(load_results(args.results_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
