@@ -724,6 +724,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # the raw-model / optimizer notices are not for this console
     logging.getLogger("msq_hf").setLevel(logging.WARNING)
+    # inductor (used by the fused MSQ kernels) notes that no CUDA exists: true and irrelevant on CPU
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     set_seed(args.seed)
 
     say = print
@@ -756,7 +758,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging_steps=logging_steps, eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps,
         save_strategy="no", report_to=report_to, seed=args.seed, data_seed=args.seed,
         disable_tqdm=args.no_progress, remove_unused_columns=False, label_names=["labels"],
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
     trainer = MSQTrainer(model=model, args=training_args, msq_config=cfg, model_args=model_args,
                          train_dataset=train_ds, eval_dataset=in_training_eval,
                          compute_metrics=compute_accuracy_metrics)

@@ -172,7 +172,7 @@ def plot_bits_timeline(history: Sequence[Mapping[str, Any]], path: str | os.Path
     if final is not None:
         ax.axvline(final, color="white", lw=1.2, ls="--")
     title = "MSQ bits per layer over training"
-    if comps[-1] is not None:
+    if comps[0] is not None and comps[-1] is not None:
         title += f" (compression {comps[0]:.2f}x → {comps[-1]:.2f}x"
         title += f", final round at step {final})" if final is not None else ")"
     ax.set_title(title, fontsize=9)
@@ -337,6 +337,33 @@ def _numels_from_state(state: Mapping[str, Any]) -> dict[str, int]:
     return {}
 
 
+def _numels_from_weights(folder: Path, names: Iterable[str]) -> dict[str, int]:
+    """Weight counts of ``names`` from the safetensors headers of a checkpoint (no tensor is read).
+
+    ``msq_state.json`` holds no layer sizes, but every ``<layer>.weight`` shape is in the header.
+    Layers whose key is not found (e.g. renamed on disk) are left out.
+    """
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return {}
+    from .loading import read_safetensors_header
+    from .errors import MSQError
+
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        try:
+            header = read_safetensors_header(file)
+        except (MSQError, OSError):
+            continue  # a broken weight file only costs the per-layer sizes of the report
+        shapes.update({k: v["shape"] for k, v in header.items() if isinstance(v, dict) and "shape" in v})
+    out: dict[str, int] = {}
+    for name in names:
+        shape = shapes.get(f"{name}.weight")
+        if shape is not None:
+            out[name] = int(math.prod(shape))
+    return out
+
+
 def find_run_data(path: str | os.PathLike[str]) -> RunData:
     """Collect the history, logs and final bits from a run folder, checkpoint folder or export folder.
 
@@ -372,7 +399,7 @@ def find_run_data(path: str | os.PathLike[str]) -> RunData:
             data.files.append(str(state_path))
             data.history = list(state.get("history") or [])
             data.scheme = data.scheme or {k: int(v) for k, v in (state.get("bits") or {}).items()}
-            data.numels = data.numels or _numels_from_state(state)
+            data.numels = data.numels or _numels_from_state(state) or _numels_from_weights(folder, data.scheme)
             data.total_steps = data.total_steps or state.get("total_steps")
         trainer_state = folder / _TRAINER_STATE_NAME
         if trainer_state.is_file() and not data.log_history:

@@ -115,6 +115,7 @@ class MSQCallback(TrainerCallback):
         decision = trainer.msq_controller.maybe_step(state.global_step, batch)
         if decision is not None:
             # Log at this step through the normal path (log_history + every report_to target).
+            trainer._msq_layers_changed = True
             control.should_log = True
             return control
         return None
@@ -139,6 +140,11 @@ class MSQTrainer(Trainer):
         msq_config: MSQ hyperparameters. Defaults to the config attached by ``quantize_model``.
         model_args: for raw timm models, the ``timm.create_model`` keyword arguments needed to rebuild
             the architecture; stored in the checkpoint ``config.json`` (see :func:`load_timm_checkpoint`).
+        msq_layer_logs: when the per-layer ``msq/bits/*``, ``msq/k/*``, ``msq/nonzero/*``, ``msq/sens/*``
+            entries join a training log: ``"pruning"`` (default: the logs of pruning steps and the final
+            one, i.e. whenever they changed), ``"always"`` or ``"never"``. The global ``msq/*`` entries
+            are in every training log. (A ResNet-20 has ~80 per-layer values: in every log they would
+            drown the console.)
         **kwargs: every other ``Trainer`` argument. When ``data_collator`` is not given and the data
             has ``pixel_values``/``labels`` columns (or the model is raw), ``collate_pixel_values`` is used.
 
@@ -148,12 +154,16 @@ class MSQTrainer(Trainer):
 
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
                  data_collator: Any = None, *, msq_config: MSQConfig | None = None,
-                 model_args: dict[str, Any] | None = None, **kwargs: Any):
+                 model_args: dict[str, Any] | None = None, msq_layer_logs: str = "pruning", **kwargs: Any):
         if model is None:
             raise ValueError("MSQTrainer needs model=... (model_init is not supported: the MSQ layers and "
                              "their schedule belong to one model instance)")
         if kwargs.get("model_init") is not None:
             raise ValueError("MSQTrainer does not support model_init; pass model=...")
+        if msq_layer_logs not in ("pruning", "always", "never"):
+            raise ValueError(f"msq_layer_logs={msq_layer_logs!r} is invalid: expected 'pruning', 'always' or 'never'")
+        self._msq_layer_logs = msq_layer_logs
+        self._msq_layers_changed = True  # the first log shows the starting scheme
         if msq_config is not None and not isinstance(msq_config, MSQConfig):
             raise TypeError(f"msq_config must be an msq_hf.MSQConfig, got {type(msq_config).__name__}")
         has_msq = any(True for _ in iter_msq_layers(model))
@@ -266,7 +276,12 @@ class MSQTrainer(Trainer):
         ``on_log`` and the ``report_to`` callbacks run before user callbacks.)
         """
         if not any(key.startswith(("eval_", "test_")) for key in logs):
-            logs = {**logs, **self.msq_controller.log_dict()}
+            final = "train_runtime" in logs
+            per_layer = self._msq_layer_logs == "always" or (
+                self._msq_layer_logs == "pruning" and (self._msq_layers_changed or final))
+            logs = {**logs, **self.msq_controller.log_dict(per_layer=per_layer)}
+            if per_layer:
+                self._msq_layers_changed = False
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:

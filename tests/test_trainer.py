@@ -76,7 +76,7 @@ class LogCapture(TrainerCallback):
         self.logs: list[dict] = []
 
     def on_log(self, args, state, control, logs=None, **kw):
-        self.logs.append(dict(logs))
+        self.logs.append({**logs, "_step": state.global_step})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,15 +162,20 @@ def test_pruning_lowers_bits_at_the_interval_then_qat(tmp_path) -> None:
     trainer.model.train()
     trainer.compute_loss(trainer.model, trainer.data_collator(make_dataset(4)))
     assert ctl.regularization().item() == 0.0 and not ctl.regularization().requires_grad
-    # logs: every training log carries the msq metrics, also in log_history
-    train_logs = [entry for entry in logs.logs if "loss" in entry]
-    assert train_logs
+    # logs: every training log carries the global msq metrics (also in log_history); the per-layer
+    # ones (default msq_layer_logs="pruning") exactly in the logs of pruning steps and the final log
+    train_logs = [entry for entry in logs.logs if "loss" in entry or "train_runtime" in entry]
+    assert train_logs and "train_runtime" in train_logs[-1]
+    qat_logs = 0
     for entry in train_logs:
         for key in ("msq/compression", "msq/avg_bits", "msq/phase", "msq/reg"):
             assert key in entry
-        assert any(k.startswith("msq/bits/") for k in entry)
-        assert any(k.startswith("msq/nonzero/") for k in entry)
-        assert any(k.startswith("msq/sens/") for k in entry)
+        layer_keys = any(k.startswith("msq/bits/") for k in entry)
+        assert layer_keys == (entry["_step"] in pruning_steps or "train_runtime" in entry), entry["_step"]
+        if layer_keys:
+            assert any(k.startswith("msq/nonzero/") for k in entry) and any(k.startswith("msq/sens/") for k in entry)
+        qat_logs += not layer_keys
+    assert qat_logs > 0, "no log without per-layer entries: the QAT phase was not logged"
     assert train_logs[-1]["msq/compression"] == pytest.approx(ctl.compression, rel=1e-3)
     assert any("msq/compression" in h for h in trainer.state.log_history)
 
