@@ -578,6 +578,12 @@ def _load_data(args: argparse.Namespace, spec: _ModelSpec) -> tuple[Any, Any, st
         train = load_image_dataset(args.dataset, "train", image_size=spec.image_size, channels=spec.channels,
                                    limit=limit, seed=args.seed)
         evaluation, split = _load_eval_split(args.dataset, spec.image_size, spec.channels, args.eval_limit, args.seed)
+    except CLIError:
+        raise
+    except FileNotFoundError as exc:  # keeps the how-to-get-the-data lines of load_fashion_mnist
+        raise FileNotFoundError(f"--dataset {args.dataset}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types (offline, unknown id, bad folder)
+        raise CLIError(f"--dataset {args.dataset}: cannot load it ({type(exc).__name__}: {_one_line(exc)})") from exc
     finally:
         datasets.enable_progress_bars()
     return train, evaluation, split
@@ -712,7 +718,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
     import transformers
-    from transformers import ProgressCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
 
     import msq_hf
     from .convert import bit_scheme, compression_ratio, layer_numels
@@ -771,6 +777,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if progress is not None:
         progress.on_log = lambda *a, **k: None  # keep its bars, drop its dict dump
+    trainer.remove_callback(PrinterCallback)  # the disable_tqdm=True printer of whole log dicts
     trainer.add_callback(_make_console_callback(trainer.msq_controller, write))
     say(f"training {max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {len(train_ds):,} images, "
         f"batch {args.batch_size}); MSQ {args.init_bits} bits -> {args.target:g}x, pruning every "

@@ -19,6 +19,7 @@ from torch import nn
 from .config import MSQConfig
 from .functional import compression_ratio as _compression_ratio
 from .layers import MSQConv2d, MSQLayerMixin, MSQLinear, make_act_quantizer
+from .packed_layers import MSQPackedMixin
 
 logger = logging.getLogger(__name__)
 
@@ -211,16 +212,14 @@ def msq_layers(model: nn.Module) -> dict[str, MSQLayerMixin]:
     return layers
 
 
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: layer}`` for every trainable MSQ layer *or* packed (loaded-export) layer.
+def quantized_layers(model: nn.Module, required: bool = True) -> dict[str, nn.Module]:
+    """``{name: layer}`` for every trainable MSQ layer *or* packed (loaded-export) layer, in module order.
 
     The reporting functions below use this, so they work on a model being trained and on one
-    rebuilt by :func:`msq_hf.from_pretrained` alike. ``ValueError`` if there is none.
+    rebuilt by :func:`msq_hf.from_pretrained` alike. ``ValueError`` if there is none and ``required``.
     """
-    from .packed_layers import MSQPackedMixin  # local: packed_layers imports this module's neighbours
-
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (MSQLayerMixin, MSQPackedMixin))}
-    if not layers:
+    if required and not layers:
         raise ValueError(f"{type(model).__name__} has no MSQ layers; call msq_hf.quantize_model(model, config) first "
                          "or load an MSQ export with msq_hf.from_pretrained")
     return layers

@@ -129,8 +129,8 @@ class MSQQuantizer(HfQuantizer):
         weights + ``bits``/``k``, resumable). Inside ``msq_hf.export`` (or for a model loaded from an
         export, whose layers hold only packed codes) it returns the bit-packed state dict instead.
         """
-        from .convert import bit_scheme
-        from .serialization import packed_state_dict, quantized_layers
+        from .convert import bit_scheme, quantized_layers
+        from .serialization import packed_state_dict
 
         if self._msq_export_payload is not None:
             state, metadata, scheme = self._msq_export_payload
@@ -139,7 +139,7 @@ class MSQQuantizer(HfQuantizer):
             return state, dict(metadata)
         from .packed_layers import MSQPackedMixin
 
-        if any(isinstance(m, MSQPackedMixin) for m in quantized_layers(model).values()):
+        if any(isinstance(m, MSQPackedMixin) for m in quantized_layers(model, required=False).values()):
             state, layers = packed_state_dict(model)
             self.quantization_config.bit_scheme = {n: i["bits"] for n, i in layers.items()}
             self.quantization_config.msq_format = "packed"

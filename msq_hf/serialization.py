@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import FORMAT_VERSION, MSQConfig
+from .convert import quantized_layers
 from .errors import MSQExportError, MSQFormatError
 from .functional import MAX_BITS, MIN_BITS, average_bits, compression_ratio
 from .layers import MSQLayerMixin
@@ -64,11 +65,6 @@ _TMP_MARK = ".msq-export-tmp-"
 # packed state dict
 
 
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: layer}`` for every MSQ (fake-quant) or packed layer, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (MSQLayerMixin, MSQPackedMixin))}
-
-
 def _layer_info(module: nn.Module, bits: int, wnorm: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict:
     numel = math.prod(shape)
     groups = getattr(module, "groups", 1)
@@ -91,7 +87,7 @@ def packed_state_dict(model: nn.Module, verify: bool = True) -> tuple[dict[str, 
     (a loaded export) are taken as they are; every other tensor is kept unchanged. With ``verify``
     each layer's codes are decoded again and compared bit for bit with ``quantized_weight()``.
     """
-    layers = quantized_layers(model)
+    layers = quantized_layers(model, required=False)
     if not layers:
         raise MSQExportError(f"{type(model).__name__} has no MSQ layers; call msq_hf.quantize_model(model, config) "
                              "(and train it) before exporting")
@@ -586,6 +582,5 @@ __all__ = [
     "packed_state_dict",
     "prepare_packed_model",
     "push_export",
-    "quantized_layers",
     "sha256_file",
 ]

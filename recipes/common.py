@@ -161,6 +161,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "logging_steps": 50,
     "lr_scheduler_type": "cosine",
     "report_to": "none",
+    # every parameter of these classifiers is used in each forward: skip DDP's extra graph traversal
+    "ddp_find_unused_parameters": False,
 }
 
 # The shared ImageNet CNN setting of ResNet-18/50 and MobileNetV3-Large (algorithm.md §8):
@@ -227,6 +229,7 @@ SMOKE_DEFAULTS: dict[str, Any] = {
     "logging_steps": 2,
     "warmup_steps": 0,
     "dataloader_num_workers": 0,
+    "dataloader_pin_memory": False,
     "disable_tqdm": True,
     "image_size": 32,
     "max_train_samples": 48,
@@ -234,7 +237,7 @@ SMOKE_DEFAULTS: dict[str, Any] = {
     "train_split": "train",
     "eval_split": "test",
     "pretrained": False,
-    "reg_strength": 2e-3,
+    "reg_strength": 2e-4,
     "prune_threshold": 0.6,
     "prune_interval": 2,
     "final_round_fraction": 0.7,
@@ -262,6 +265,10 @@ def build_parser(recipe: Recipe, smoke: bool = False) -> HfArgumentParser:
     """The recipe's argument parser: dataclass defaults < common < recipe < (smoke) < command line."""
     parser = HfArgumentParser(_dataclass_types(), description=recipe.description)
     defaults: dict[str, Any] = {**COMMON_DEFAULTS, "output_dir": f"outputs/{recipe.name}", **recipe.defaults}
+    if not torch.accelerator.is_available():
+        # Without use_cpu, TrainingArguments on a GPU-less machine ignores the process group that
+        # `accelerate launch --multi_gpu` / torchrun created, and every rank trains alone (no DDP).
+        defaults["use_cpu"] = True
     if smoke:
         defaults.update(SMOKE_DEFAULTS)
         defaults["output_dir"] = f"outputs/{recipe.name}-smoke"
@@ -282,6 +289,10 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(recipe, smoke=_smoke_requested(argv))
     training, model_args, data_args, msq_args = parser.parse_args_into_dataclasses(args=argv)
+    given = {arg.split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if "__model_name_or_path" in given and "__model_kwargs" not in given:
+        # the recipe's (or smoke test's) model_kwargs describe its own model, not the one given instead
+        model_args.model_kwargs = None
     if not model_args.model_name_or_path:
         raise ValueError(f"recipe {recipe.name!r}: --model_name_or_path is empty")
     if not data_args.dataset_name:
@@ -345,9 +356,15 @@ def _timm_name(name: str) -> str | None:
     return bare if timm.is_model(bare) else None
 
 
-def build_model(model_args: ModelArguments, num_labels: int) -> tuple[nn.Module, str]:
-    """Build the network with ``num_labels`` outputs; returns ``(model, "timm" | "transformers")``."""
+def build_model(model_args: ModelArguments, labels: int | Sequence[str]) -> tuple[nn.Module, str]:
+    """Build the network for ``labels`` (class names, or a class count); returns ``(model, "timm" | "transformers")``.
+
+    transformers models also get the class names as ``config.id2label``/``label2id``.
+    """
     import timm
+
+    names = [str(i) for i in range(labels)] if isinstance(labels, int) else list(labels)
+    num_labels = len(names)
 
     name = model_args.model_name_or_path
     kwargs = _model_kwargs(model_args)
@@ -362,24 +379,26 @@ def build_model(model_args: ModelArguments, num_labels: int) -> tuple[nn.Module,
             model = timm.create_model(f"local-dir:{path}", pretrained=model_args.pretrained, num_classes=num_labels,
                                       **kwargs)
             return model, "timm"
-        return _build_transformers(str(path), model_args.pretrained, num_labels, kwargs), "transformers"
+        return _build_transformers(str(path), model_args.pretrained, names, kwargs), "transformers"
     timm_name = _timm_name(name)
     if timm_name is not None:
         model = timm.create_model(timm_name, pretrained=model_args.pretrained, num_classes=num_labels, **kwargs)
         return model, "timm"
-    return _build_transformers(name, model_args.pretrained, num_labels, kwargs), "transformers"
+    return _build_transformers(name, model_args.pretrained, names, kwargs), "transformers"
 
 
-def _build_transformers(name: str, pretrained: bool, num_labels: int, kwargs: Mapping[str, Any]) -> nn.Module:
+def _build_transformers(name: str, pretrained: bool, names: Sequence[str], kwargs: Mapping[str, Any]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification
 
     if kwargs:
         raise ValueError(f"--model_kwargs is only supported for timm models; {name!r} is a transformers model "
                          "(edit its config.json instead)")
+    labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+              "label2id": {label: i for i, label in enumerate(names)}}
     if pretrained:
-        return AutoModelForImageClassification.from_pretrained(name, num_labels=num_labels,
-                                                               ignore_mismatched_sizes=True)
-    config = AutoConfig.from_pretrained(name, num_labels=num_labels)
+        # a head trained for other classes is replaced by a fresh one of the right size
+        return AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
+    config = AutoConfig.from_pretrained(name, **labels)
     return AutoModelForImageClassification.from_config(config)
 
 
@@ -441,9 +460,10 @@ def verify_export(model: nn.Module, export_dir: Path, eval_dataset: Any, n: int 
     """Reload the export and compare its logits with ``model`` on the first ``n`` eval images."""
     batch = collate_pixel_values([eval_dataset[i] for i in range(min(n, len(eval_dataset)))])
     reloaded = msq_hf.from_pretrained(export_dir)
+    device = next(model.parameters()).device
+    reloaded.to(device)  # same device, same kernels: the comparison is meaningful bit for bit
     model.eval()
     reloaded.eval()
-    device = next(model.parameters()).device
     with torch.no_grad():
         expected = logits_of(model, batch["pixel_values"].to(device)).cpu()
         got = logits_of(reloaded, batch["pixel_values"]).cpu()
@@ -468,7 +488,7 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
 
     train_dataset = load_split(data_args, data_args.train_split, data_args.max_train_samples, training.seed)
     names = class_names(train_dataset)
-    model, kind = build_model(model_args, len(names))
+    model, kind = build_model(model_args, names)
     norm = model_normalization(model)
     eval_dataset = None
     if not _is_builtin(data_args.dataset_name) and norm is not None:

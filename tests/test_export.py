@@ -114,6 +114,10 @@ def test_hf_roundtrip_mixed_bits(name: str, tmp_path: Path) -> None:
     loaded = from_pretrained(tmp_path / "out")
     _check_packed_layers(loaded, scheme)
     assert torch.equal(_logits(loaded, x), ref)
+    # the reporting API reads loaded (packed) models like trained ones
+    assert msq_hf.bit_scheme(loaded) == scheme
+    assert msq_hf.layer_numels(loaded) == msq_hf.layer_numels(model)
+    assert msq_hf.compression_ratio(loaded) == msq_hf.compression_ratio(model) == result.compression_ratio
     auto = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
     assert type(auto) is type(model)
     assert torch.equal(_logits(auto, x), ref)

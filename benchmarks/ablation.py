@@ -1,0 +1,183 @@
+"""Short ResNet-20 / Fashion-MNIST runs that settle MSQ's open choices (algorithm.md §3.10).
+
+Every variant trains the same network from the same seed on the same data slice with the same
+optimizer, changing one :class:`msq_hf.MSQConfig` field from the default. For each it records what
+the choice is supposed to influence:
+
+* ``first_k2``: layers given ``k = 2`` at the first assignment (Eq. 9 normalization ``avg`` vs ``sum``);
+* ``rho@<step>``: parameter-weighted mean LSB nonzero rate after the first regularized interval
+  (how fast the LSB form / units push the LSBs to zero);
+* ``final_step`` and ``forced``: when the target was reached, and whether only the forced final
+  round got there (the regularizer did not do its job);
+* ``zero_codes``: fraction of weights whose final code is 0 (DoReFa's "spike at zero");
+* ``acc``: test accuracy at the end (short runs: compare variants against each other only).
+
+Usage (from the repository root)::
+
+    python benchmarks/ablation.py --steps 150 --train-limit 4000 --eval-limit 2000 --json docs/ablation.json
+
+Prints a markdown table; ``--json`` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS: dict[str, dict] = {
+    "default (signmag, continuous, code, Tr/N, sum)": {},
+    "wnorm=dorefa": {"wnorm": "dorefa"},
+    "lsb_form=discrete": {"lsb_form": "discrete"},
+    "lsb_units=value": {"lsb_units": "value"},
+    "sensitivity_norm=sum (Tr)": {"sensitivity_norm": "sum"},
+    "reg_reduction=mean": {"reg_reduction": "mean"},
+}
+
+
+def _loader(dataset, batch: int, shuffle: bool, seed: int):
+    from msq_hf.data import collate_pixel_values
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen,
+                                       collate_fn=collate_pixel_values, drop_last=shuffle)
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, loader) -> float:
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        pred = model(batch["pixel_values"]).argmax(-1)
+        correct += int((pred == batch["labels"]).sum())
+        total += len(pred)
+    model.train()
+    return correct / total
+
+
+def _weighted_rate(ctl) -> float:
+    rates = ctl.nonzero_rates()
+    active = {n: r for n, r in rates.items() if ctl.layers[n].n_k > 0}
+    if not active:
+        return 0.0
+    total = sum(ctl.numels[n] for n in active)
+    return sum(ctl.numels[n] * r for n, r in active.items()) / total
+
+
+def _zero_code_fraction(ctl) -> float:
+    zeros = total = 0
+    for layer in ctl.layers.values():
+        codes, _ = layer.integer_codes()
+        if layer.wnorm == "dorefa":  # affine codes: the level nearest to w = 0 is the middle one
+            mid = (2 ** layer.n_bits - 1) / 2
+            zeros += int(((codes.float() - mid).abs() <= 0.5).sum())
+        else:
+            zeros += int((codes == 0).sum())
+        total += codes.numel()
+    return zeros / total
+
+
+def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, test) -> dict:
+    """Train one variant and return its row."""
+    import timm
+
+    import msq_hf
+
+    torch.manual_seed(args.seed)
+    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
+    base = dict(init_bits=8, target_compression=args.target, reg_strength=args.reg_strength,
+                prune_threshold=args.prune_threshold, prune_interval=args.prune_interval,
+                hessian_max_probes=2, hessian_batch_size=32, final_round_fraction=0.7)
+    base.update(overrides)
+    msq_hf.quantize_model(model, msq_hf.MSQConfig(**base))
+    if overrides.get("reg_reduction") == "mean":
+        # a per-layer mean divides layer l's term by N_l; scale lambda by the mean N_l so the run
+        # tests whether the reduction changes anything beyond the scale of lambda
+        numels = msq_hf.layer_numels(model)
+        model.msq_config.reg_strength = args.reg_strength * sum(numels.values()) / len(numels)
+    ctl = msq_hf.MSQController(model, total_steps=args.steps, seed=args.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    loader = _loader(train, args.batch, True, args.seed)
+    step, start = 0, time.perf_counter()
+    first_k2 = rho_first = final_step = None
+    forced = False
+    model.train()
+    while step < args.steps:
+        for batch in loader:
+            if step == 0:
+                ctl.start(batch)
+                first_k2 = sum(1 for k in ctl.ks.values() if k == 2)
+            logits = model(batch["pixel_values"])
+            loss = F.cross_entropy(logits, batch["labels"]) + ctl.regularization()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step == args.prune_interval:
+                rho_first = _weighted_rate(ctl)
+            decision = ctl.maybe_step(step, batch)
+            if decision is not None and decision.finalized and final_step is None:
+                final_step = step
+                forced = decision.reason.startswith("forced")
+            if step >= args.steps:
+                break
+    acc = _accuracy(model, _loader(test, 256, False, 0))
+    return {"variant": name, "first_k2": first_k2, f"rho@{args.prune_interval}": round(rho_first or 0.0, 4),
+            "final_step": final_step, "forced": forced, "compression": round(ctl.compression, 3),
+            "zero_codes": round(_zero_code_fraction(ctl), 4), "acc": round(acc, 4),
+            "bits": msq_hf.bit_scheme(model), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--train-limit", type=int, default=4000)
+    parser.add_argument("--eval-limit", type=int, default=2000)
+    parser.add_argument("--target", type=float, default=16.0)
+    parser.add_argument("--reg-strength", type=float, default=1e-5)
+    parser.add_argument("--prune-threshold", type=float, default=0.3)
+    parser.add_argument("--prune-interval", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="*", default=None, help=f"subset of: {list(VARIANTS)}")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import msq_hf  # noqa: F401  (registers resnet20_cifar)
+    from msq_hf.data import load_fashion_mnist
+
+    train = load_fashion_mnist("train", limit=args.train_limit, channels=1, seed=args.seed)
+    test = load_fashion_mnist("test", limit=args.eval_limit, channels=1, seed=args.seed)
+    names = args.variants or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    rows = []
+    for name in names:
+        rows.append(run_variant(name, VARIANTS[name], args, train, test))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "bits"}), flush=True)
+    cols = [c for c in rows[0] if c != "bits"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
