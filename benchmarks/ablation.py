@@ -8,7 +8,8 @@ the choice is supposed to influence:
 * ``rho@<step>``: parameter-weighted mean LSB nonzero rate after the first regularized interval
   (how fast the LSB form / units push the LSBs to zero);
 * ``final_step`` and ``forced``: when the target was reached, and whether only the forced final
-  round got there (the regularizer did not do its job);
+  round got there; ``avg_bits_before_final``: how far the regularizer and threshold pruning got on
+  their own before the final round;
 * ``zero_codes``: fraction of weights whose final code is 0 (DoReFa's "spike at zero");
 * ``acc``: test accuracy at the end (short runs: compare variants against each other only).
 
@@ -132,8 +133,11 @@ def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, tes
             if step >= args.steps:
                 break
     acc = _accuracy(model, _loader(test, 256, False, 0))
+    # how far the regularizer + threshold pruning got on its own, before the final round
+    before_final = [h["avg_bits"] for h in ctl.history if h["phase"] != "final"]
     return {"variant": name, "first_k2": first_k2, f"rho@{args.prune_interval}": round(rho_first or 0.0, 4),
-            "final_step": final_step, "forced": forced, "compression": round(ctl.compression, 3),
+            "final_step": final_step, "forced": forced,
+            "avg_bits_before_final": round(before_final[-1], 3) if before_final else None, "compression": round(ctl.compression, 3),
             "zero_codes": round(_zero_code_fraction(ctl), 4), "acc": round(acc, 4),
             "bits": msq_hf.bit_scheme(model), "seconds": round(time.perf_counter() - start, 1)}
 

@@ -72,6 +72,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only for real defaults (not for flags or options whose default is 'unset')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -167,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bit pruning until --target compression, then QAT. Afterwards the model is evaluated, saved to "
         "OUTPUT/model, exported bit-packed to OUTPUT/export, and OUTPUT/msq_history.json plus OUTPUT/report/ "
         "are written. Without options: timm resnet20_cifar on Fashion-MNIST (8 bits -> 16x).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = t.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="timm model name, Hugging Face model id or local folder (HF model, timm save_for_hf folder, "
@@ -207,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("optimization")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--epochs", type=_positive_float, default=DEFAULT_EPOCHS, help="passes over the training subset")
-    steps.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    steps.add_argument("--max-steps", type=_positive_int, default=None, help="number of optimizer steps (instead of --epochs)")
     g.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="training batch size")
     g.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help="SGD learning rate (cosine schedule)")
     g.add_argument("--momentum", type=_nonnegative_float, default=DEFAULT_MOMENTUM, help="SGD momentum")
@@ -292,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         print(f"{PROG}: error: choose a command: train, inspect, export or report", file=sys.stderr)
         return 2
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in msq_history.json
     debug = args.debug or os.environ.get("MSQ_HF_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
@@ -808,8 +818,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train_loss": train_output.training_loss, "threads": threads,
     }
     history = {
-        "version": HISTORY_VERSION, "msq_hf_version": msq_hf.__version__, "argv": sys.argv[1:],
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "version": HISTORY_VERSION, "msq_hf_version": msq_hf.__version__, "argv": getattr(args, "argv", None),
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
         "target_compression": args.target, "count_sign_bit": cfg.count_sign_bit, "total_steps": max_steps,
         "msq_config": cfg.to_dict(), "bit_scheme": scheme, "numels": numels, "summary": summary,
         "history": controller.history, "log_history": trainer.state.log_history, "baselines": [],

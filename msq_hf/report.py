@@ -416,8 +416,11 @@ def find_run_data(path: str | os.PathLike[str]) -> RunData:
             manifest = _read_json(manifest_path)
             data.files.append(str(manifest_path))
             layers = manifest.get("layers") or {}
-            # the export's scheme is the ground truth of what was stored
-            data.scheme = {n: int(i["bits"]) for n, i in layers.items()}
+            # the export's scheme is the ground truth of what was stored; the manifest lists layers in
+            # state-dict key order (alphabetical), so keep the model order of the history when known
+            order = [n for n in (list(data.scheme) or _layer_order(data.history)) if n in layers]
+            order += [n for n in layers if n not in order]
+            data.scheme = {n: int(layers[n]["bits"]) for n in order}
             data.numels = data.numels or {n: int(i["numel"]) for n, i in layers.items()}
             break
     if not data.scheme and data.history:

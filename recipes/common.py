@@ -18,8 +18,8 @@ overrides and the paper's reference points. :func:`run` does the rest:
 In multi-process runs every rank also writes ``<output_dir>/ranks/bits_rank<r>.json`` (its bit
 scheme and pruning history), so divergent pruning decisions would be visible.
 
-The paper numbers quoted in the recipes come from ``/work/shared/docs/algorithm.md`` (§3.9 layers,
-§5 activations, §8 hyperparameters, §9 result tables) and ``anchors.md`` §4.
+The paper numbers quoted in the recipes come from the MSQ paper and the peer papers it compares with
+(their result tables and stated training settings); docs/recipes.md says which are stated and which inferred.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,10 +471,6 @@ def verify_export(model: nn.Module, export_dir: Path, eval_dataset: Any, n: int 
             "export_reloaded_class": type(reloaded).__name__}
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 # ------------------------------------------------------------------------------------------------
 # The run
 
@@ -506,7 +501,8 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
                          eval_dataset=eval_dataset, data_collator=collate_pixel_values,
                          compute_metrics=compute_accuracy_metrics,
                          model_args=({**model_kwargs, "num_classes": len(names)} if model_kwargs is not None else None))
-    train_output = trainer.train()
+    # TrainingArguments only records --resume_from_checkpoint; the Trainer must be told explicitly
+    train_output = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     model = trainer.model
     ctl = trainer.msq_controller
 
@@ -525,8 +521,9 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
 
     scheme = msq_hf.bit_scheme(model)
     if training.world_size > 1:
-        _write_json(output_dir / "ranks" / f"bits_rank{_rank()}.json",
-                    {"rank": _rank(), "world_size": training.world_size, "bit_scheme": scheme,
+        rank = training.process_index
+        _write_json(output_dir / "ranks" / f"bits_rank{rank}.json",
+                    {"rank": rank, "world_size": training.world_size, "bit_scheme": scheme,
                      "history": [{"step": h["step"], "bits": h["bits"], "k": h["k"], "phase": h["phase"]}
                                  for h in ctl.history]})
 

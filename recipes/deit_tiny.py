@@ -1,6 +1,6 @@
 """MSQ on DeiT-Tiny / ImageNet-1k with 8-bit activations (paper Table 4).
 
-Paper setting (``/work/shared/docs/algorithm.md`` §3.9, §5, §8, §9):
+Paper setting ([SEED] = stated in the paper, [INF] = inferred; see docs/recipes.md):
 
 * the paper starts from an OFQ 4-bit checkpoint [SEED]; this recipe starts from the float
   ``timm/deit_tiny_patch16_224.fb_in1k`` weights quantized to 4 bits (pass a local folder with

@@ -1,6 +1,6 @@
 """MSQ on MobileNetV3-Large / ImageNet-1k (paper Table 5).
 
-Paper setting (``/work/shared/docs/algorithm.md`` §3.9, §8, §9):
+Paper setting ([SEED] = stated in the paper, [INF] = inferred; see docs/recipes.md):
 
 * start from the float pretrained model [SEED] (``timm/mobilenetv3_large_100.ra_in1k``; torchvision's
   weights are not on the timm Hub), every weight at 8 bits [INF];

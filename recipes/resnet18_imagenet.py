@@ -1,6 +1,6 @@
 """MSQ on ResNet-18 / ImageNet-1k (paper Table 3).
 
-Paper setting (``/work/shared/docs/algorithm.md`` §8 and §9, Table 3):
+Paper setting (Table 3; [SEED] = stated in the paper, [INF] = inferred; see docs/recipes.md):
 
 * start from the float pretrained model [SEED] (torchvision weights [INF]: ``timm/resnet18.tv_in1k``),
   every weight at 8 bits [INF from Table 1];

@@ -1,6 +1,6 @@
 """MSQ on ResNet-20 / CIFAR-10 (paper Table 2, A32 column).
 
-Paper setting (``/work/shared/docs/algorithm.md`` §8 and §9, Table 2):
+Paper setting (Table 2; [SEED] = stated in the paper, [INF] = inferred; see docs/recipes.md):
 
 * from scratch (no pretrained weights) [SEED], every weight starts at 8 bits [INF from Table 1];
 * 400 epochs, SGD lr 0.1 with warm-start cosine annealing, batch 1024 [SEED];

@@ -1,6 +1,6 @@
 """MSQ on Swin-Tiny / ImageNet-1k with 8-bit activations (paper Table 4).
 
-Paper setting (``/work/shared/docs/algorithm.md`` §3.9, §5, §8, §9): as ``deit_tiny.py``:
+Paper setting ([SEED] = stated in the paper, [INF] = inferred; see docs/recipes.md): as ``deit_tiny.py``:
 
 * the paper starts from an OFQ 4-bit checkpoint [SEED]; this recipe starts from the float
   ``timm/swin_tiny_patch4_window7_224.ms_in1k`` weights quantized to 4 bits [INF];

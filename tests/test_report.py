@@ -226,3 +226,17 @@ def test_find_run_data_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_report(empty)
     assert not (empty / "report").exists()  # nothing written for an unusable folder
+
+
+def test_export_bits_win_but_model_order_is_kept(tmp_path: Path) -> None:
+    """A run folder with an export: bits from the manifest (what was stored), order from the history (model order,
+    not the manifest's alphabetical key order)."""
+    root = write_run_dir(tmp_path / "run")
+    stored = {"conv1": 4, "fc": 6, "layer1.conv": 2, "layer2.conv": 3}  # alphabetical, fc differs from SCHEME
+    (root / "export").mkdir()
+    (root / "export" / "msq_manifest.json").write_text(json.dumps(
+        {"layers": {n: {"bits": b, "numel": NUMELS[n]} for n, b in stored.items()}}))
+    data = find_run_data(root)
+    assert list(data.scheme) == list(SCHEME)
+    assert data.scheme == stored
+    assert data.files[-1] == str(root / "export" / "msq_manifest.json")
