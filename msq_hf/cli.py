@@ -16,6 +16,7 @@ User errors (bad option values, missing files, unreadable exports) end with exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 PROG = "msq-hf"
 
@@ -290,6 +291,20 @@ def _details(exc: BaseException) -> list[str]:
     return [line for line in str(exc).strip().splitlines()[1:] if line.strip()]
 
 
+@contextlib.contextmanager
+def _quiet_transformers_bars() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bars from transformers (the Trainer's own bar stays)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:  # main() may run in-process (tests, notebooks): restore the global switch
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``msq-hf`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
@@ -304,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in msq_history.json
     debug = args.debug or os.environ.get("MSQ_HF_DEBUG", "") not in ("", "0")
     try:
+        if args.command in ("train", "export"):
+            with _quiet_transformers_bars():
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

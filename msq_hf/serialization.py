@@ -432,8 +432,20 @@ def _prepare_target(save_directory: Path, overwrite: bool) -> None:
                                  "to replace it")
 
 
+def _apply_umask_permissions(root: Path) -> None:
+    """Give the export the permissions a plain ``mkdir``/``open`` would have (``mkdtemp`` and
+    ``mkstemp`` create owner-only 0700/0600 entries, which would hide an export from other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _install(tmp: Path, target: Path) -> None:
     """Move the finished temp dir into place; an existing target is swapped out, then deleted."""
+    _apply_umask_permissions(tmp)
     backup = None
     if target.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}old-", dir=target.parent))

@@ -300,3 +300,20 @@ def test_model_card_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main_inspect([str(tmp_path / "e"), "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):])["bit_scheme"] == scheme
+
+
+def test_export_has_ordinary_permissions(tmp_path: Path) -> None:
+    """The temp-dir machinery must not leave an owner-only (0700/0600) export behind."""
+    import os
+    import stat
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=4))
+    old = os.umask(0o022)
+    try:
+        export(model, tmp_path / "exp")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "exp").stat().st_mode) == 0o755
+    for path in (tmp_path / "exp").rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
