@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 PROG = "msq-hf"
 
@@ -82,75 +82,34 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected a positive integer)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed (expected a positive integer)")
-    return value
+def _checked(parse: Callable[[str], float], ok: Callable[[float], bool], expected: str,
+             noun: str = "") -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses with ``parse`` and accepts values where ``ok`` holds.
+
+    Errors read ``'x' is not a number (expected ...)`` or ``9 bits is not allowed (allowed: 1..8)``.
+    """
+    kind = "an integer" if parse is int else "a number"
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind} ({expected})") from None
+        if not (math.isfinite(value) and ok(value)):
+            shown = f"{text} {noun}" if noun else text
+            raise argparse.ArgumentTypeError(f"{shown} is not allowed ({expected})")
+        return value
+
+    return convert
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a positive number)") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not allowed (expected a positive number)")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a number >= 0)") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text} is not allowed (expected a number >= 0)")
-    return value
-
-
-def _bits(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (allowed bits: 1..8)") from None
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"{value} bits is not allowed (allowed: 1..8)")
-    return value
-
-
-def _act_bits(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (allowed activation bits: 2..8)") from None
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"{value} activation bits is not allowed (allowed: 2..8)")
-    return value
-
-
-def _target(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a compression ratio > 1, "
-                                         "e.g. 16)") from None
-    if not (math.isfinite(value) and value > 1):
-        raise argparse.ArgumentTypeError(f"{text} is not allowed (expected a compression ratio > 1, e.g. 16)")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a value in (0, 1))") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not allowed (expected a value in (0, 1))")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "expected a positive integer")
+_positive_float = _checked(float, lambda v: v > 0, "expected a positive number")
+_nonnegative_float = _checked(float, lambda v: v >= 0, "expected a number >= 0")
+_bits = _checked(int, lambda v: 1 <= v <= 8, "allowed: 1..8", "bits")
+_act_bits = _checked(int, lambda v: 2 <= v <= 8, "allowed: 2..8", "activation bits")
+_target = _checked(float, lambda v: v > 1, "expected a compression ratio > 1, e.g. 16")
+_fraction = _checked(float, lambda v: 0 < v < 1, "expected a value in (0, 1)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,11 +589,9 @@ def _class_names(dataset: Any) -> list[str]:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+    from .model_card import human_bytes
+
+    return human_bytes(n, digits=1)
 
 
 def scheme_summary(scheme: dict[str, int], numels: dict[str, int] | None = None) -> str:

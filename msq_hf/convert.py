@@ -98,12 +98,6 @@ def find_convertible_layers(model: nn.Module, modules_to_not_convert: Iterable[s
     return [n for n in candidates if not any(pattern_matches(p, n) for p in patterns)]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _layer_kwargs(config: MSQConfig) -> dict:
     return dict(wnorm=config.wnorm, lsb_form=config.lsb_form, lsb_units=config.lsb_units,
                 reg_reduction=config.reg_reduction)
@@ -260,20 +254,34 @@ def set_bit_scheme(model: nn.Module, scheme: dict[str, int]) -> None:
         layers[name].set_bits(int(bits))
 
 
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every MSQ layer by a plain ``nn.Linear``/``nn.Conv2d`` with the dequantized weight."""
-    for name, layer in list(iter_msq_layers(model)):
-        if getattr(layer, "act_quant", None) is not None:
-            raise ValueError(f"layer {name!r} quantizes its inputs (act_bits); a plain float layer cannot "
-                             "reproduce it, so dequantize is refused")
+def swap_to_float(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Replace each of ``layers`` by its plain ``to_float()`` twin wherever it is registered."""
+    refs = _references(model)
+    for layer in layers.values():
         plain = layer.to_float()
         plain.train(layer.training)
-        _set_submodule(model, name, plain)
+        for parent, attr in refs.get(id(layer), []):
+            setattr(parent, attr, plain)
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Remove what :func:`attach_quantizer` put on ``model`` (the model is plain float again)."""
     for attr in ("hf_quantizer", "msq_config"):
         if hasattr(model, attr):
             delattr(model, attr)
     model.is_quantized = False
     model.quantization_method = None
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every MSQ layer by a plain ``nn.Linear``/``nn.Conv2d`` with the dequantized weight."""
+    layers = dict(iter_msq_layers(model))
+    for name, layer in layers.items():
+        if getattr(layer, "act_quant", None) is not None:
+            raise ValueError(f"layer {name!r} quantizes its inputs (act_bits); a plain float layer cannot "
+                             "reproduce it, so dequantize is refused")
+    swap_to_float(model, layers)
+    forget_quantization(model)
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
@@ -286,6 +294,7 @@ __all__ = [
     "compression_ratio",
     "dequantize_model",
     "find_convertible_layers",
+    "forget_quantization",
     "iter_msq_layers",
     "layer_numels",
     "msq_layers",
@@ -294,5 +303,6 @@ __all__ = [
     "quantized_layers",
     "set_bit_scheme",
     "swap_layers",
+    "swap_to_float",
 ]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import MSQError
+from .model_card import human_bytes
 from .serialization import CONFIG_NAME, MANIFEST_NAME
 
 
@@ -85,12 +86,6 @@ def inspect_export(path_or_repo_id: str | os.PathLike, verify: bool = True, revi
     return report
 
 
-def _human(n: float) -> str:
-    from .model_card import _human as human
-
-    return human(n)
-
-
 def format_report(report: InspectReport, max_layers: int | None = None) -> str:
     """A readable text report: summary, totals, per-layer table, integrity status."""
     out = [f"msq_hf export: {report.path}"]
@@ -112,12 +107,12 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
             f"per layer, range {t.get('min_bits')}..{t.get('max_bits')}",
             f"  compression: {t.get('compression_ratio', 0):.2f}x (paper, magnitude bits), "
             f"{t.get('storage_compression_ratio', 0):.2f}x stored (incl. sign bit)",
-            f"  bytes      : packed {_human(t.get('quantized_bytes', 0))}, other tensors "
-            f"{_human(t.get('unquantized_bytes', 0))}, weight files {_human(t.get('weight_file_bytes', 0))} "
-            f"(float: {_human(t.get('float_bytes', 0))})",
+            f"  bytes      : packed {human_bytes(t.get('quantized_bytes', 0))}, other tensors "
+            f"{human_bytes(t.get('unquantized_bytes', 0))}, weight files {human_bytes(t.get('weight_file_bytes', 0))} "
+            f"(float: {human_bytes(t.get('float_bytes', 0))})",
         ]
-    out.append(f"  on disk    : {_human(report.bytes_on_disk)} in {len(report.files)} files: "
-               + ", ".join(f"{n} ({_human(s)})" for n, s in report.files.items()))
+    out.append(f"  on disk    : {human_bytes(report.bytes_on_disk)} in {len(report.files)} files: "
+               + ", ".join(f"{n} ({human_bytes(s)})" for n, s in report.files.items()))
     if report.layers:
         names = list(report.layers)
         shown = names if max_layers is None else names[:max_layers]

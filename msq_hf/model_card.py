@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float, digits: int = 2) -> str:
+    """``1234567 -> '1.23 MB'`` (decimal units; whole bytes below 1 kB)."""
     for unit in ("B", "kB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1000.0
-    return f"{n:.2f} GB"
+    return f"{n:.{digits}f} GB"
 
 
 def plot_bit_scheme(manifest: dict[str, Any], path: str | Path) -> Path:
@@ -116,10 +117,10 @@ def render_model_card(manifest: dict[str, Any], repo_id: str | None = None, plot
         f"{totals['average_bits_unweighted']:.3f} |",
         f"| compression ratio (paper: 32 / magnitude bits) | {totals['compression_ratio']:.2f}x |",
         f"| storage compression (incl. sign bit) | {totals['storage_compression_ratio']:.2f}x |",
-        f"| packed weight bytes | {_human(totals['quantized_bytes'])} |",
-        f"| other tensor bytes | {_human(totals['unquantized_bytes'])} |",
-        f"| weight file(s) on disk | {_human(totals.get('weight_file_bytes', 0))} |",
-        f"| same tensors unquantized | {_human(totals['float_bytes'])} |",
+        f"| packed weight bytes | {human_bytes(totals['quantized_bytes'])} |",
+        f"| other tensor bytes | {human_bytes(totals['unquantized_bytes'])} |",
+        f"| weight file(s) on disk | {human_bytes(totals.get('weight_file_bytes', 0))} |",
+        f"| same tensors unquantized | {human_bytes(totals['float_bytes'])} |",
         "",
         f"![bits per layer]({plot_name})",
         "",

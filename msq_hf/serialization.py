@@ -210,23 +210,14 @@ def prepare_packed_model(model: nn.Module, cfg: MSQConfig, dequantize: bool = Fa
 def finalize_packed_model(model: nn.Module, cfg: MSQConfig) -> nn.Module:
     """After the tensors are loaded: decode every packed layer (validating it), then either keep the
     packed layers or, with ``cfg.dequantize``, swap them for plain float layers."""
-    from .convert import _references
+    from .convert import forget_quantization, swap_to_float
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MSQPackedMixin)}
     for module in layers.values():
         module.refresh()
     if cfg.dequantize:
-        refs = _references(model)
-        for module in layers.values():
-            plain = module.to_float()
-            plain.train(module.training)
-            for parent, attr in refs.get(id(module), []):
-                setattr(parent, attr, plain)
-        for attr in ("hf_quantizer", "msq_config"):
-            if hasattr(model, attr):
-                delattr(model, attr)
-        model.is_quantized = False
-        model.quantization_method = None
+        swap_to_float(model, layers)
+        forget_quantization(model)
     else:
         model.msq_config = cfg
     hf_config = getattr(model, "config", None)

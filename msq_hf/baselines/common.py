@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import _same_pad_conv_types, find_convertible_layers
+from ..convert import _references, _same_pad_conv_types, find_convertible_layers
 from ..functional import ste
 
 #: bits a PACT input quantizer accepts
@@ -172,15 +172,6 @@ class PACT(nn.Module):
 
 
 L = TypeVar("L", bound=QuantLayerBase)
-
-
-def _references(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    refs: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for attr, child in parent._modules.items():
-            if child is not None:
-                refs.setdefault(id(child), []).append((parent, attr))
-    return refs
 
 
 def replace_layers(model: nn.Module, factory: Callable[[str, nn.Module], QuantLayerBase], method: str,
