@@ -461,3 +461,24 @@ def test_hf_and_same_pad_models_run_forward_backward(method, key, tiny_model_fac
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert min(METHODS[method].bit_scheme(model).values()) == 3
+
+
+def test_bsq_precision_change_mid_training_keeps_backward_working() -> None:
+    """A plane-count change while an earlier step's graph is still referenced (the usual
+    ``logits`` variable of a training loop) must not break the next backward."""
+    import timm
+
+    torch.manual_seed(0)
+    model = bsq.convert(timm.create_model("test_resnet", pretrained=False, num_classes=4), 8)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = model(x)
+    (torch.nn.functional.cross_entropy(logits, y) + bsq.regularization(model)).backward()
+    opt.step()
+    before = bsq.bit_scheme(model)
+    bsq.requantize_and_adjust(model, threshold=0.9)   # drops planes: parameters change shape
+    assert bsq.bit_scheme(model) != before
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = model(x)
+    (torch.nn.functional.cross_entropy(logits, y) + bsq.regularization(model)).backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)

@@ -128,6 +128,17 @@ class BSQLayer(QuantLayerBase):
         return (d != 0).to(torch.float32).mean(0).tolist()
 
     # -- schedule ------------------------------------------------------------------------------
+    def _replace_planes(self, p: torch.Tensor, n: torch.Tensor) -> None:
+        """Install new bit planes as *new* Parameters (the number of planes may change).
+
+        Assigning a differently shaped tensor to ``param.data`` would leave autograd's cached
+        gradient accumulator of the old shape alive as long as any graph of an earlier step is
+        referenced (e.g. last step's logits), and the next backward would fail with a shape error.
+        Callers rebuild the optimizer after a precision change, as BSQ does.
+        """
+        self.pweight = nn.Parameter(p, requires_grad=self.pweight.requires_grad)
+        self.nweight = nn.Parameter(n, requires_grad=self.nweight.requires_grad)
+
     @torch.no_grad()
     def requantize(self, max_bits: int = DEFAULT_MAX_BITS) -> None:
         """BSQ ``quant``: round ``w`` back to exact planes, growing ``N`` by one if it overflows.
@@ -147,10 +158,8 @@ class BSQLayer(QuantLayerBase):
             levels = 2**n_bits - 1
         r_pos.clamp_(max=levels)
         r_neg.clamp_(max=levels)
-        self.pweight.data = split_bits(r_pos, n_bits).to(self.pweight.dtype)
-        self.nweight.data = split_bits(r_neg, n_bits).to(self.nweight.dtype)
-        self.pweight.grad = None
-        self.nweight.grad = None
+        self._replace_planes(split_bits(r_pos, n_bits).to(self.pweight.dtype),
+                             split_bits(r_neg, n_bits).to(self.nweight.dtype))
         self._set_bits(n_bits)
 
     @torch.no_grad()
@@ -188,10 +197,7 @@ class BSQLayer(QuantLayerBase):
             self.scale.mul_(2.0)
             bits -= 1
         self.scale.mul_((2**bits - 1) / (2**n0 - 1))
-        self.pweight.data = p.contiguous()
-        self.nweight.data = n.contiguous()
-        self.pweight.grad = None
-        self.nweight.grad = None
+        self._replace_planes(p.contiguous(), n.contiguous())
         self._set_bits(bits)
 
     def extra_repr(self) -> str:
