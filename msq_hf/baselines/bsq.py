@@ -129,15 +129,20 @@ class BSQLayer(QuantLayerBase):
 
     # -- schedule ------------------------------------------------------------------------------
     def _replace_planes(self, p: torch.Tensor, n: torch.Tensor) -> None:
-        """Install new bit planes as *new* Parameters (the number of planes may change).
+        """Give ``pweight``/``nweight`` new bit planes (their number may change), keeping the Parameters.
 
-        Assigning a differently shaped tensor to ``param.data`` would leave autograd's cached
-        gradient accumulator of the old shape alive as long as any graph of an earlier step is
-        referenced (e.g. last step's logits), and the next backward would fail with a shape error.
-        Callers rebuild the optimizer after a precision change, as BSQ does.
+        Keeping the Parameter objects means an optimizer built before the change fails loudly on its
+        next step (state of the old shape) instead of silently updating orphaned tensors; callers rebuild
+        it, as BSQ does. PyTorch drops a leaf's cached gradient accumulator on ``.data`` assignment only
+        when the dtype or device changes, and a stale accumulator of the old shape (alive while any
+        earlier graph is referenced, e.g. last step's logits) would reject the next gradient; passing
+        through another dtype first forces a fresh one.
         """
-        self.pweight = nn.Parameter(p, requires_grad=self.pweight.requires_grad)
-        self.nweight = nn.Parameter(n, requires_grad=self.nweight.requires_grad)
+        for param, data in ((self.pweight, p), (self.nweight, n)):
+            other = torch.float64 if data.dtype != torch.float64 else torch.float32
+            param.data = data.to(other)
+            param.data = data
+            param.grad = None
 
     @torch.no_grad()
     def requantize(self, max_bits: int = DEFAULT_MAX_BITS) -> None:
