@@ -1,4 +1,4 @@
-"""Short ResNet-20 / Fashion-MNIST runs that settle MSQ's open choices (algorithm.md §3.10).
+"""Short ResNet-20 / Fashion-MNIST runs that settle MSQ's open choices (docs/design-choices.md).
 
 Every variant trains the same network from the same seed on the same data slice with the same
 optimizer, changing one :class:`msq_hf.MSQConfig` field from the default. For each it records what

@@ -1,6 +1,6 @@
 """Pure tensor math of MSQ (and DoReFa, for contrast).
 
-Notation (see ``docs/algorithm.md``): a layer has latent float weights ``W``, a precision of
+Notation (see ``docs/design-choices.md``): a layer has latent float weights ``W``, a precision of
 ``n`` magnitude bits and removes ``k`` least-significant bits (LSBs) per pruning step.
 
 Sign-magnitude normalization (the default, ``wnorm="signmag"``)::

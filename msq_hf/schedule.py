@@ -1,4 +1,4 @@
-"""The MSQ bit-pruning decision (Algorithm 1 of MSQ, reconstructed in ``algorithm.md`` §3.6-3.8).
+"""The MSQ bit-pruning decision (Algorithm 1 of MSQ; see docs/pruning.md).
 
 This module is pure Python on purpose (it imports nothing from torch): it only sees numbers -- per
 layer precision ``bits``, LSB count ``k``, weight count ``numel``, LSB nonzero rate and HAWQ-V2

@@ -164,10 +164,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "ddp_find_unused_parameters": False,
 }
 
-# The shared ImageNet CNN setting of ResNet-18/50 and MobileNetV3-Large (algorithm.md §8):
-# 100 epochs, SGD lr 0.01 warm-start cosine, batch 256 [SEED]; momentum 0.9, wd 1e-4, 5 warm-up
-# epochs, pruning every 2 epochs, Hessian batch 128 [INF]; float activations [SEED]; target ≈ 10.67×.
-IMAGENET_CNN_DEFAULTS: dict[str, Any] = {
+# Pretrained start, ImageNet-1k at 224 px, 100 epochs at batch 256: common to every ImageNet recipe.
+_IMAGENET_RUN: dict[str, Any] = {
     "pretrained": True,
     "dataset_name": "ILSVRC/imagenet-1k",
     "eval_split": "validation",
@@ -176,6 +174,13 @@ IMAGENET_CNN_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 256,
     "per_device_eval_batch_size": 256,
     "dataloader_num_workers": 8,
+}
+
+# The shared ImageNet CNN setting of ResNet-18/50 and MobileNetV3-Large (MSQ paper):
+# 100 epochs, SGD lr 0.01 warm-start cosine, batch 256 [SEED]; momentum 0.9, wd 1e-4, 5 warm-up
+# epochs, pruning every 2 epochs, Hessian batch 128 [INF]; float activations [SEED]; target ≈ 10.67×.
+IMAGENET_CNN_DEFAULTS: dict[str, Any] = {
+    **_IMAGENET_RUN,
     "learning_rate": 0.01,
     "optim": "sgd",
     "optim_args": "momentum=0.9",
@@ -190,19 +195,12 @@ IMAGENET_CNN_DEFAULTS: dict[str, Any] = {
     "hessian_max_probes": 50,
 }
 
-# The shared ViT setting of DeiT-T and Swin-T (algorithm.md §5, §8): 4-bit start [INF, the paper
+# The shared ViT setting of DeiT-T and Swin-T (MSQ paper): 4-bit start [INF, the paper
 # starts from an OFQ 4-bit checkpoint], 8-bit LSQ activations [SEED 8 bits; INF LSQ from OFQ];
 # training hyperparameters are not reported, the OFQ recipe is used [INF]: AdamW lr 5e-4, wd 0.05,
 # cosine, 10 warm-up epochs. Epochs (100) and batch (256) are this package's choice.
 VIT_DEFAULTS: dict[str, Any] = {
-    "pretrained": True,
-    "dataset_name": "ILSVRC/imagenet-1k",
-    "eval_split": "validation",
-    "image_size": 224,
-    "num_train_epochs": 100,
-    "per_device_train_batch_size": 256,
-    "per_device_eval_batch_size": 256,
-    "dataloader_num_workers": 8,
+    **_IMAGENET_RUN,
     "learning_rate": 5e-4,
     "optim": "adamw_torch",
     "weight_decay": 0.05,

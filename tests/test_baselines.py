@@ -1,4 +1,4 @@
-"""BSQ, CSQ and DoReFa/PACT baselines (msq_hf/baselines): the equations of docs/algorithm.md §2, §5-§7."""
+"""BSQ, CSQ and DoReFa/PACT baselines (msq_hf/baselines): the key equations of each method."""
 
 from __future__ import annotations
 

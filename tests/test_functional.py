@@ -1,4 +1,4 @@
-"""Properties of the MSQ tensor math (algorithm.md §3.1-3.6, §3.11, §4).
+"""Properties of the MSQ tensor math (the MSQ quantizer, its LSB terms and the compression ratio).
 
 Hypothesis draws the precision ``n`` (1..8), a valid ``k`` (1 <= k < n) and batches of magnitudes
 ``u`` that mix arbitrary floats with exact rounding ties of every grid (``j / 2^(n+1)``).
@@ -42,7 +42,7 @@ def weights(draw: st.DrawFn) -> torch.Tensor:
 
 
 def textbook_signmag(w: torch.Tensor, n: int) -> torch.Tensor:
-    """``S * sign(W) * RC_n(|W|/S) / 2^n`` written literally (algorithm.md §3.1-3.2)."""
+    """``S * sign(W) * RC_n(|W|/S) / 2^n`` written literally."""
     s = w.abs().max()
     s = s if s > 0 else torch.ones_like(s)
     u = w.abs() / s
