@@ -260,6 +260,15 @@ def test_inspect_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tupl
     assert code == 1
     assert_one_line_error(err, "msq_model.safetensors")
 
+    # `msq-hf inspect ... | head -1`: the reader closes the pipe early; no error text, the shell's 141
+    piped = subprocess.run(f"{sys.executable} -m msq_hf inspect {out / 'export'} | head -n 1; "
+                           "echo \"exit=${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert piped.stdout.splitlines()[0].startswith("msq_hf export:")
+    assert piped.stdout.splitlines()[-1] in ("exit=0", "exit=141")  # 0 if everything fit the pipe buffer
+    assert "Broken pipe" not in piped.stderr and "error" not in piped.stderr
+
 
 @needs_fmnist
 def test_report_on_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, str],
