@@ -39,7 +39,7 @@ from .common import (
     replace_layers,
     split_bits,
     trainable_parameters,
-    weighted_compression,
+    layers_compression,
 )
 
 #: BSQ's ``quant(maxbit=8)``: re-quantization never grows a layer beyond this
@@ -277,7 +277,7 @@ def bit_scheme(model: nn.Module) -> dict[str, int]:
 def compression_ratio(model: nn.Module) -> float:
     """``32 * sum_l numel_l / sum_l N_l numel_l`` over the converted weights."""
     layers = bsq_layers(model)
-    return weighted_compression({n: m.numel for n, m in layers.items()}, {n: m.n_bits for n, m in layers.items()})
+    return layers_compression(layers)
 
 
 def plane_density(model: nn.Module) -> dict[str, list[float]]:

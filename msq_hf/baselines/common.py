@@ -7,7 +7,7 @@
   inputs when a method is converted with ``act_bits``.
 * :func:`replace_layers` -- in-place swap of every convertible layer (all references of a shared
   module are swapped, so a model can never run half float, half quantized).
-* accounting helpers: :func:`trainable_parameters`, :func:`weighted_compression`.
+* accounting helpers: :func:`trainable_parameters`, :func:`layers_compression`.
 
 None of this is used by the MSQ path; the baselines only exist for benchmarks and comparisons.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert import _references, _same_pad_conv_types, find_convertible_layers
-from ..functional import ste
+from ..functional import compression_ratio, ste
 
 #: bits a PACT input quantizer accepts
 PACT_BITS = range(2, 9)
@@ -234,13 +234,14 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def weighted_compression(numels: Mapping[str, int], bits: Mapping[str, int]) -> float:
-    """``32 * sum_l N_l / sum_l n_l N_l`` (parameter-weighted; ``inf`` if every layer has 0 bits)."""
-    total = sum(numels[n] for n in bits)
-    stored = sum(numels[n] * bits[n] for n in bits)
-    if total == 0:
+def layers_compression(layers: Mapping[str, "QuantLayerBase"]) -> float:
+    """``32 * sum_l N_l / sum_l n_l N_l`` over converted layers (:func:`msq_hf.functional.compression_ratio`);
+    ``inf`` when every layer has 0 bits (CSQ can switch every bit of a layer off)."""
+    if not layers:
         raise ValueError("compression ratio of an empty bit scheme")
-    return float("inf") if stored == 0 else 32.0 * total / stored
+    if all(m.n_bits == 0 for m in layers.values()):
+        return float("inf")
+    return compression_ratio([m.numel for m in layers.values()], [m.n_bits for m in layers.values()])
 
 
 def exponent_vector(bits: int, like: torch.Tensor) -> torch.Tensor:
@@ -271,6 +272,6 @@ __all__ = [
     "layers_of",
     "replace_layers",
     "split_bits",
+    "layers_compression",
     "trainable_parameters",
-    "weighted_compression",
 ]

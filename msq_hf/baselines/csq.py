@@ -40,7 +40,7 @@ from .common import (
     replace_layers,
     split_bits,
     trainable_parameters,
-    weighted_compression,
+    layers_compression,
 )
 
 BitInit = Literal["signed", "code"]
@@ -242,7 +242,7 @@ def average_bits(model: nn.Module) -> float:
 def compression_ratio(model: nn.Module) -> float:
     """Parameter-weighted ``32 * sum_l numel_l / sum_l bits_l numel_l`` over the converted weights."""
     layers = csq_layers(model)
-    return weighted_compression({n: m.numel for n, m in layers.items()}, {n: m.n_bits for n, m in layers.items()})
+    return layers_compression(layers)
 
 
 __all__ = [

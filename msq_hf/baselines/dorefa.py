@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..functional import dorefa_quantize
-from .common import QuantLayerBase, layers_of, replace_layers, trainable_parameters, weighted_compression
+from .common import QuantLayerBase, layers_of, replace_layers, trainable_parameters, layers_compression
 
 #: weight bit widths DoReFa accepts here (32 = float)
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
@@ -92,7 +92,7 @@ def bit_scheme(model: nn.Module) -> dict[str, int]:
 def compression_ratio(model: nn.Module) -> float:
     """``32 * sum_l numel_l / sum_l k_l numel_l`` over the converted weights (``32/k`` when uniform)."""
     layers = dorefa_layers(model)
-    return weighted_compression({n: m.numel for n, m in layers.items()}, {n: m.n_bits for n, m in layers.items()})
+    return layers_compression(layers)
 
 
 __all__ = [
