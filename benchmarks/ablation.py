@@ -48,8 +48,9 @@ def _loader(dataset, batch: int, shuffle: bool, seed: int):
     from msq_hf.data import collate_pixel_values
 
     gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen,
-                                       collate_fn=collate_pixel_values, drop_last=shuffle)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=shuffle, generator=gen, collate_fn=collate_pixel_values, drop_last=shuffle
+    )
 
 
 @torch.no_grad()
@@ -78,7 +79,7 @@ def _zero_code_fraction(ctl) -> float:
     for layer in ctl.layers.values():
         codes, _ = layer.integer_codes()
         if layer.wnorm == "dorefa":  # affine codes: the level nearest to w = 0 is the middle one
-            mid = (2 ** layer.n_bits - 1) / 2
+            mid = (2**layer.n_bits - 1) / 2
             zeros += int(((codes.float() - mid).abs() <= 0.5).sum())
         else:
             zeros += int((codes == 0).sum())
@@ -94,9 +95,16 @@ def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, tes
 
     torch.manual_seed(args.seed)
     model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
-    base = dict(init_bits=8, target_compression=args.target, reg_strength=args.reg_strength,
-                prune_threshold=args.prune_threshold, prune_interval=args.prune_interval,
-                hessian_max_probes=2, hessian_batch_size=32, final_round_fraction=0.7)
+    base = dict(
+        init_bits=8,
+        target_compression=args.target,
+        reg_strength=args.reg_strength,
+        prune_threshold=args.prune_threshold,
+        prune_interval=args.prune_interval,
+        hessian_max_probes=2,
+        hessian_batch_size=32,
+        final_round_fraction=0.7,
+    )
     base.update(overrides)
     msq_hf.quantize_model(model, msq_hf.MSQConfig(**base))
     if overrides.get("reg_reduction") == "mean":
@@ -135,11 +143,19 @@ def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, tes
     acc = _accuracy(model, _loader(test, 256, False, 0))
     # how far the regularizer + threshold pruning got on its own, before the final round
     before_final = [h["avg_bits"] for h in ctl.history if h["phase"] != "final"]
-    return {"variant": name, "first_k2": first_k2, f"rho@{args.prune_interval}": round(rho_first or 0.0, 4),
-            "final_step": final_step, "forced": forced,
-            "avg_bits_before_final": round(before_final[-1], 3) if before_final else None, "compression": round(ctl.compression, 3),
-            "zero_codes": round(_zero_code_fraction(ctl), 4), "acc": round(acc, 4),
-            "bits": msq_hf.bit_scheme(model), "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "variant": name,
+        "first_k2": first_k2,
+        f"rho@{args.prune_interval}": round(rho_first or 0.0, 4),
+        "final_step": final_step,
+        "forced": forced,
+        "avg_bits_before_final": round(before_final[-1], 3) if before_final else None,
+        "compression": round(ctl.compression, 3),
+        "zero_codes": round(_zero_code_fraction(ctl), 4),
+        "acc": round(acc, 4),
+        "bits": msq_hf.bit_scheme(model),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

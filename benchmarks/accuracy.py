@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,10 +50,10 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 class MethodSpec:
     """One entry of the method table: the family and its quantization target."""
 
-    family: str                      # float | dorefa | bsq | csq | msq
-    bits: int | None = None          # DoReFa weight bits
-    target: float | None = None      # MSQ target compression
-    hessian: bool = True             # MSQ Hessian-guided k
+    family: str  # float | dorefa | bsq | csq | msq
+    bits: int | None = None  # DoReFa weight bits
+    target: float | None = None  # MSQ target compression
+    hessian: bool = True  # MSQ Hessian-guided k
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -73,8 +73,14 @@ still answers the main question."""
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
-                   help=f"methods to run (default: all): {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to run (default: all): {', '.join(METHODS)}",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (model init, data order, probes)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--train-limit", type=int, default=10000, help="class-stratified training subset (0 = all 60k)")
@@ -99,20 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hessian-batch-size", type=int, default=32)
     # baselines
     g = p.add_argument_group("baselines")
-    g.add_argument("--bsq-decay", type=float, default=0.5,
-                   help="BSQ group-Lasso strength (its --decay); 0.5 because the run is ~1%% of BSQ's 350 epochs")
-    g.add_argument("--bsq-threshold", type=float, default=0.05,
-                   help="BSQ plane-pruning threshold, a fraction (its --thre / 100)")
+    g.add_argument(
+        "--bsq-decay",
+        type=float,
+        default=0.5,
+        help="BSQ group-Lasso strength (its --decay); 0.5 because the run is ~1%% of BSQ's 350 epochs",
+    )
+    g.add_argument(
+        "--bsq-threshold", type=float, default=0.05, help="BSQ plane-pruning threshold, a fraction (its --thre / 100)"
+    )
     g.add_argument("--csq-lambda", type=float, default=0.01, help="CSQ budget-regularizer strength")
     g.add_argument("--csq-target-bits", type=float, default=2.0)
-    g.add_argument("--reg-fraction", type=float, default=0.65,
-                   help="BSQ/CSQ: fraction of the epochs spent regularizing/searching before fine-tuning")
+    g.add_argument(
+        "--reg-fraction",
+        type=float,
+        default=0.65,
+        help="BSQ/CSQ: fraction of the epochs spent regularizing/searching before fine-tuning",
+    )
     return p
 
 
 # ------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------
+
 
 def load_tensors(split: str, limit: int, seed: int) -> tuple[Any, Any]:
     """Fashion-MNIST ``split`` as ``(pixel_values [N,1,32,32] float32, labels [N] int64)`` tensors."""
@@ -121,7 +137,7 @@ def load_tensors(split: str, limit: int, seed: int) -> tuple[Any, Any]:
     from msq_hf.data import load_fashion_mnist
 
     ds = load_fashion_mnist(split, limit=limit or None, image_size=32, channels=1, seed=seed)
-    cols = ds[:len(ds)]  # a torch-formatted slice stacks each column into one tensor
+    cols = ds[: len(ds)]  # a torch-formatted slice stacks each column into one tensor
     x = torch.as_tensor(cols["pixel_values"]).float().contiguous()
     y = torch.as_tensor(cols["labels"]).long()
     if x.dim() != 4 or x.shape[1] != 1:
@@ -132,6 +148,7 @@ def load_tensors(split: str, limit: int, seed: int) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------------------------
 # one run
 # ------------------------------------------------------------------------------------------------
+
 
 class Method:
     """Hooks of one quantization method inside the shared loop (the default is float training)."""
@@ -181,10 +198,15 @@ class DoReFa(Method):
     def summary(self) -> dict[str, Any]:
         layers = self.mod.dorefa_layers(self.model)
         scheme = self.mod.bit_scheme(self.model)
-        numels = {n: int(m.numel) if hasattr(m, "numel") and isinstance(m.numel, int) else int(m.weight.numel())
-                  for n, m in layers.items()}
-        return {"compression": self.mod.compression_ratio(self.model), "avg_bits": _avg_bits(numels, scheme),
-                "bit_scheme": scheme}
+        numels = {
+            n: int(m.numel) if hasattr(m, "numel") and isinstance(m.numel, int) else int(m.weight.numel())
+            for n, m in layers.items()
+        }
+        return {
+            "compression": self.mod.compression_ratio(self.model),
+            "avg_bits": _avg_bits(numels, scheme),
+            "bit_scheme": scheme,
+        }
 
 
 class BSQ(Method):
@@ -224,8 +246,12 @@ class BSQ(Method):
         layers = self.mod.bsq_layers(self.model)
         scheme = self.mod.bit_scheme(self.model)
         numels = {n: int(m.numel) for n, m in layers.items()}
-        return {"compression": self.mod.compression_ratio(self.model), "avg_bits": _avg_bits(numels, scheme),
-                "bit_scheme": scheme, "bsq_history": self.history}
+        return {
+            "compression": self.mod.compression_ratio(self.model),
+            "avg_bits": _avg_bits(numels, scheme),
+            "bit_scheme": scheme,
+            "bsq_history": self.history,
+        }
 
 
 class CSQ(Method):
@@ -268,24 +294,42 @@ class CSQ(Method):
         layers = self.mod.csq_layers(self.model)
         scheme = self.mod.bit_scheme(self.model)
         numels = {n: int(m.numel) for n, m in layers.items()}
-        return {"compression": self.mod.compression_ratio(self.model), "avg_bits": _avg_bits(numels, scheme),
-                "bit_scheme": scheme, "csq_code_average_bits": self.mod.average_bits(self.model)}
+        return {
+            "compression": self.mod.compression_ratio(self.model),
+            "avg_bits": _avg_bits(numels, scheme),
+            "bit_scheme": scheme,
+            "csq_code_average_bits": self.mod.average_bits(self.model),
+        }
 
 
 class MSQ(Method):
     """MSQ through :class:`msq_hf.MSQController` (regularize + prune, final round, then QAT)."""
 
-    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int,
-                 target: float, hessian: bool, seed: int):
+    def __init__(
+        self,
+        model: Any,
+        args: argparse.Namespace,
+        total_steps: int,
+        steps_per_epoch: int,
+        target: float,
+        hessian: bool,
+        seed: int,
+    ):
         super().__init__(model, args, total_steps, steps_per_epoch)
         import msq_hf
-        from msq_hf.controller import MSQController
+        from msq_hf.training.controller import MSQController
 
         self.config = msq_hf.MSQConfig(
-            init_bits=8, target_compression=target, reg_strength=args.reg_strength,
-            prune_threshold=args.prune_threshold, prune_interval=args.prune_interval,
-            final_round_fraction=args.final_round_fraction, hessian_guided=hessian,
-            hessian_max_probes=args.hessian_max_probes, hessian_batch_size=args.hessian_batch_size)
+            init_bits=8,
+            target_compression=target,
+            reg_strength=args.reg_strength,
+            prune_threshold=args.prune_threshold,
+            prune_interval=args.prune_interval,
+            final_round_fraction=args.final_round_fraction,
+            hessian_guided=hessian,
+            hessian_max_probes=args.hessian_max_probes,
+            hessian_batch_size=args.hessian_batch_size,
+        )
         msq_hf.quantize_model(model, self.config)
         self.ctl = MSQController(model, self.config, total_steps=total_steps, seed=seed)
 
@@ -300,13 +344,20 @@ class MSQ(Method):
         return False
 
     def summary(self) -> dict[str, Any]:
-        return {"compression": self.ctl.compression, "avg_bits": self.ctl.avg_bits, "bit_scheme": self.ctl.bits,
-                "msq_config": self.config.to_dict(), "msq_history": self.ctl.history,
-                "final_round_step": self.ctl.final_round_step, "numels": dict(self.ctl.numels)}
+        return {
+            "compression": self.ctl.compression,
+            "avg_bits": self.ctl.avg_bits,
+            "bit_scheme": self.ctl.bits,
+            "msq_config": self.config.to_dict(),
+            "msq_history": self.ctl.history,
+            "final_round_step": self.ctl.final_round_step,
+            "numels": dict(self.ctl.numels),
+        }
 
 
-def make_method(name: str, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int,
-                seed: int) -> Method:
+def make_method(
+    name: str, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int, seed: int
+) -> Method:
     """Convert ``model`` in place for method ``name`` and return its hooks."""
     spec = METHODS[name]
     if spec.family == "float":
@@ -330,7 +381,7 @@ def evaluate(model: Any, x: Any, y: Any, batch_size: int = 500) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     model.train()
     return 100.0 * correct / len(y)
 
@@ -341,9 +392,9 @@ def result_path(results_dir: Path, method: str, seed: int) -> Path:
 
 def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Train ``method`` with ``seed`` in this process; write and return its result record."""
+    import timm
     import torch
     import torch.nn.functional as F
-    import timm
     from tqdm import tqdm
 
     import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
@@ -355,7 +406,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
 
     torch.manual_seed(seed)
     model = timm.create_model("resnet20_cifar", pretrained=False, num_classes=10, in_chans=1)
-    steps_per_epoch = len(y_train) // args.batch_size          # drop the last partial batch: equal steps
+    steps_per_epoch = len(y_train) // args.batch_size  # drop the last partial batch: equal steps
     total_steps = steps_per_epoch * args.epochs
     hooks = make_method(method, model, args, total_steps, steps_per_epoch, seed)
     model.train()
@@ -373,11 +424,22 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
     out = result_path(args.results_dir, method, seed)
     partial = out.with_suffix(".partial.json")
     record: dict[str, Any] = {
-        "method": method, "family": METHODS[method].family, "seed": seed, "command": command,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("methods", "seeds", "jobs", "summary", "skip_done")},
-        "train_images": int(len(y_train)), "test_images": int(len(y_test)), "steps": total_steps,
-        "torch": torch.__version__, "threads": args.threads, "machine": machine_description(), "epochs_log": [],
+        "method": method,
+        "family": METHODS[method].family,
+        "seed": seed,
+        "command": command,
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("methods", "seeds", "jobs", "summary", "skip_done")
+        },
+        "train_images": int(len(y_train)),
+        "test_images": int(len(y_test)),
+        "steps": total_steps,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": machine_description(),
+        "epochs_log": [],
     }
     step = 0
     bar = tqdm(total=total_steps, desc=f"{method}/s{seed}", mininterval=5.0, dynamic_ncols=True)
@@ -386,7 +448,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
         order = torch.randperm(len(y_train), generator=gen)
         loss_sum, correct, seen = 0.0, 0, 0
         for b in range(steps_per_epoch):
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
             batch = (x_train[idx], y_train[idx])
             if step == 0:
                 hooks.start(batch)
@@ -410,9 +472,15 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", **extra_postfix(hooks))
         if hooks.on_epoch_end(epoch):
             opt = make_optimizer()
-        record["epochs_log"].append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                                     "train_acc": 100.0 * correct / seen, "wall_s": time.time() - t_start,
-                                     **extra_postfix(hooks)})
+        record["epochs_log"].append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "train_acc": 100.0 * correct / seen,
+                "wall_s": time.time() - t_start,
+                **extra_postfix(hooks),
+            }
+        )
         partial.write_text(json.dumps(record, indent=1))
     bar.close()
     record["accuracy"] = evaluate(model, x_test, y_test)
@@ -420,8 +488,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
     record["wall_s"] = time.time() - t_start
     out.write_text(json.dumps(record, indent=1))
     partial.unlink(missing_ok=True)
-    print(f"{method} seed {seed}: accuracy {record['accuracy']:.2f}%, compression {record['compression']:.2f}x, "
-          f"avg bits {record['avg_bits']:.2f}, wall {record['wall_s']:.0f} s -> {out}", flush=True)
+    print(
+        f"{method} seed {seed}: accuracy {record['accuracy']:.2f}%, compression {record['compression']:.2f}x, "
+        f"avg bits {record['avg_bits']:.2f}, wall {record['wall_s']:.0f} s -> {out}",
+        flush=True,
+    )
     return record
 
 
@@ -454,6 +525,7 @@ def machine_description() -> str:
 # suite driver
 # ------------------------------------------------------------------------------------------------
 
+
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
     """Every finished run record in ``results_dir`` (partial files excluded)."""
     if not results_dir.is_dir():
@@ -475,8 +547,10 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         by.setdefault(r["method"], []).append(r)
     float_acc = statistics.mean(r["accuracy"] for r in by["float"]) if "float" in by else None
-    lines = ["| method | seeds | accuracy (%) | vs float (pt) | compression | avg bits | wall (min) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | seeds | accuracy (%) | vs float (pt) | compression | avg bits | wall (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, rs in by.items():
         accs = [r["accuracy"] for r in rs]
         acc = statistics.mean(accs)
@@ -493,7 +567,7 @@ def child_command(method: str, seed: int, argv: list[str]) -> list[str]:
     """Command line running one (method, seed) of this suite in a child process."""
     keep: list[str] = []
     skip = False
-    for i, tok in enumerate(argv):
+    for _i, tok in enumerate(argv):
         if skip:
             if tok.startswith("--"):
                 skip = False
@@ -507,8 +581,17 @@ def child_command(method: str, seed: int, argv: list[str]) -> list[str]:
                 skip = True
             continue
         keep.append(tok)
-    return [sys.executable, str(Path(__file__).resolve()), *keep, "--methods", method, "--seeds", str(seed),
-            "--jobs", "1"]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *keep,
+        "--methods",
+        method,
+        "--seeds",
+        str(seed),
+        "--jobs",
+        "1",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,11 +622,14 @@ def main(argv: list[str] | None = None) -> int:
         while pending or active:
             while pending and len(active) < args.jobs:
                 method, seed = pending.pop(0)
-                log = open(logs / f"{method}_seed{seed}.log", "w")
-                proc = subprocess.Popen(child_command(method, seed, argv), stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, cwd=str(ROOT))
-                print(f"[{time.time() - t0:6.0f} s] started {method} seed {seed} (pid {proc.pid}, log {log.name})",
-                      flush=True)
+                log = open(logs / f"{method}_seed{seed}.log", "w")  # noqa: SIM115 -- closed when the child exits
+                proc = subprocess.Popen(
+                    child_command(method, seed, argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)
+                )
+                print(
+                    f"[{time.time() - t0:6.0f} s] started {method} seed {seed} (pid {proc.pid}, log {log.name})",
+                    flush=True,
+                )
                 active.append((method, seed, proc, log))
             time.sleep(2.0)
             for item in list(active):

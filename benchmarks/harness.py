@@ -13,9 +13,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,9 @@ class Case:
 CASES: dict[str, Case] = {
     "resnet20": Case("ResNet-20 (32 px, batch 128)", "resnet20_cifar", {}, 128),
     "resnet18": Case("ResNet-18 (32 px, batch 64)", "resnet18", {}, 64),
-    "deit_tiny": Case("DeiT-tiny (patch 4, 32 px, batch 32)", "deit_tiny_patch16_224",
-                      {"img_size": 32, "patch_size": 4}, 32),
+    "deit_tiny": Case(
+        "DeiT-tiny (patch 4, 32 px, batch 32)", "deit_tiny_patch16_224", {"img_size": 32, "patch_size": 4}, 32
+    ),
 }
 
 METHODS = ("float", "msq", "bsq", "csq", "dorefa")
@@ -82,7 +83,9 @@ def build(case: Case, method: str, seed: int = 0) -> tuple[torch.nn.Module, Call
 
         def regularizer() -> torch.Tensor:
             return module.regularization(model)
+
         if method == "bsq":
+
             def after_step() -> None:
                 module.clamp_bits_(model)
     elif method == "dorefa":
@@ -110,8 +113,9 @@ def build(case: Case, method: str, seed: int = 0) -> tuple[torch.nn.Module, Call
     return model, step
 
 
-def interleaved_times(runners: dict[str, Callable[[], None]], rounds: int, block: int,
-                      warmup: int) -> dict[str, list[float]]:
+def interleaved_times(
+    runners: dict[str, Callable[[], None]], rounds: int, block: int, warmup: int
+) -> dict[str, list[float]]:
     """Step times (s) of several runners measured in interleaved blocks.
 
     Each round runs every method for ``block`` timed steps after one untimed re-warm step;
@@ -149,8 +153,11 @@ def child_memory_main(case_key: str, method: str, steps: int) -> None:
     base = _proc_status_kib("VmRSS")
     for _ in range(steps):
         step()
-    print(json.dumps({"peak_growth_mib": (_proc_status_kib("VmHWM") - base) / 1024,
-                      "trainable": trainable_parameters(model)}))
+    print(
+        json.dumps(
+            {"peak_growth_mib": (_proc_status_kib("VmHWM") - base) / 1024, "trainable": trainable_parameters(model)}
+        )
+    )
 
 
 def peak_memory_mib(case_key: str, method: str, steps: int = 3) -> float:
@@ -159,8 +166,9 @@ def peak_memory_mib(case_key: str, method: str, steps: int = 3) -> float:
     Growth over the RSS just before the first step: activations, gradients, optimizer state and
     temporaries -- the memory training adds to a loaded model.
     """
-    code = ("import sys; sys.path.insert(0, %r); from harness import child_memory_main; "
-            "child_memory_main(%r, %r, %d)" % (str(Path(__file__).parent), case_key, method, steps))
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={**os.environ})
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from harness import child_memory_main; "
+        f"child_memory_main({case_key!r}, {method!r}, {steps:d})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]

@@ -1,4 +1,4 @@
-"""Throughput of ``msq_hf.packing`` against safetensors writing and reading the same bytes.
+"""Throughput of ``msq_hf.quant.packing`` against safetensors writing and reading the same bytes.
 
 For every width, ``--numel`` random codes (uint8, int16 for width 9: the dtype ``unpack_codes``
 returns) are packed and unpacked, and the packed stream is written with ``save_file`` and read
@@ -30,14 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msq_hf.packing import pack_codes, packed_nbytes, unpack_codes  # noqa: E402
+from msq_hf.quant.packing import pack_codes, packed_nbytes, unpack_codes  # noqa: E402
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -89,24 +89,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import safetensors
 
-    print(f"torch {torch.__version__}, safetensors {safetensors.__version__}, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
-          f"{args.numel} codes per width, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, safetensors {safetensors.__version__}, "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+        f"{args.numel} codes per width, median of {args.repeats}"
+    )
     print()
-    print("| width | packed MB | pack MB/s | unpack MB/s | st write MB/s | st read MB/s | "
-          "st mmap MB/s | pack / write | unpack / read | (pack+write) / write codes | "
-          "(read+unpack) / read codes |")
+    print(
+        "| width | packed MB | pack MB/s | unpack MB/s | st write MB/s | st read MB/s | "
+        "st mmap MB/s | pack / write | unpack / read | (pack+write) / write codes | "
+        "(read+unpack) / read codes |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as directory:
         for width in args.widths:
             mb = packed_nbytes(args.numel, width) / 1e6
             t = measure(width, args.numel, args.repeats, directory)
             rate = {k: mb / v for k, v in t.items()}
-            print(f"| {width} | {mb:.2f} | {rate['pack']:.0f} | {rate['unpack']:.0f} | {rate['write']:.0f} | "
-                  f"{rate['read']:.0f} | {rate['mmap']:.0f} | {rate['pack'] / rate['write']:.2f} | "
-                  f"{rate['unpack'] / rate['read']:.2f} | "
-                  f"{(t['pack'] + t['write']) / t['write_codes']:.2f} | "
-                  f"{(t['read'] + t['unpack']) / t['read_codes']:.2f} |", flush=True)
+            print(
+                f"| {width} | {mb:.2f} | {rate['pack']:.0f} | {rate['unpack']:.0f} | {rate['write']:.0f} | "
+                f"{rate['read']:.0f} | {rate['mmap']:.0f} | {rate['pack'] / rate['write']:.2f} | "
+                f"{rate['unpack'] / rate['read']:.2f} | "
+                f"{(t['pack'] + t['write']) / t['write_codes']:.2f} | "
+                f"{(t['read'] + t['unpack']) / t['read_codes']:.2f} |",
+                flush=True,
+            )
     return 0
 
 

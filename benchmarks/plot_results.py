@@ -53,17 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     by: dict[str, list[dict]] = {}
     for r in records:
         by.setdefault(r["method"], []).append(r)
-    points = [(label(m), statistics.mean(r["compression"] for r in rs), statistics.mean(r["accuracy"] for r in rs))
-              for m, rs in by.items()]
+    points = [
+        (label(m), statistics.mean(r["compression"] for r in rs), statistics.mean(r["accuracy"] for r in rs))
+        for m, rs in by.items()
+    ]
     out = plot_accuracy_vs_compression(points, args.img_dir / "accuracy_vs_compression.png")
     print(f"wrote {out}")
     timeline = next((r for r in records if r["method"] == args.timeline_method and r["seed"] == args.seed), None)
     if timeline is None or not timeline.get("msq_history"):
-        print(f"no finished {args.timeline_method} seed {args.seed} run with a controller history; "
-              "skipping bits_timeline.png")
+        print(
+            f"no finished {args.timeline_method} seed {args.seed} run with a controller history; "
+            "skipping bits_timeline.png"
+        )
     else:
-        out = plot_bits_timeline(timeline["msq_history"], args.img_dir / "bits_timeline.png",
-                                 numels=timeline.get("numels"), total_steps=timeline["steps"])
+        out = plot_bits_timeline(
+            timeline["msq_history"],
+            args.img_dir / "bits_timeline.png",
+            numels=timeline.get("numels"),
+            total_steps=timeline["steps"],
+        )
         print(f"wrote {out}")
     return 0
 

@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from harness import CASES, build, interleaved_times, median_ms, peak_memory_mib
 
 
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from msq_hf.kernels import KERNELS
+    from msq_hf.quant.kernels import KERNELS
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     results = []
@@ -48,15 +47,25 @@ def main(argv: list[str] | None = None) -> int:
         times = interleaved_times(runners, args.rounds, args.block, args.warmup)
         t_float, t_msq = median_ms(times["float"]), median_ms(times["msq"])
         m_float, m_msq = (peak_memory_mib(key, m, args.mem_steps) for m in ("float", "msq"))
-        results.append({"case": case.name, "float_step_ms": t_float, "msq_step_ms": t_msq,
-                        "time_ratio": t_msq / t_float, "float_peak_mib": m_float, "msq_peak_mib": m_msq,
-                        "memory_ratio": m_msq / m_float})
+        results.append(
+            {
+                "case": case.name,
+                "float_step_ms": t_float,
+                "msq_step_ms": t_msq,
+                "time_ratio": t_msq / t_float,
+                "float_peak_mib": m_float,
+                "msq_peak_mib": m_msq,
+                "memory_ratio": m_msq / m_float,
+            }
+        )
     print(f"\nMSQ kernels: {KERNELS.state} (MSQ_HF_COMPILE={os.environ.get('MSQ_HF_COMPILE', 'auto')})")
     print("| model | float step (ms) | MSQ step (ms) | time ratio | float peak (MiB) | MSQ peak (MiB) | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['case']} | {r['float_step_ms']:.1f} | {r['msq_step_ms']:.1f} | {r['time_ratio']:.3f}x | "
-              f"{r['float_peak_mib']:.0f} | {r['msq_peak_mib']:.0f} | {r['memory_ratio']:.3f}x |")
+        print(
+            f"| {r['case']} | {r['float_step_ms']:.1f} | {r['msq_step_ms']:.1f} | {r['time_ratio']:.3f}x | "
+            f"{r['float_peak_mib']:.0f} | {r['msq_peak_mib']:.0f} | {r['memory_ratio']:.3f}x |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -31,21 +31,22 @@ import dataclasses
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from harness import CASES, METHODS, Case, build, interleaved_times, median_ms, peak_memory_mib, trainable_parameters
-
 
 # ------------------------------------------------------------------------------------------------
 # CUDA: step on a device and the largest batch under a memory budget
 # ------------------------------------------------------------------------------------------------
 
-def device_step(model: torch.nn.Module, method: str, batch: int, case: Case,
-                device: torch.device) -> Callable[[], None]:
+
+def device_step(
+    model: torch.nn.Module, method: str, batch: int, case: Case, device: torch.device
+) -> Callable[[], None]:
     """A training-step closure of ``model`` (already converted by ``harness.build``) on ``device``.
 
     Same rules as the harness step: SGD with momentum, task loss plus ``1e-6`` times the method's
@@ -71,7 +72,9 @@ def device_step(model: torch.nn.Module, method: str, batch: int, case: Case,
 
         def regularizer() -> torch.Tensor:
             return module.regularization(model)
+
         if method == "bsq":
+
             def after() -> None:
                 module.clamp_bits_(model)
 
@@ -108,6 +111,7 @@ def cuda_peak_mib(case_key: str, method: str, batch: int, steps: int = 2) -> flo
 
 def largest_batch(case_key: str, method: str, budget_mib: float, cap: int = 8192) -> int:
     """Largest batch (power-of-two search, then bisection) whose training step peaks under ``budget_mib`` on CUDA."""
+
     def fits(batch: int) -> bool:
         try:
             return cuda_peak_mib(case_key, method, batch) <= budget_mib
@@ -130,10 +134,12 @@ def largest_batch(case_key: str, method: str, budget_mib: float, cap: int = 8192
 
 def cuda_step_ms(runners: dict[str, Callable[[], None]], rounds: int, block: int, warmup: int) -> dict[str, float]:
     """Median step times on CUDA (synchronized around each timed step)."""
+
     def synced(run: Callable[[], None]) -> Callable[[], None]:
         def wrapped() -> None:
             run()
             torch.cuda.synchronize()
+
         return wrapped
 
     times = interleaved_times({m: synced(r) for m, r in runners.items()}, rounds, block, warmup)
@@ -143,6 +149,7 @@ def cuda_step_ms(runners: dict[str, Callable[[], None]], rounds: int, block: int
 # ------------------------------------------------------------------------------------------------
 # the benchmark
 # ------------------------------------------------------------------------------------------------
+
 
 def measure_case(key: str, methods: list[str], args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
     """All measurements of one case; ``{"case", "methods": {method: {...}}}``."""
@@ -167,8 +174,9 @@ def measure_case(key: str, methods: list[str], args: argparse.Namespace, cuda: b
     del runners
     if not args.no_memory:
         for method in methods:
-            rows[method]["peak_mib"] = (cuda_peak_mib(key, method, case.batch) if cuda
-                                        else peak_memory_mib(key, method, args.mem_steps))
+            rows[method]["peak_mib"] = (
+                cuda_peak_mib(key, method, case.batch) if cuda else peak_memory_mib(key, method, args.mem_steps)
+            )
     if cuda and args.memory_budget_mib:
         for method in methods:
             rows[method]["largest_batch"] = largest_batch(key, method, args.memory_budget_mib)
@@ -193,14 +201,18 @@ def markdown(results: list[dict[str, Any]], cuda: bool) -> str:
         rows = res["methods"]
         extra = " | largest batch" if cuda and any("largest_batch" in r for r in rows.values()) else ""
         out.append(f"\n**{res['case']}**\n")
-        out.append("| method | trainable params | params vs float | step (ms) | vs float | vs MSQ | peak memory (MiB) "
-                   f"| memory vs float{extra} |")
+        out.append(
+            "| method | trainable params | params vs float | step (ms) | vs float | vs MSQ | peak memory (MiB) "
+            f"| memory vs float{extra} |"
+        )
         out.append("|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
         for method, r in rows.items():
             peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "–"
-            line = (f"| {method} | {r['trainable_params']:,} | {_ratio(r, 'params_vs_float')} | {r['step_ms']:.1f} | "
-                    f"{_ratio(r, 'time_vs_float')} | {_ratio(r, 'time_vs_msq')} | {peak} | "
-                    f"{_ratio(r, 'memory_vs_float')} |")
+            line = (
+                f"| {method} | {r['trainable_params']:,} | {_ratio(r, 'params_vs_float')} | {r['step_ms']:.1f} | "
+                f"{_ratio(r, 'time_vs_float')} | {_ratio(r, 'time_vs_msq')} | {peak} | "
+                f"{_ratio(r, 'memory_vs_float')} |"
+            )
             if extra:
                 line += f" {r.get('largest_batch', '–')} |"
             out.append(line)
@@ -214,8 +226,10 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
         rows = res["methods"]
         if "float" in rows and "msq" in rows:
             same = rows["msq"]["trainable_params"] == rows["float"]["trainable_params"]
-            lines.append(f"{res['key']}: MSQ trainable params == float: {'MET' if same else 'MISSED'} "
-                         f"({rows['msq']['trainable_params']:,} vs {rows['float']['trainable_params']:,})")
+            lines.append(
+                f"{res['key']}: MSQ trainable params == float: {'MET' if same else 'MISSED'} "
+                f"({rows['msq']['trainable_params']:,} vs {rows['float']['trainable_params']:,})"
+            )
             if res["key"] == "resnet20":
                 r = rows["msq"]["time_vs_float"]
                 lines.append(f"{res['key']}: MSQ step <= 1.15x float: {'MET' if r <= 1.15 else 'MISSED'} ({r:.2f}x)")
@@ -223,7 +237,9 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
             for b in ("bsq", "csq"):
                 if b in rows:
                     r = rows[b]["time_vs_msq"]
-                    lines.append(f"{res['key']}: {b.upper()} step >= 3x MSQ: {'MET' if r >= 3 else 'MISSED'} ({r:.2f}x)")
+                    lines.append(
+                        f"{res['key']}: {b.upper()} step >= 3x MSQ: {'MET' if r >= 3 else 'MISSED'} ({r:.2f}x)"
+                    )
     return lines
 
 
@@ -238,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--memory-budget-mib", type=float, default=None,
-                        help="CUDA only: also find the largest batch whose step fits this budget")
+    parser.add_argument(
+        "--memory-budget-mib",
+        type=float,
+        default=None,
+        help="CUDA only: also find the largest batch whose step fits this budget",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.block < 1:
@@ -254,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     # float first: ratios are taken against it
     methods = sorted(dict.fromkeys(args.methods), key=list(METHODS).index)
 
-    from msq_hf.kernels import KERNELS
+    from msq_hf.quant.kernels import KERNELS
 
-    header = (f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}, "
-              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}")
+    header = (
+        f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU'}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}"
+    )
     print(header, flush=True)
     results = []
     for key in args.cases:
@@ -271,8 +293,17 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": header, "settings": vars(args) | {"json": str(args.json)},
-                                         "results": results, "goals": goals(results)}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": header,
+                    "settings": vars(args) | {"json": str(args.json)},
+                    "results": results,
+                    "goals": goals(results),
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -6,8 +6,10 @@ Importing this package registers ``quant_method="msq"`` with transformers, so
 
 from __future__ import annotations
 
-from .config import MSQConfig, register as _register
-from .convert import (
+from msq_hf import models  # noqa: F401  (registers resnet20/32/56_cifar with timm)
+from msq_hf.config import MSQConfig
+from msq_hf.config import register as _register
+from msq_hf.convert import (
     bit_scheme,
     compression_ratio,
     dequantize_model,
@@ -15,18 +17,17 @@ from .convert import (
     quantize_model,
     set_bit_scheme,
 )
-from .controller import MSQController
-from .errors import MSQError, MSQExportError, MSQFormatError, MSQIntegrityError, MSQMissingFileError
-from .inspect import InspectReport, format_report, inspect_export
-from .layers import MSQConv2d, MSQLinear
-from .loading import from_pretrained
-from .packed_layers import MSQPackedConv2d, MSQPackedLinear
-from .quantizer import MSQQuantizer
-from .schedule import BitPruningSchedule, PruneDecision
-from .sensitivity import estimate_sensitivities, hutchinson_trace
-from .serialization import ExportResult, export
-from .trainer import MSQCallback, MSQTrainer, load_timm_checkpoint
-from . import models  # noqa: F401  (registers resnet20/32/56_cifar with timm)
+from msq_hf.errors import MSQError, MSQExportError, MSQFormatError, MSQIntegrityError, MSQMissingFileError
+from msq_hf.integrations.transformers import MSQQuantizer
+from msq_hf.io.export import ExportResult, export
+from msq_hf.io.inspect import InspectReport, format_report, inspect_export
+from msq_hf.io.load import from_pretrained
+from msq_hf.nn.layers import MSQConv2d, MSQLinear
+from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear
+from msq_hf.training.controller import MSQController
+from msq_hf.training.schedule import BitPruningSchedule, PruneDecision
+from msq_hf.training.sensitivity import estimate_sensitivities, hutchinson_trace
+from msq_hf.training.trainer import MSQCallback, MSQTrainer, load_timm_checkpoint
 
 __version__ = "0.1.0"
 

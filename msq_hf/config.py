@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .functional import MAX_BITS, MIN_BITS
+from msq_hf.quant.functional import MAX_BITS, MIN_BITS
 
 QUANT_METHOD = "msq"
 FORMAT_VERSION = 1
@@ -166,17 +166,24 @@ class MSQConfig(QuantizationConfigMixin):
             if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
                 raise bad(field, f"an integer in {MIN_BITS}..{MAX_BITS}")
         if self.min_bits > self.init_bits:
-            raise ValueError(f"MSQConfig.min_bits={self.min_bits} is invalid: expected min_bits <= "
-                             f"init_bits={self.init_bits}")
-        if not isinstance(self.target_compression, (int, float)) or isinstance(self.target_compression, bool) \
-                or not math.isfinite(self.target_compression) or self.target_compression < 1:
+            raise ValueError(
+                f"MSQConfig.min_bits={self.min_bits} is invalid: expected min_bits <= init_bits={self.init_bits}"
+            )
+        if (
+            not isinstance(self.target_compression, (int, float))
+            or isinstance(self.target_compression, bool)
+            or not math.isfinite(self.target_compression)
+            or self.target_compression < 1
+        ):
             raise bad("target_compression", "a finite number >= 1 (32 / average bits)")
         best = 32.0 / (self.min_bits + (1 if self.count_sign_bit else 0))
         if self.target_compression > best + 1e-9:
-            raise bad("target_compression", f"<= {best:.2f}, the ratio when every layer is at "
-                                            f"min_bits={self.min_bits}")
-        if not isinstance(self.reg_strength, (int, float)) or not math.isfinite(self.reg_strength) \
-                or self.reg_strength < 0:
+            raise bad("target_compression", f"<= {best:.2f}, the ratio when every layer is at min_bits={self.min_bits}")
+        if (
+            not isinstance(self.reg_strength, (int, float))
+            or not math.isfinite(self.reg_strength)
+            or self.reg_strength < 0
+        ):
             raise bad("reg_strength", "a finite number >= 0")
         for field in ("prune_threshold", "hessian_tol"):
             value = getattr(self, field)
@@ -193,19 +200,24 @@ class MSQConfig(QuantizationConfigMixin):
         for field, allowed in _CHOICES.items():
             if getattr(self, field) not in allowed:
                 raise bad(field, "one of " + ", ".join(repr(a) for a in allowed))
-        if self.act_bits is not None and (isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int)
-                                          or not 2 <= self.act_bits <= 8):
+        if self.act_bits is not None and (
+            isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 8
+        ):
             raise bad("act_bits", "None (float activations) or an integer in 2..8")
         if self.modules_to_not_convert is not None and not all(isinstance(p, str) for p in self.modules_to_not_convert):
             raise bad("modules_to_not_convert", "a list of glob or 're:' patterns (strings)")
         if self.bit_scheme is not None:
             for name, bits in self.bit_scheme.items():
                 if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                    raise ValueError(f"MSQConfig.bit_scheme[{name!r}]={bits!r} is invalid: expected an "
-                                     f"integer in {MIN_BITS}..{MAX_BITS}")
+                    raise ValueError(
+                        f"MSQConfig.bit_scheme[{name!r}]={bits!r} is invalid: expected an "
+                        f"integer in {MIN_BITS}..{MAX_BITS}"
+                    )
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"MSQConfig.format_version={self.format_version!r} is not supported by this "
-                             f"msq_hf (format {FORMAT_VERSION}); upgrade msq_hf to read it")
+            raise ValueError(
+                f"MSQConfig.format_version={self.format_version!r} is not supported by this "
+                f"msq_hf (format {FORMAT_VERSION}); upgrade msq_hf to read it"
+            )
         for flag in ("count_sign_bit", "hessian_guided", "act_skip_first", "dequantize"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "True or False")
@@ -217,7 +229,7 @@ class MSQConfig(QuantizationConfigMixin):
     def __repr__(self) -> str:
         return f"MSQConfig {self.to_json_string(use_diff=False)}"
 
-    def copy(self, **changes: Any) -> "MSQConfig":
+    def copy(self, **changes: Any) -> MSQConfig:
         """A validated copy with some fields changed."""
         data = self.to_dict()
         data.update(changes)
@@ -237,6 +249,6 @@ def register() -> None:
     if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         auto.register_quantization_config(QUANT_METHOD)(MSQConfig)
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
-        from .quantizer import MSQQuantizer
+        from msq_hf.integrations.transformers import MSQQuantizer
 
         auto.register_quantizer(QUANT_METHOD)(MSQQuantizer)

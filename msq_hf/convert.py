@@ -12,14 +12,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from .config import MSQConfig
-from .functional import compression_ratio as _compression_ratio
-from .layers import MSQConv2d, MSQLayerMixin, MSQLinear, make_act_quantizer
-from .packed_layers import MSQPackedMixin
+from msq_hf.config import MSQConfig
+from msq_hf.nn.layers import MSQConv2d, MSQLayerMixin, MSQLinear, make_act_quantizer
+from msq_hf.nn.packed import MSQPackedMixin
+from msq_hf.quant.functional import compression_ratio as _compression_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,17 @@ def _same_pad_conv_types() -> tuple[type, ...]:
 def _is_convertible(module: nn.Module) -> bool:
     if isinstance(module, MSQLayerMixin):
         return False
-    return type(module) in _allowed_linear_types() or type(module) is nn.Conv2d \
-        or type(module) in _same_pad_conv_types()
+    return (
+        type(module) in _allowed_linear_types() or type(module) is nn.Conv2d or type(module) in _same_pad_conv_types()
+    )
 
 
 def _is_unsupported_subclass(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) and not _is_convertible(module) \
+    return (
+        isinstance(module, (nn.Linear, nn.Conv2d))
+        and not _is_convertible(module)
         and not isinstance(module, MSQLayerMixin)
+    )
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -80,8 +84,10 @@ def _inside_multihead_attention(model: nn.Module) -> set[str]:
     return names
 
 
-def find_convertible_layers(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None,
-                            ) -> list[str]:
+def find_convertible_layers(
+    model: nn.Module,
+    modules_to_not_convert: Iterable[str] | None = None,
+) -> list[str]:
     """Names of the layers ``quantize_model`` would convert (after exclusions).
 
     Raises ``ValueError`` if an exclusion pattern matches no convertible layer (a typo would
@@ -93,14 +99,17 @@ def find_convertible_layers(model: nn.Module, modules_to_not_convert: Iterable[s
     unused = [p for p in patterns if not any(pattern_matches(p, n) for n in candidates)]
     if unused:
         sample = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-        raise ValueError(f"modules_to_not_convert pattern(s) {unused} match no Linear/Conv2d layer of "
-                         f"{type(model).__name__}; layer names look like: {sample}")
+        raise ValueError(
+            f"modules_to_not_convert pattern(s) {unused} match no Linear/Conv2d layer of "
+            f"{type(model).__name__}; layer names look like: {sample}"
+        )
     return [n for n in candidates if not any(pattern_matches(p, n) for p in patterns)]
 
 
 def _layer_kwargs(config: MSQConfig) -> dict:
-    return dict(wnorm=config.wnorm, lsb_form=config.lsb_form, lsb_units=config.lsb_units,
-                reg_reduction=config.reg_reduction)
+    return dict(
+        wnorm=config.wnorm, lsb_form=config.lsb_form, lsb_units=config.lsb_units, reg_reduction=config.reg_reduction
+    )
 
 
 def _act_quantizer(config: MSQConfig, module: nn.Module) -> nn.Module | None:
@@ -126,8 +135,9 @@ def _references(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return refs
 
 
-def swap_layers(model: nn.Module, config: MSQConfig, names: list[str],
-                bit_scheme: dict[str, int] | None = None) -> None:
+def swap_layers(
+    model: nn.Module, config: MSQConfig, names: list[str], bit_scheme: dict[str, int] | None = None
+) -> None:
     """Replace the named Linear/Conv2d modules by MSQ layers (parameters are shared, not copied)."""
     same_pad = _same_pad_conv_types()
     first = names[0] if names else None
@@ -150,7 +160,7 @@ def swap_layers(model: nn.Module, config: MSQConfig, names: list[str],
 
 def attach_quantizer(model: nn.Module, config: MSQConfig, pre_quantized: bool = False) -> None:
     """Attach what Trainer and ``save_pretrained`` look for on a quantized model."""
-    from .quantizer import MSQQuantizer
+    from msq_hf.integrations.transformers import MSQQuantizer
 
     model.hf_quantizer = MSQQuantizer(config, pre_quantized=pre_quantized)
     model.is_quantized = True
@@ -176,16 +186,23 @@ def quantize_model(model: nn.Module, config: MSQConfig | None = None, **override
         raise TypeError(f"config must be an msq_hf.MSQConfig, got {type(config).__name__}")
     existing = [n for n, m in model.named_modules() if isinstance(m, MSQLayerMixin)]
     if existing:
-        raise ValueError(f"{type(model).__name__} is already MSQ-quantized ({len(existing)} MSQ layers, "
-                         f"e.g. {existing[0]!r}); pass the float model")
+        raise ValueError(
+            f"{type(model).__name__} is already MSQ-quantized ({len(existing)} MSQ layers, "
+            f"e.g. {existing[0]!r}); pass the float model"
+        )
     names = find_convertible_layers(model, config.modules_to_not_convert)
     skipped = [n for n, m in model.named_modules() if _is_unsupported_subclass(m)]
     if skipped:
-        logger.warning("msq_hf: left %d layer(s) of unsupported Linear/Conv2d subclasses in float: %s",
-                       len(skipped), ", ".join(skipped[:10]))
+        logger.warning(
+            "msq_hf: left %d layer(s) of unsupported Linear/Conv2d subclasses in float: %s",
+            len(skipped),
+            ", ".join(skipped[:10]),
+        )
     if not names:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear/nn.Conv2d layer to quantize"
-                         + (" after applying modules_to_not_convert" if config.modules_to_not_convert else ""))
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear/nn.Conv2d layer to quantize"
+            + (" after applying modules_to_not_convert" if config.modules_to_not_convert else "")
+        )
     swap_layers(model, config, names, config.bit_scheme)
     attach_quantizer(model, config)
     return model
@@ -214,8 +231,10 @@ def quantized_layers(model: nn.Module, required: bool = True) -> dict[str, nn.Mo
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (MSQLayerMixin, MSQPackedMixin))}
     if required and not layers:
-        raise ValueError(f"{type(model).__name__} has no MSQ layers; call msq_hf.quantize_model(model, config) first "
-                         "or load an MSQ export with msq_hf.from_pretrained")
+        raise ValueError(
+            f"{type(model).__name__} has no MSQ layers; call msq_hf.quantize_model(model, config) first "
+            "or load an MSQ export with msq_hf.from_pretrained"
+        )
     return layers
 
 
@@ -240,8 +259,9 @@ def compression_ratio(model: nn.Module, count_sign_bit: bool | None = None) -> f
     if count_sign_bit is None:
         cfg = getattr(model, "msq_config", None)
         count_sign_bit = bool(cfg.count_sign_bit) if cfg is not None else False
-    return _compression_ratio([m.weight.numel() for m in layers.values()],
-                              [m.n_bits for m in layers.values()], count_sign_bit)
+    return _compression_ratio(
+        [m.weight.numel() for m in layers.values()], [m.n_bits for m in layers.values()], count_sign_bit
+    )
 
 
 def set_bit_scheme(model: nn.Module, scheme: dict[str, int]) -> None:
@@ -278,8 +298,10 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     layers = dict(iter_msq_layers(model))
     for name, layer in layers.items():
         if getattr(layer, "act_quant", None) is not None:
-            raise ValueError(f"layer {name!r} quantizes its inputs (act_bits); a plain float layer cannot "
-                             "reproduce it, so dequantize is refused")
+            raise ValueError(
+                f"layer {name!r} quantizes its inputs (act_bits); a plain float layer cannot "
+                "reproduce it, so dequantize is refused"
+            )
     swap_to_float(model, layers)
     forget_quantization(model)
     hf_config = getattr(model, "config", None)
@@ -305,4 +327,3 @@ __all__ = [
     "swap_layers",
     "swap_to_float",
 ]
-

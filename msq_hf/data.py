@@ -24,8 +24,9 @@ import gzip
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +57,16 @@ DEBIAN_FASHION_MNIST_DIRS: tuple[Path, ...] = (
 )
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 # Pixel statistics of the 60,000 training images at 28x28 in [0, 1] (measured from the Debian
 # files: mean 0.286041, std 0.353024). Padding adds background zeros, which is what the
@@ -78,7 +87,12 @@ _LABEL_COLUMNS = ("label", "labels")
 
 # IDX type codes (third magic byte) → big-endian numpy dtype.
 _IDX_DTYPES: dict[int, str] = {
-    0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8",
+    0x08: ">u1",
+    0x09: ">i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
 }
 _IDX_MAX_DIMS = 8
 
@@ -87,11 +101,11 @@ _IDX_MAX_DIMS = 8
 # IDX parsing
 # --------------------------------------------------------------------------------------------
 
+
 def _read_exact(stream: Any, n: int, path: Path, what: str) -> bytes:
     data = stream.read(n)
     if len(data) != n:
-        raise ValueError(f"IDX file {path}: truncated while reading the {what} "
-                         f"(expected {n} bytes, got {len(data)})")
+        raise ValueError(f"IDX file {path}: truncated while reading the {what} (expected {n} bytes, got {len(data)})")
     return data
 
 
@@ -113,13 +127,14 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             if magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
                 raise ValueError(
                     f"IDX file {path}: bad magic number 0x{magic.hex()} (expected 0x0000TTNN with type "
-                    f"TT in {{{', '.join(f'{k:02x}' for k in _IDX_DTYPES)}}} and NN dimensions)")
+                    f"TT in {{{', '.join(f'{k:02x}' for k in _IDX_DTYPES)}}} and NN dimensions)"
+                )
             ndim = magic[3]
             if not 1 <= ndim <= _IDX_MAX_DIMS:
-                raise ValueError(f"IDX file {path}: {ndim} dimensions in the header "
-                                 f"(allowed 1..{_IDX_MAX_DIMS})")
-            dims = tuple(int(d) for d in np.frombuffer(
-                _read_exact(stream, 4 * ndim, path, "dimension sizes"), dtype=">u4"))
+                raise ValueError(f"IDX file {path}: {ndim} dimensions in the header (allowed 1..{_IDX_MAX_DIMS})")
+            dims = tuple(
+                int(d) for d in np.frombuffer(_read_exact(stream, 4 * ndim, path, "dimension sizes"), dtype=">u4")
+            )
             dtype = np.dtype(_IDX_DTYPES[magic[2]])
             expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
             # Read one byte more than needed: detects trailing garbage without loading a bomb.
@@ -127,8 +142,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise ValueError(f"IDX file {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     if len(payload) < expected:
-        raise ValueError(f"IDX file {path}: truncated payload: dims {dims} need {expected} bytes, "
-                         f"found {len(payload)}")
+        raise ValueError(f"IDX file {path}: truncated payload: dims {dims} need {expected} bytes, found {len(payload)}")
     if len(payload) > expected:
         raise ValueError(f"IDX file {path}: trailing data after the {expected}-byte payload of dims {dims}")
     array = np.frombuffer(bytearray(payload), dtype=dtype).reshape(dims)
@@ -138,6 +152,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST
 # --------------------------------------------------------------------------------------------
+
 
 def _idx_file(directory: Path, prefix: str, kind: str) -> Path | None:
     """``train-images-idx3-ubyte[.gz]`` (also the ``train-images.idx3-ubyte`` spelling)."""
@@ -151,8 +166,12 @@ def _idx_file(directory: Path, prefix: str, kind: str) -> Path | None:
 
 
 def _missing_fashion_files(directory: Path) -> list[str]:
-    return [f"{prefix}-{kind}" for prefix in _SPLIT_PREFIX.values() for kind in ("images", "labels")
-            if _idx_file(directory, prefix, kind) is None]
+    return [
+        f"{prefix}-{kind}"
+        for prefix in _SPLIT_PREFIX.values()
+        for kind in ("images", "labels")
+        if _idx_file(directory, prefix, kind) is None
+    ]
 
 
 def find_fashion_mnist(search_dirs: Iterable[str | os.PathLike[str]] | None = None) -> Path | None:
@@ -166,8 +185,9 @@ def find_fashion_mnist(search_dirs: Iterable[str | os.PathLike[str]] | None = No
     env_dir = os.environ.get(FASHION_MNIST_ENV)
     if env_dir:
         candidates.append(Path(env_dir).expanduser())
-    candidates.extend(Path(d).expanduser() for d in (search_dirs if search_dirs is not None
-                                                     else DEBIAN_FASHION_MNIST_DIRS))
+    candidates.extend(
+        Path(d).expanduser() for d in (search_dirs if search_dirs is not None else DEBIAN_FASHION_MNIST_DIRS)
+    )
     for directory in candidates:
         if not directory.is_dir():
             if env_dir and directory == Path(env_dir).expanduser():
@@ -177,8 +197,9 @@ def find_fashion_mnist(search_dirs: Iterable[str | os.PathLike[str]] | None = No
         if not missing:
             return directory
         if env_dir and directory == Path(env_dir).expanduser():
-            warnings.warn(f"{FASHION_MNIST_ENV}={env_dir} lacks {missing} (IDX, optionally .gz); ignoring it",
-                          stacklevel=2)
+            warnings.warn(
+                f"{FASHION_MNIST_ENV}={env_dir} lacks {missing} (IDX, optionally .gz); ignoring it", stacklevel=2
+            )
     return None
 
 
@@ -215,8 +236,9 @@ def _subset_indices(labels: np.ndarray, limit: int | None, seed: int) -> np.ndar
     return np.sort(order[:limit])
 
 
-def _to_pixel_values(images: np.ndarray, image_size: int, channels: int, mean: float, std: float,
-                     scale: float, fit: str) -> np.ndarray:
+def _to_pixel_values(
+    images: np.ndarray, image_size: int, channels: int, mean: float, std: float, scale: float, fit: str
+) -> np.ndarray:
     """``(N, H, W)`` grayscale → ``(N, channels, image_size, image_size)`` float32, normalized.
 
     ``fit="pad"`` centers the image on a zero background (28→32 for CIFAR-style models),
@@ -232,18 +254,22 @@ def _to_pixel_values(images: np.ndarray, image_size: int, channels: int, mean: f
             raise ValueError(f"fit='pad' cannot shrink {height}x{width} images to {image_size}; use fit='resize'")
         top, left = (image_size - height) // 2, (image_size - width) // 2
         out = np.zeros((n, image_size, image_size), dtype=np.float32)
-        out[:, top:top + height, left:left + width] = x
+        out[:, top : top + height, left : left + width] = x
         x = out
     elif fit == "resize":
         if (height, width) != (image_size, image_size):
             t = torch.from_numpy(x).unsqueeze(1)
-            x = torch.nn.functional.interpolate(t, size=(image_size, image_size), mode="bilinear",
-                                                align_corners=False, antialias=True).squeeze(1).numpy()
+            x = (
+                torch.nn.functional.interpolate(
+                    t, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+                )
+                .squeeze(1)
+                .numpy()
+            )
     else:
         raise ValueError(f"fit={fit!r} is not supported; allowed values: ['auto', 'pad', 'resize']")
     x = (x - mean) / std
-    return np.ascontiguousarray(np.broadcast_to(x[:, None], (n, channels, image_size, image_size)),
-                                dtype=np.float32)
+    return np.ascontiguousarray(np.broadcast_to(x[:, None], (n, channels, image_size, image_size)), dtype=np.float32)
 
 
 def _nested_list_storage(x: np.ndarray) -> Any:
@@ -261,29 +287,32 @@ def _nested_list_storage(x: np.ndarray) -> Any:
     return storage
 
 
-def _array_dataset(pixel_values: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                   info: str) -> Any:
+def _array_dataset(pixel_values: np.ndarray, labels: np.ndarray, class_names: Sequence[str], info: str) -> Any:
     """Fixed-shape (``Array3D``) torch-formatted dataset from numpy arrays."""
     from datasets import Array3D, ClassLabel, Dataset, DatasetInfo, Features
 
     shape = tuple(int(d) for d in pixel_values.shape[1:])
-    features = Features({
-        "pixel_values": Array3D(shape=shape, dtype="float32"),
-        "labels": ClassLabel(names=list(class_names)),
-    })
+    features = Features(
+        {
+            "pixel_values": Array3D(shape=shape, dtype="float32"),
+            "labels": ClassLabel(names=list(class_names)),
+        }
+    )
     labels = labels.astype(np.int64)
     try:
         import pyarrow as pa
         from datasets.features.features import Array3DExtensionType
 
-        column = pa.ExtensionArray.from_storage(Array3DExtensionType(shape, "float32"),
-                                                _nested_list_storage(pixel_values.astype(np.float32, copy=False)))
+        column = pa.ExtensionArray.from_storage(
+            Array3DExtensionType(shape, "float32"), _nested_list_storage(pixel_values.astype(np.float32, copy=False))
+        )
         table = pa.table({"pixel_values": column, "labels": pa.array(labels, type=pa.int64())})
         ds = Dataset(table, info=DatasetInfo(description=info, features=features))
     except (ImportError, AttributeError, TypeError) as exc:  # datasets internals moved: take the public path
         logger.debug("fast Array3D construction unavailable (%s); using Dataset.from_dict", exc)
-        ds = Dataset.from_dict({"pixel_values": pixel_values, "labels": labels},
-                               info=DatasetInfo(description=info, features=features))
+        ds = Dataset.from_dict(
+            {"pixel_values": pixel_values, "labels": labels}, info=DatasetInfo(description=info, features=features)
+        )
     return ds.with_format("torch")
 
 
@@ -294,11 +323,14 @@ def _load_fashion_arrays(directory: Path, split: str) -> tuple[np.ndarray, np.nd
     assert images_path is not None and labels_path is not None  # guaranteed by find_fashion_mnist
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise ValueError(f"IDX file {images_path}: expected uint8 images of shape (N, 28, 28), "
-                         f"got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"IDX file {images_path}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"IDX file {labels_path}: expected {len(images)} labels (one per image in "
-                         f"{images_path.name}), got shape {labels.shape}")
+        raise ValueError(
+            f"IDX file {labels_path}: expected {len(images)} labels (one per image in "
+            f"{images_path.name}), got shape {labels.shape}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES)):
         raise ValueError(f"IDX file {labels_path}: labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
     return images, labels.astype(np.int64)
@@ -320,15 +352,21 @@ def _fashion_missing_message(errors: list[str]) -> str:
         f"  2. point {FASHION_MNIST_ENV} at a directory holding train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzip optional)\n"
         f"  3. with network access: the Hugging Face Hub dataset '{FASHION_MNIST_HUB_ID}' is used "
-        "automatically (unset HF_HUB_OFFLINE)\n"
-        + ("Attempts: " + "; ".join(errors) if errors else "")
+        "automatically (unset HF_HUB_OFFLINE)\n" + ("Attempts: " + "; ".join(errors) if errors else "")
     )
 
 
-def load_fashion_mnist(split: str = "train", limit: int | None = None, image_size: int = 32,
-                       channels: int = 3, seed: int = 0, *, fit: str = "auto",
-                       search_dirs: Iterable[str | os.PathLike[str]] | None = None,
-                       allow_hub: bool = True) -> Any:
+def load_fashion_mnist(
+    split: str = "train",
+    limit: int | None = None,
+    image_size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+    *,
+    fit: str = "auto",
+    search_dirs: Iterable[str | os.PathLike[str]] | None = None,
+    allow_hub: bool = True,
+) -> Any:
     """Fashion-MNIST as a torch-formatted :class:`datasets.Dataset` (``pixel_values``, ``labels``).
 
     Args:
@@ -354,8 +392,10 @@ def load_fashion_mnist(split: str = "train", limit: int | None = None, image_siz
         images, labels = _load_fashion_arrays(directory, split)
         source = str(directory)
     else:
-        errors.append(f"no IDX files in ${FASHION_MNIST_ENV} or "
-                      f"{[str(d) for d in (search_dirs if search_dirs is not None else DEBIAN_FASHION_MNIST_DIRS)]}")
+        errors.append(
+            f"no IDX files in ${FASHION_MNIST_ENV} or "
+            f"{[str(d) for d in (search_dirs if search_dirs is not None else DEBIAN_FASHION_MNIST_DIRS)]}"
+        )
         if not allow_hub:
             raise FileNotFoundError(_fashion_missing_message(errors))
         try:
@@ -365,16 +405,17 @@ def load_fashion_mnist(split: str = "train", limit: int | None = None, image_siz
             errors.append(f"Hub '{FASHION_MNIST_HUB_ID}': {type(exc).__name__}: {str(exc)[:200]}")
             raise FileNotFoundError(_fashion_missing_message(errors)) from exc
     keep = _subset_indices(labels, limit, seed)
-    pixel_values = _to_pixel_values(images[keep], image_size, channels, FASHION_MNIST_MEAN,
-                                    FASHION_MNIST_STD, 255.0, fit)
+    pixel_values = _to_pixel_values(
+        images[keep], image_size, channels, FASHION_MNIST_MEAN, FASHION_MNIST_STD, 255.0, fit
+    )
     logger.info("Fashion-MNIST %s: %d images from %s", split, len(keep), source)
-    return _array_dataset(pixel_values, labels[keep], FASHION_MNIST_CLASSES,
-                          f"Fashion-MNIST {split} from {source}")
+    return _array_dataset(pixel_values, labels[keep], FASHION_MNIST_CLASSES, f"Fashion-MNIST {split} from {source}")
 
 
 # --------------------------------------------------------------------------------------------
 # sklearn digits (tiny offline fallback)
 # --------------------------------------------------------------------------------------------
+
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -387,8 +428,9 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_digits_dataset(split: str = "train", image_size: int = 32, channels: int = 3, seed: int = 0,
-                        limit: int | None = None) -> Any:
+def load_digits_dataset(
+    split: str = "train", image_size: int = 32, channels: int = 3, seed: int = 0, limit: int | None = None
+) -> Any:
     """scikit-learn's 8x8 digits upsampled to ``image_size``: same columns/format as Fashion-MNIST.
 
     Deterministic class-stratified 80/20 split (``seed`` selects it): 1,437 train / 360 test
@@ -414,6 +456,7 @@ def load_digits_dataset(split: str = "train", image_size: int = 32, channels: in
 # General entry point: imagefolder / Hub
 # --------------------------------------------------------------------------------------------
 
+
 def _detect_column(ds: Any, candidates: Sequence[str], feature_type: type, role: str, source: str) -> str:
     columns = list(ds.column_names)
     for name in candidates:
@@ -422,8 +465,10 @@ def _detect_column(ds: Any, candidates: Sequence[str], feature_type: type, role:
     typed = [c for c in columns if isinstance(ds.features.get(c), feature_type)]
     if len(typed) == 1:
         return typed[0]
-    raise ValueError(f"dataset {source!r}: cannot find the {role} column; looked for {list(candidates)} "
-                     f"or a single {feature_type.__name__} feature, available columns: {columns}")
+    raise ValueError(
+        f"dataset {source!r}: cannot find the {role} column; looked for {list(candidates)} "
+        f"or a single {feature_type.__name__} feature, available columns: {columns}"
+    )
 
 
 def _build_image_transform(image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> Any:
@@ -431,15 +476,25 @@ def _build_image_transform(image_size: int, channels: int, mean: Sequence[float]
 
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean/std need {channels} values (one per channel), got {list(mean)} / {list(std)}")
-    return transforms.Compose([
-        transforms.Resize((image_size, image_size), antialias=True),
-        transforms.ToTensor(),
-        transforms.Normalize(list(mean), list(std)),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
-def _hf_image_dataset(ds: Any, source: str, image_size: int, channels: int, limit: int | None, seed: int,
-                      mean: Sequence[float] | None, std: Sequence[float] | None) -> Any:
+def _hf_image_dataset(
+    ds: Any,
+    source: str,
+    image_size: int,
+    channels: int,
+    limit: int | None,
+    seed: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> Any:
     """Attach an on-the-fly transform producing ``pixel_values``/``labels`` to an image dataset."""
     from datasets import ClassLabel, Image
 
@@ -466,9 +521,17 @@ def _hf_image_dataset(ds: Any, source: str, image_size: int, channels: int, limi
     return ds.with_transform(to_pixels)
 
 
-def load_image_dataset(name_or_path: str | os.PathLike[str], split: str = "train", image_size: int = 32,
-                       channels: int = 3, limit: int | None = None, *, seed: int = 0,
-                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Any:
+def load_image_dataset(
+    name_or_path: str | os.PathLike[str],
+    split: str = "train",
+    image_size: int = 32,
+    channels: int = 3,
+    limit: int | None = None,
+    *,
+    seed: int = 0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Any:
     """Load an image-classification dataset with ``pixel_values``/``labels`` columns.
 
     ``name_or_path``:
@@ -496,16 +559,20 @@ def load_image_dataset(name_or_path: str | os.PathLike[str], split: str = "train
     if path.is_dir():
         loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
         if split not in loaded:
-            raise ValueError(f"imagefolder {path}: split={split!r} is not available; "
-                             f"found splits {list(loaded.keys())} (sub-directories named train/test/validation)")
+            raise ValueError(
+                f"imagefolder {path}: split={split!r} is not available; "
+                f"found splits {list(loaded.keys())} (sub-directories named train/test/validation)"
+            )
         ds = loaded[split]
     else:
         try:
             ds = datasets.load_dataset(key, split=split)
         except Exception as exc:
             # keep the original type (callers may catch ConnectionError etc.), just say what was tried
-            exc.add_note(f"load_image_dataset({key!r}, split={split!r}): not a local directory, "
-                         "'fashion_mnist' or 'digits', so it was loaded as a Hub dataset id")
+            exc.add_note(
+                f"load_image_dataset({key!r}, split={split!r}): not a local directory, "
+                "'fashion_mnist' or 'digits', so it was loaded as a Hub dataset id"
+            )
             raise
     return _hf_image_dataset(ds, key, image_size, channels, limit, seed, mean, std)
 
@@ -513,6 +580,7 @@ def load_image_dataset(name_or_path: str | os.PathLike[str], split: str = "train
 # --------------------------------------------------------------------------------------------
 # Collation
 # --------------------------------------------------------------------------------------------
+
 
 def collate_pixel_values(batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack a list of rows into ``{"pixel_values": (B, C, H, W) float, "labels": (B,) long}``.

@@ -22,9 +22,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "HISTORY_NAME",
@@ -70,7 +71,7 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
 
 def _short_names(names: Sequence[str], width: int = 28) -> list[str]:
     """Layer names short enough for tick labels: keep the tail (``...layer3.0.conv2``)."""
-    return [n if len(n) <= width else "…" + n[-(width - 1):] for n in names]
+    return [n if len(n) <= width else "…" + n[-(width - 1) :] for n in names]
 
 
 def _layer_order(history: Sequence[Mapping[str, Any]], scheme: Mapping[str, int] | None = None) -> list[str]:
@@ -86,8 +87,12 @@ def _layer_order(history: Sequence[Mapping[str, Any]], scheme: Mapping[str, int]
 # plots
 
 
-def plot_bits_per_layer(scheme: Mapping[str, int], path: str | os.PathLike[str],
-                        numels: Mapping[str, int] | None = None, title: str | None = None) -> Path:
+def plot_bits_per_layer(
+    scheme: Mapping[str, int],
+    path: str | os.PathLike[str],
+    numels: Mapping[str, int] | None = None,
+    title: str | None = None,
+) -> Path:
     """Horizontal bar chart of the final bits per layer (model order, top to bottom).
 
     Horizontal bars keep long layer names readable. With ``numels`` each label also shows the layer's
@@ -135,8 +140,12 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
-def plot_bits_timeline(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
-                       numels: Mapping[str, int] | None = None, total_steps: int | None = None) -> Path:
+def plot_bits_timeline(
+    history: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    numels: Mapping[str, int] | None = None,
+    total_steps: int | None = None,
+) -> Path:
     """Heat map of bits per layer (rows, model order) over training steps (columns).
 
     ``history`` is :attr:`MSQController.history`: one entry per pruning step with ``step`` and
@@ -159,8 +168,9 @@ def plot_bits_timeline(history: Sequence[Mapping[str, Any]], path: str | os.Path
                 grid[i, j] = int(entry["bits"][name])
     fig = _figure(9.0, min(max(3.0, 0.2 * len(names) + 1.8), 40.0))
     ax = fig.add_subplot(1, 1, 1)
-    mesh = ax.pcolormesh(edges, np.arange(len(names) + 1), grid, cmap=_bits_cmap(), vmin=0.5,
-                         vmax=_MAX_BITS + 0.5, shading="flat")
+    mesh = ax.pcolormesh(
+        edges, np.arange(len(names) + 1), grid, cmap=_bits_cmap(), vmin=0.5, vmax=_MAX_BITS + 0.5, shading="flat"
+    )
     ax.set_ylim(len(names), 0)  # first layer on top
     ax.set_yticks(np.arange(len(names)) + 0.5)
     ax.set_yticklabels(_short_names(names), fontsize=7 if len(names) <= 60 else 5)
@@ -183,16 +193,18 @@ def _series(log_history: Iterable[Mapping[str, Any]], key: str) -> tuple[list[in
     xs, ys = [], []
     for entry in log_history:
         value = entry.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-                and "step" in entry:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and "step" in entry:
             xs.append(int(entry["step"]))
             ys.append(float(value))
     return xs, ys
 
 
-def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
-                         log_history: Sequence[Mapping[str, Any]] | None = None,
-                         target: float | None = None) -> Path:
+def plot_training_curves(
+    history: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    log_history: Sequence[Mapping[str, Any]] | None = None,
+    target: float | None = None,
+) -> Path:
     """Compression ratio over training (left axis) and eval accuracy when logged (right axis).
 
     Compression comes from the Trainer ``log_history`` (``msq/compression``, every logging step) when
@@ -208,8 +220,9 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
         xs, comp = [list(t) for t in zip(*sorted(merged.items()))] if merged else ([], [])
     acc_x, acc = _series(log_history, "eval_accuracy")
     if not xs and not acc_x:
-        raise ValueError("plot_training_curves: neither compression (history / msq/compression) nor "
-                         "eval_accuracy found")
+        raise ValueError(
+            "plot_training_curves: neither compression (history / msq/compression) nor eval_accuracy found"
+        )
     fig = _figure(7.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     handles = []
@@ -231,8 +244,9 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
     return _save(fig, path)
 
 
-def plot_accuracy_vs_compression(points: Sequence[tuple[str, float, float]], path: str | os.PathLike[str],
-                                 highlight: str = "MSQ") -> Path:
+def plot_accuracy_vs_compression(
+    points: Sequence[tuple[str, float, float]], path: str | os.PathLike[str], highlight: str = "MSQ"
+) -> Path:
     """Scatter of accuracy (%) vs compression (x) for several methods, e.g. MSQ against baselines.
 
     ``points``: ``(method, compression, accuracy)``; accuracy as a fraction (≤ 1) or a percentage.
@@ -251,9 +265,15 @@ def plot_accuracy_vs_compression(points: Sequence[tuple[str, float, float]], pat
     for method, pts in by_method.items():
         pts.sort()
         big = method.startswith(highlight)
-        ax.plot([p[0] for p in pts], [p[1] if percent else 100 * p[1] for p in pts],
-                marker="*" if big else "o", markersize=12 if big else 6, lw=1, label=method,
-                zorder=3 if big else 2)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] if percent else 100 * p[1] for p in pts],
+            marker="*" if big else "o",
+            markersize=12 if big else 6,
+            lw=1,
+            label=method,
+            zorder=3 if big else 2,
+        )
     ax.set_xlabel("compression ratio (x)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -266,8 +286,9 @@ def plot_accuracy_vs_compression(points: Sequence[tuple[str, float, float]], pat
 # tables
 
 
-def bit_table_markdown(scheme: Mapping[str, int], numels: Mapping[str, int] | None = None,
-                       count_sign_bit: bool = False) -> str:
+def bit_table_markdown(
+    scheme: Mapping[str, int], numels: Mapping[str, int] | None = None, count_sign_bit: bool = False
+) -> str:
     """Markdown table of the bit scheme: layer, weights, bits, share of the packed size; plus a total row.
 
     The total row holds the parameter-weighted average bits and ``32 · ΣN / Σ b·N`` (the sign bit is
@@ -289,8 +310,9 @@ def bit_table_markdown(scheme: Mapping[str, int], numels: Mapping[str, int] | No
     rows = ["| layer | weights | bits | share of packed bits |", "|---|---:|---:|---:|"]
     rows += [f"| `{n}` | {int(numels[n]):,} | {int(scheme[n])} | {100 * cost[n] / total_cost:.1f}% |" for n in names]
     avg = sum(int(numels[n]) * int(scheme[n]) for n in names) / total
-    rows.append(f"| **total** ({len(names)} layers) | {total:,} | {avg:.2f} avg | "
-                f"{32 * total / total_cost:.2f}x compression |")
+    rows.append(
+        f"| **total** ({len(names)} layers) | {total:,} | {avg:.2f} avg | {32 * total / total_cost:.2f}x compression |"
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -323,8 +345,11 @@ def _read_json(path: Path) -> Any:
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in directory.glob("checkpoint-*")
-             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.glob("checkpoint-*")
+        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    ]
     return max(found)[1] if found else None
 
 
@@ -346,8 +371,8 @@ def _numels_from_weights(folder: Path, names: Iterable[str]) -> dict[str, int]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return {}
-    from .loading import read_safetensors_header
-    from .errors import MSQError
+    from msq_hf.errors import MSQError
+    from msq_hf.io.load import read_safetensors_header
 
     shapes: dict[str, list[int]] = {}
     for file in files:
@@ -374,8 +399,9 @@ def find_run_data(path: str | os.PathLike[str]) -> RunData:
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory (expected an msq-hf train output, a checkpoint "
-                                "or an export folder)")
+        raise FileNotFoundError(
+            f"{root} is not a directory (expected an msq-hf train output, a checkpoint or an export folder)"
+        )
     data = RunData(source=root)
     hist_path = root / HISTORY_NAME
     if hist_path.is_file():
@@ -426,13 +452,16 @@ def find_run_data(path: str | os.PathLike[str]) -> RunData:
     if not data.scheme and data.history:
         data.scheme = {k: int(v) for k, v in (data.history[-1].get("bits") or {}).items()}
     if not data.files:
-        raise FileNotFoundError(f"{root}: no {HISTORY_NAME}, {_STATE_NAME} (also in checkpoint-*/) or "
-                                f"{_MANIFEST_NAME} found; pass an msq-hf train output dir, a checkpoint or an export")
+        raise FileNotFoundError(
+            f"{root}: no {HISTORY_NAME}, {_STATE_NAME} (also in checkpoint-*/) or "
+            f"{_MANIFEST_NAME} found; pass an msq-hf train output dir, a checkpoint or an export"
+        )
     return data
 
 
-def write_report(run_dir_or_export_dir: str | os.PathLike[str],
-                 out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+def write_report(
+    run_dir_or_export_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
+) -> list[Path]:
     """Write every plot the folder's data allows, plus ``report.md``; return the written paths.
 
     ``out_dir`` defaults to ``<folder>/report``. Plots: ``bits_per_layer.png`` (final scheme),
@@ -454,14 +483,16 @@ def write_report(run_dir_or_export_dir: str | os.PathLike[str],
         written.append(plot_bits_per_layer(data.scheme, out / "bits_per_layer.png", data.numels or None))
         md += ["## Bits per layer", "", "![bits per layer](bits_per_layer.png)", ""]
     if data.history:
-        written.append(plot_bits_timeline(data.history, out / "bits_timeline.png", data.numels or None,
-                                          data.total_steps))
+        written.append(
+            plot_bits_timeline(data.history, out / "bits_timeline.png", data.numels or None, data.total_steps)
+        )
         md += ["## Bits over training", "", "![bits over training](bits_timeline.png)", ""]
         md += _history_table(data.history)
     if data.history or any("msq/compression" in e or "eval_accuracy" in e for e in data.log_history):
         try:
-            written.append(plot_training_curves(data.history, out / "training_curves.png", data.log_history,
-                                                data.target))
+            written.append(
+                plot_training_curves(data.history, out / "training_curves.png", data.log_history, data.target)
+            )
             md += ["## Compression and accuracy over training", "", "![curves](training_curves.png)", ""]
         except ValueError:
             pass  # nothing plottable: the history had no compression values
@@ -495,6 +526,8 @@ def _history_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
         shown = ", ".join(f"`{p}`" for p in pruned[:4]) + (f" +{len(pruned) - 4}" if len(pruned) > 4 else "")
         comp = e.get("compression")
         avg = e.get("avg_bits")
-        rows.append(f"| {e.get('step', '?')} | {e.get('phase', '')} | "
-                    f"{'' if comp is None else f'{comp:.2f}x'} | {'' if avg is None else f'{avg:.2f}'} | {shown} |")
+        rows.append(
+            f"| {e.get('step', '?')} | {e.get('phase', '')} | "
+            f"{'' if comp is None else f'{comp:.2f}x'} | {'' if avg is None else f'{avg:.2f}'} | {shown} |"
+        )
     return rows + [""]

@@ -29,9 +29,10 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ import msq_hf
 import msq_hf.report
 from msq_hf.data import collate_pixel_values, find_fashion_mnist, load_image_dataset
 from msq_hf.metrics import compute_accuracy_metrics
-from msq_hf.trainer import MSQTrainer
+from msq_hf.training.trainer import MSQTrainer
 
 logger = logging.getLogger("msq_hf.recipes")
 
@@ -60,17 +61,26 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="",
-        metadata={"help": "timm model name (e.g. deit_tiny_patch16_224), timm Hub id (timm/<name>.<tag>), local "
-                          "folder (timm save_for_hf layout or a transformers save_pretrained folder), or a "
-                          "transformers Hub id."})
+        metadata={
+            "help": "timm model name (e.g. deit_tiny_patch16_224), timm Hub id (timm/<name>.<tag>), local "
+            "folder (timm save_for_hf layout or a transformers save_pretrained folder), or a "
+            "transformers Hub id."
+        },
+    )
     pretrained: bool = field(
         default=True,
-        metadata={"help": "Load pretrained weights (from the Hub or the local folder). Use --pretrained false to "
-                          "build the architecture with random weights, which works offline."})
+        metadata={
+            "help": "Load pretrained weights (from the Hub or the local folder). Use --pretrained false to "
+            "build the architecture with random weights, which works offline."
+        },
+    )
     model_kwargs: str | None = field(
         default=None,
-        metadata={"help": "JSON object of extra timm.create_model keyword arguments, e.g. "
-                          "'{\"img_size\": 32, \"depth\": 2}' (timm models only)."})
+        metadata={
+            "help": "JSON object of extra timm.create_model keyword arguments, e.g. "
+            '\'{"img_size": 32, "depth": 2}\' (timm models only).'
+        },
+    )
 
 
 @dataclass
@@ -79,9 +89,12 @@ class DataArguments:
 
     dataset_name: str = field(
         default="",
-        metadata={"help": "Hub dataset id (uoft-cs/cifar10, ILSVRC/imagenet-1k), a local image folder "
-                          "(root/<split>/<class>/*.png), 'fashion_mnist' (local IDX files) or 'digits' "
-                          "(scikit-learn)."})
+        metadata={
+            "help": "Hub dataset id (uoft-cs/cifar10, ILSVRC/imagenet-1k), a local image folder "
+            "(root/<split>/<class>/*.png), 'fashion_mnist' (local IDX files) or 'digits' "
+            "(scikit-learn)."
+        },
+    )
     train_split: str = field(default="train", metadata={"help": "Split used for training."})
     eval_split: str = field(default="validation", metadata={"help": "Split used for evaluation."})
     image_size: int = field(default=224, metadata={"help": "Square input resolution in pixels."})
@@ -100,11 +113,14 @@ class MSQArguments:
     reg_strength: float = field(default=5e-5, metadata={"help": "lambda of the L1 LSB regularizer (Eq. 8)."})
     prune_threshold: float = field(default=0.01, metadata={"help": "tau: prune when the LSB nonzero rate is below."})
     prune_interval: int | None = field(
-        default=None, metadata={"help": "Optimizer steps between pruning steps; overrides --prune_interval_epochs."})
+        default=None, metadata={"help": "Optimizer steps between pruning steps; overrides --prune_interval_epochs."}
+    )
     prune_interval_epochs: float = field(
-        default=1.0, metadata={"help": "Pruning interval in epochs, converted to steps from the data size."})
+        default=1.0, metadata={"help": "Pruning interval in epochs, converted to steps from the data size."}
+    )
     final_round_fraction: float = field(
-        default=0.7, metadata={"help": "Force the final round at this fraction of training if not reached."})
+        default=0.7, metadata={"help": "Force the final round at this fraction of training if not reached."}
+    )
     hessian_guided: bool = field(default=True, metadata={"help": "Choose k from Hessian-trace sensitivity."})
     hessian_max_probes: int = field(default=50, metadata={"help": "Hutchinson probes cap."})
     hessian_tol: float = field(default=1e-2, metadata={"help": "Hutchinson relative tolerance."})
@@ -113,12 +129,15 @@ class MSQArguments:
     act_quantizer: str = field(default="auto", metadata={"help": "auto | pact | lsq."})
     count_sign_bit: bool = field(default=False, metadata={"help": "Count the sign bit in the compression."})
     modules_to_not_convert: list[str] | None = field(
-        default=None, metadata={"help": "Glob or 're:' patterns of Linear/Conv2d layers to keep in float."})
+        default=None, metadata={"help": "Glob or 're:' patterns of Linear/Conv2d layers to keep in float."}
+    )
     smoke_test: bool = field(
-        default=False, metadata={"help": "Seconds-long run: tiny model, a few dozen local images, a few steps."})
+        default=False, metadata={"help": "Seconds-long run: tiny model, a few dozen local images, a few steps."}
+    )
     export: bool = field(default=True, metadata={"help": "Write the bit-packed export to <output_dir>/export."})
     verify_export: bool = field(
-        default=True, metadata={"help": "Reload the export and require identical logits on an eval batch."})
+        default=True, metadata={"help": "Reload the export and require identical logits on an eval batch."}
+    )
     write_report: bool = field(default=True, metadata={"help": "Write plots + report.md to <output_dir>/report."})
 
 
@@ -274,14 +293,17 @@ def build_parser(recipe: Recipe, smoke: bool = False) -> HfArgumentParser:
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(defaults) - known)
     if unknown:  # a typo in a recipe table would otherwise be ignored silently by argparse
-        raise ValueError(f"recipe {recipe.name!r}: default(s) {unknown} are not flags of TrainingArguments, "
-                         "ModelArguments, DataArguments or MSQArguments")
+        raise ValueError(
+            f"recipe {recipe.name!r}: default(s) {unknown} are not flags of TrainingArguments, "
+            "ModelArguments, DataArguments or MSQArguments"
+        )
     parser.set_defaults(**defaults)
     return parser
 
 
-def parse_args(recipe: Recipe, argv: Sequence[str] | None = None
-               ) -> tuple[TrainingArguments, ModelArguments, DataArguments, MSQArguments]:
+def parse_args(
+    recipe: Recipe, argv: Sequence[str] | None = None
+) -> tuple[TrainingArguments, ModelArguments, DataArguments, MSQArguments]:
     """Parse ``argv`` (default ``sys.argv[1:]``) into the four argument dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(recipe, smoke=_smoke_requested(argv))
@@ -305,15 +327,30 @@ def _is_builtin(name: str) -> bool:
     return name.lower() in _BUILTIN_DATA
 
 
-def load_split(data_args: DataArguments, split: str, limit: int | None, seed: int,
-               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Any:
+def load_split(
+    data_args: DataArguments,
+    split: str,
+    limit: int | None,
+    seed: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Any:
     """One split as a ``datasets.Dataset`` with ``pixel_values``/``labels`` (see msq_hf.data)."""
     try:
-        return load_image_dataset(data_args.dataset_name, split=split, image_size=data_args.image_size,
-                                  channels=data_args.channels, limit=limit, seed=seed, mean=mean, std=std)
+        return load_image_dataset(
+            data_args.dataset_name,
+            split=split,
+            image_size=data_args.image_size,
+            channels=data_args.channels,
+            limit=limit,
+            seed=seed,
+            mean=mean,
+            std=std,
+        )
     except ValueError as exc:
-        exc.add_note(f"recipe data: --dataset_name {data_args.dataset_name!r}, split {split!r} "
-                     "(set --train_split/--eval_split)")
+        exc.add_note(
+            f"recipe data: --dataset_name {data_args.dataset_name!r}, split {split!r} (set --train_split/--eval_split)"
+        )
         raise
 
 
@@ -322,8 +359,10 @@ def class_names(dataset: Any) -> list[str]:
     feature = getattr(dataset, "features", {}).get("labels")
     names = getattr(feature, "names", None)
     if not names:
-        raise ValueError(f"the training data has no ClassLabel 'labels' feature (features: "
-                         f"{getattr(dataset, 'features', None)}); cannot tell the number of classes")
+        raise ValueError(
+            f"the training data has no ClassLabel 'labels' feature (features: "
+            f"{getattr(dataset, 'features', None)}); cannot tell the number of classes"
+        )
     return list(names)
 
 
@@ -347,7 +386,7 @@ def _timm_name(name: str) -> str | None:
     """The timm model name for ``name`` (``timm/<name>`` Hub ids included), or None if timm has no such model."""
     import timm
 
-    bare = name[len("timm/"):] if name.startswith("timm/") else name
+    bare = name[len("timm/") :] if name.startswith("timm/") else name
     if bare.startswith("hf-hub:"):
         return bare
     return bare if timm.is_model(bare) else None
@@ -369,12 +408,15 @@ def build_model(model_args: ModelArguments, labels: int | Sequence[str]) -> tupl
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"--model_name_or_path {path} is a folder without config.json (expected a timm "
-                                    "save_for_hf folder or a transformers save_pretrained folder)")
+            raise FileNotFoundError(
+                f"--model_name_or_path {path} is a folder without config.json (expected a timm "
+                "save_for_hf folder or a transformers save_pretrained folder)"
+            )
         config = json.loads(config_path.read_text(encoding="utf-8"))
         if "architecture" in config:  # timm's Hub layout
-            model = timm.create_model(f"local-dir:{path}", pretrained=model_args.pretrained, num_classes=num_labels,
-                                      **kwargs)
+            model = timm.create_model(
+                f"local-dir:{path}", pretrained=model_args.pretrained, num_classes=num_labels, **kwargs
+            )
             return model, "timm"
         return _build_transformers(str(path), model_args.pretrained, names, kwargs), "transformers"
     timm_name = _timm_name(name)
@@ -388,10 +430,15 @@ def _build_transformers(name: str, pretrained: bool, names: Sequence[str], kwarg
     from transformers import AutoConfig, AutoModelForImageClassification
 
     if kwargs:
-        raise ValueError(f"--model_kwargs is only supported for timm models; {name!r} is a transformers model "
-                         "(edit its config.json instead)")
-    labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
-              "label2id": {label: i for i, label in enumerate(names)}}
+        raise ValueError(
+            f"--model_kwargs is only supported for timm models; {name!r} is a transformers model "
+            "(edit its config.json instead)"
+        )
+    labels = {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {label: i for i, label in enumerate(names)},
+    }
     if pretrained:
         # a head trained for other classes is replaced by a fresh one of the right size
         return AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
@@ -435,13 +482,22 @@ def make_msq_config(msq_args: MSQArguments, steps_in_epoch: int) -> msq_hf.MSQCo
             raise ValueError(f"--prune_interval_epochs={msq_args.prune_interval_epochs} must be > 0")
         interval = max(1, round(msq_args.prune_interval_epochs * steps_in_epoch))
     return msq_hf.MSQConfig(
-        init_bits=msq_args.init_bits, min_bits=msq_args.min_bits, target_compression=msq_args.target_compression,
-        count_sign_bit=msq_args.count_sign_bit, reg_strength=msq_args.reg_strength,
-        prune_threshold=msq_args.prune_threshold, prune_interval=interval,
-        final_round_fraction=msq_args.final_round_fraction, hessian_guided=msq_args.hessian_guided,
-        hessian_max_probes=msq_args.hessian_max_probes, hessian_tol=msq_args.hessian_tol,
-        hessian_batch_size=msq_args.hessian_batch_size, act_bits=msq_args.act_bits,
-        act_quantizer=msq_args.act_quantizer, modules_to_not_convert=msq_args.modules_to_not_convert)
+        init_bits=msq_args.init_bits,
+        min_bits=msq_args.min_bits,
+        target_compression=msq_args.target_compression,
+        count_sign_bit=msq_args.count_sign_bit,
+        reg_strength=msq_args.reg_strength,
+        prune_threshold=msq_args.prune_threshold,
+        prune_interval=interval,
+        final_round_fraction=msq_args.final_round_fraction,
+        hessian_guided=msq_args.hessian_guided,
+        hessian_max_probes=msq_args.hessian_max_probes,
+        hessian_tol=msq_args.hessian_tol,
+        hessian_batch_size=msq_args.hessian_batch_size,
+        act_bits=msq_args.act_bits,
+        act_quantizer=msq_args.act_quantizer,
+        modules_to_not_convert=msq_args.modules_to_not_convert,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,9 +520,11 @@ def verify_export(model: nn.Module, export_dir: Path, eval_dataset: Any, n: int 
     with torch.no_grad():
         expected = logits_of(model, batch["pixel_values"].to(device)).cpu()
         got = logits_of(reloaded, batch["pixel_values"]).cpu()
-    return {"export_logits_equal": bool(torch.equal(expected, got)),
-            "export_logits_max_abs_diff": float((expected.float() - got.float()).abs().max()),
-            "export_reloaded_class": type(reloaded).__name__}
+    return {
+        "export_logits_equal": bool(torch.equal(expected, got)),
+        "export_logits_max_abs_diff": float((expected.float() - got.float()).abs().max()),
+        "export_reloaded_class": type(reloaded).__name__,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,29 +546,49 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
         # Hub/imagefolder data is normalised on the fly: use the statistics the model was trained with
         train_dataset = load_split(data_args, data_args.train_split, data_args.max_train_samples, training.seed, *norm)
     if data_args.eval_split:
-        eval_dataset = load_split(data_args, data_args.eval_split, data_args.max_eval_samples, training.seed,
-                                  *(norm if not _is_builtin(data_args.dataset_name) and norm else (None, None)))
+        eval_dataset = load_split(
+            data_args,
+            data_args.eval_split,
+            data_args.max_eval_samples,
+            training.seed,
+            *(norm if not _is_builtin(data_args.dataset_name) and norm else (None, None)),
+        )
     if eval_dataset is None and training.eval_strategy != "no":
         training.eval_strategy = "no"  # nothing to evaluate on
 
     cfg = make_msq_config(msq_args, steps_per_epoch(len(train_dataset), training))
     model_kwargs = _model_kwargs(model_args) if kind == "timm" else None
-    trainer = MSQTrainer(model=model, args=training, msq_config=cfg, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, data_collator=collate_pixel_values,
-                         compute_metrics=compute_accuracy_metrics,
-                         model_args=({**model_kwargs, "num_classes": len(names)} if model_kwargs is not None else None))
+    trainer = MSQTrainer(
+        model=model,
+        args=training,
+        msq_config=cfg,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_pixel_values,
+        compute_metrics=compute_accuracy_metrics,
+        model_args=({**model_kwargs, "num_classes": len(names)} if model_kwargs is not None else None),
+    )
     # TrainingArguments only records --resume_from_checkpoint; the Trainer must be told explicitly
     train_output = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     model = trainer.model
     ctl = trainer.msq_controller
 
     results: dict[str, Any] = {
-        "recipe": recipe.name, "model": model_args.model_name_or_path, "model_kind": kind,
-        "dataset": data_args.dataset_name, "num_classes": len(names), "train_samples": len(train_dataset),
-        "global_steps": trainer.state.global_step, "train_loss": train_output.training_loss,
-        "compression": ctl.compression, "avg_bits": ctl.avg_bits, "phase": ctl.phase,
-        "pruning_steps": len(ctl.history), "target_compression": cfg.target_compression,
-        "world_size": training.world_size, "msq_config": cfg.to_dict(),
+        "recipe": recipe.name,
+        "model": model_args.model_name_or_path,
+        "model_kind": kind,
+        "dataset": data_args.dataset_name,
+        "num_classes": len(names),
+        "train_samples": len(train_dataset),
+        "global_steps": trainer.state.global_step,
+        "train_loss": train_output.training_loss,
+        "compression": ctl.compression,
+        "avg_bits": ctl.avg_bits,
+        "phase": ctl.phase,
+        "pruning_steps": len(ctl.history),
+        "target_compression": cfg.target_compression,
+        "world_size": training.world_size,
+        "msq_config": cfg.to_dict(),
     }
     if eval_dataset is not None:
         metrics = trainer.evaluate()
@@ -520,41 +598,82 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
     scheme = msq_hf.bit_scheme(model)
     if training.world_size > 1:
         rank = training.process_index
-        _write_json(output_dir / "ranks" / f"bits_rank{rank}.json",
-                    {"rank": rank, "world_size": training.world_size, "bit_scheme": scheme,
-                     "history": [{"step": h["step"], "bits": h["bits"], "k": h["k"], "phase": h["phase"]}
-                                 for h in ctl.history]})
+        _write_json(
+            output_dir / "ranks" / f"bits_rank{rank}.json",
+            {
+                "rank": rank,
+                "world_size": training.world_size,
+                "bit_scheme": scheme,
+                "history": [
+                    {"step": h["step"], "bits": h["bits"], "k": h["k"], "phase": h["phase"]} for h in ctl.history
+                ],
+            },
+        )
 
     export_dir: Path | None = None
     if trainer.is_world_process_zero():
         if msq_args.export:
             export_dir = output_dir / "export"
             exported = msq_hf.export(model, export_dir, overwrite=True)
-            results.update(export_dir=str(export_dir), export_weight_bytes=exported.weight_bytes,
-                           export_float_bytes=exported.float_bytes,
-                           export_storage_compression=exported.storage_compression_ratio)
+            results.update(
+                export_dir=str(export_dir),
+                export_weight_bytes=exported.weight_bytes,
+                export_float_bytes=exported.float_bytes,
+                export_storage_compression=exported.storage_compression_ratio,
+            )
             if msq_args.verify_export and eval_dataset is not None:
                 results.update(verify_export(model, export_dir, eval_dataset))
-        summary = {k: results[k] for k in ("compression", "avg_bits", "eval_accuracy", "global_steps")
-                   if results.get(k) is not None}
+        summary = {
+            k: results[k]
+            for k in ("compression", "avg_bits", "eval_accuracy", "global_steps")
+            if results.get(k) is not None
+        }
         if isinstance(summary.get("eval_accuracy"), float):
             summary["test_accuracy"] = 100.0 * summary["eval_accuracy"]  # report plots accuracy in %
-        _write_json(output_dir / msq_hf.report.HISTORY_NAME, {
-            "history": ctl.history, "log_history": trainer.state.log_history,
-            "numels": msq_hf.layer_numels(model), "bit_scheme": scheme,
-            "target_compression": cfg.target_compression, "count_sign_bit": cfg.count_sign_bit,
-            "total_steps": trainer.state.max_steps, "summary": summary,
-            "baselines": [list(b) for b in recipe.baselines]})
+        _write_json(
+            output_dir / msq_hf.report.HISTORY_NAME,
+            {
+                "history": ctl.history,
+                "log_history": trainer.state.log_history,
+                "numels": msq_hf.layer_numels(model),
+                "bit_scheme": scheme,
+                "target_compression": cfg.target_compression,
+                "count_sign_bit": cfg.count_sign_bit,
+                "total_steps": trainer.state.max_steps,
+                "summary": summary,
+                "baselines": [list(b) for b in recipe.baselines],
+            },
+        )
         if msq_args.write_report:
             written = msq_hf.report.write_report(output_dir)
             results["report"] = [str(p) for p in written]
         _write_json(output_dir / "results.json", results)
-        logger.info("msq recipe %s: %s", recipe.name,
-                    {k: results.get(k) for k in ("compression", "eval_accuracy", "export_logits_equal")})
+        logger.info(
+            "msq recipe %s: %s",
+            recipe.name,
+            {k: results.get(k) for k in ("compression", "eval_accuracy", "export_logits_equal")},
+        )
     return RecipeResult(model=model, trainer=trainer, results=results, output_dir=output_dir, export_dir=export_dir)
 
 
-__all__ = ["COMMON_DEFAULTS", "DataArguments", "MSQArguments", "ModelArguments", "Recipe", "RecipeResult",
-           "SMOKE_DEFAULTS", "IMAGENET_CNN_DEFAULTS", "VIT_DEFAULTS", "build_model", "build_parser", "class_names", "load_split", "logits_of",
-           "make_msq_config", "parse_args", "run", "steps_per_epoch", "verify_export"]
-
+__all__ = [
+    "COMMON_DEFAULTS",
+    "DataArguments",
+    "MSQArguments",
+    "ModelArguments",
+    "Recipe",
+    "RecipeResult",
+    "SMOKE_DEFAULTS",
+    "IMAGENET_CNN_DEFAULTS",
+    "VIT_DEFAULTS",
+    "build_model",
+    "build_parser",
+    "class_names",
+    "load_split",
+    "logits_of",
+    "make_msq_config",
+    "parse_args",
+    "run",
+    "steps_per_epoch",
+    "verify_export",
+]

@@ -19,20 +19,27 @@ Run: ``accelerate launch recipes/deit_tiny.py`` or ``python recipes/deit_tiny.py
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from common import VIT_DEFAULTS, Recipe, RecipeResult, run
 
 RECIPE = Recipe(
     name="deit_tiny",
     description=__doc__.splitlines()[0],
-    defaults={**VIT_DEFAULTS, "model_name_or_path": "timm/deit_tiny_patch16_224.fb_in1k",
-              "target_compression": 10.5},
+    defaults={**VIT_DEFAULTS, "model_name_or_path": "timm/deit_tiny_patch16_224.fb_in1k", "target_compression": 10.5},
     # smoke: the same DeiT architecture at 32x32, patch 8, 2 blocks of width 32
-    smoke={"model_name_or_path": "deit_tiny_patch16_224", "target_compression": 10.0,
-           "model_kwargs": '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'},
-    baselines=(("LSQ W3A3", 10.67, 68.09), ("Mix-QViT", 10.67, 69.62), ("OFQ W3A3", 10.67, 72.72),
-               ("OFQ W4A4", 8.00, 75.46), ("MSQ paper", 10.54, 74.74)),
+    smoke={
+        "model_name_or_path": "deit_tiny_patch16_224",
+        "target_compression": 10.0,
+        "model_kwargs": '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}',
+    },
+    baselines=(
+        ("LSQ W3A3", 10.67, 68.09),
+        ("Mix-QViT", 10.67, 69.62),
+        ("OFQ W3A3", 10.67, 72.72),
+        ("OFQ W4A4", 8.00, 75.46),
+        ("MSQ paper", 10.54, 74.74),
+    ),
 )
 
 

@@ -16,15 +16,18 @@ Run: ``accelerate launch recipes/mobilenetv3_large.py`` or
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from common import IMAGENET_CNN_DEFAULTS, Recipe, RecipeResult, run
 
 RECIPE = Recipe(
     name="mobilenetv3_large",
     description=__doc__.splitlines()[0],
-    defaults={**IMAGENET_CNN_DEFAULTS, "model_name_or_path": "timm/mobilenetv3_large_100.ra_in1k",
-              "target_compression": 10.3},
+    defaults={
+        **IMAGENET_CNN_DEFAULTS,
+        "model_name_or_path": "timm/mobilenetv3_large_100.ra_in1k",
+        "target_compression": 10.3,
+    },
     # smoke: the smallest MobileNetV3 of timm (same blocks: depthwise, SE, hard-swish)
     smoke={"model_name_or_path": "mobilenetv3_small_050", "target_compression": 5.0},
     baselines=(("MSQ paper", 10.30, 73.58),),

@@ -16,7 +16,7 @@ Run: ``accelerate launch recipes/resnet18_imagenet.py`` (Hub data; ImageNet-1k i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from common import IMAGENET_CNN_DEFAULTS, Recipe, RecipeResult, run
 
@@ -25,10 +25,19 @@ RECIPE = Recipe(
     description=__doc__.splitlines()[0],
     defaults={**IMAGENET_CNN_DEFAULTS, "model_name_or_path": "timm/resnet18.tv_in1k"},
     # smoke: the same resnet18 architecture (timm), one block per stage and 8..64 channels
-    smoke={"model_name_or_path": "resnet18", "target_compression": 5.0,
-           "model_kwargs": '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}'},
-    baselines=(("FP", 1.00, 69.76), ("PACT W4", 8.00, 69.2), ("LQ-Nets W3", 10.67, 69.30),
-               ("HAWQ-V3 W4", 8.00, 68.45), ("CSQ T3", 10.67, 69.73), ("MSQ paper", 11.84, 69.74)),
+    smoke={
+        "model_name_or_path": "resnet18",
+        "target_compression": 5.0,
+        "model_kwargs": '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}',
+    },
+    baselines=(
+        ("FP", 1.00, 69.76),
+        ("PACT W4", 8.00, 69.2),
+        ("LQ-Nets W3", 10.67, 69.30),
+        ("HAWQ-V3 W4", 8.00, 68.45),
+        ("CSQ T3", 10.67, 69.73),
+        ("MSQ paper", 11.84, 69.74),
+    ),
 )
 
 

@@ -18,7 +18,7 @@ Run: ``accelerate launch recipes/resnet20_cifar10.py`` (Hub data) or
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from common import Recipe, RecipeResult, run
 
@@ -26,7 +26,7 @@ RECIPE = Recipe(
     name="resnet20_cifar10",
     description=__doc__.splitlines()[0],
     defaults={
-        "model_name_or_path": "resnet20_cifar",   # registered with timm by `import msq_hf`
+        "model_name_or_path": "resnet20_cifar",  # registered with timm by `import msq_hf`
         "pretrained": False,
         "dataset_name": "uoft-cs/cifar10",
         "eval_split": "test",
@@ -38,7 +38,7 @@ RECIPE = Recipe(
         "optim": "sgd",
         "optim_args": "momentum=0.9",
         "weight_decay": 5e-4,
-        "warmup_steps": 5 / 400,                  # 5 of 400 epochs
+        "warmup_steps": 5 / 400,  # 5 of 400 epochs
         "init_bits": 8,
         "target_compression": 16.0,
         "reg_strength": 5e-5,
@@ -48,8 +48,14 @@ RECIPE = Recipe(
         "hessian_max_probes": 50,
     },
     smoke={"target_compression": 5.0},
-    baselines=(("FP", 1.00, 92.62), ("LQ-Nets W3", 10.67, 92.00), ("BSQ", 19.24, 91.87),
-               ("CSQ T2", 16.00, 92.68), ("MSQ (a) paper", 16.13, 92.17), ("MSQ (b) paper", 20.13, 92.15)),
+    baselines=(
+        ("FP", 1.00, 92.62),
+        ("LQ-Nets W3", 10.67, 92.00),
+        ("BSQ", 19.24, 91.87),
+        ("CSQ T2", 16.00, 92.68),
+        ("MSQ (a) paper", 16.13, 92.17),
+        ("MSQ (b) paper", 20.13, 92.15),
+    ),
 )
 
 

@@ -16,7 +16,7 @@ Run: ``accelerate launch recipes/resnet50_imagenet.py`` (Hub data; ImageNet-1k i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from common import IMAGENET_CNN_DEFAULTS, Recipe, RecipeResult, run
 
@@ -25,10 +25,19 @@ RECIPE = Recipe(
     description=__doc__.splitlines()[0],
     defaults={**IMAGENET_CNN_DEFAULTS, "model_name_or_path": "timm/resnet50.tv_in1k"},
     # smoke: the same resnet50 architecture (timm), one block per stage and 8..64 channels
-    smoke={"model_name_or_path": "resnet50", "target_compression": 5.0,
-           "model_kwargs": '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}'},
-    baselines=(("FP", 1.00, 76.13), ("PACT W3", 10.67, 75.30), ("HAQ", 10.57, 75.30), ("BSQ", 13.90, 75.16),
-               ("CSQ T3", 10.67, 75.47), ("MSQ paper", 10.89, 75.32)),
+    smoke={
+        "model_name_or_path": "resnet50",
+        "target_compression": 5.0,
+        "model_kwargs": '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}',
+    },
+    baselines=(
+        ("FP", 1.00, 76.13),
+        ("PACT W3", 10.67, 75.30),
+        ("HAQ", 10.57, 75.30),
+        ("BSQ", 13.90, 75.16),
+        ("CSQ T3", 10.67, 75.47),
+        ("MSQ paper", 10.89, 75.32),
+    ),
 )
 
 

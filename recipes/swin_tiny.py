@@ -14,21 +14,30 @@ Run: ``accelerate launch recipes/swin_tiny.py`` or ``python recipes/swin_tiny.py
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from common import VIT_DEFAULTS, Recipe, RecipeResult, run
 
 RECIPE = Recipe(
     name="swin_tiny",
     description=__doc__.splitlines()[0],
-    defaults={**VIT_DEFAULTS, "model_name_or_path": "timm/swin_tiny_patch4_window7_224.ms_in1k",
-              "target_compression": 9.1},
+    defaults={
+        **VIT_DEFAULTS,
+        "model_name_or_path": "timm/swin_tiny_patch4_window7_224.ms_in1k",
+        "target_compression": 9.1,
+    },
     # smoke: the same Swin architecture at 32x32, window 2, two 1-block stages of width 24
-    smoke={"model_name_or_path": "swin_tiny_patch4_window7_224", "target_compression": 9.0,
-           "model_kwargs": '{"img_size": 32, "window_size": 2, "embed_dim": 24, "depths": [1, 1], '
-                           '"num_heads": [1, 1]}'},
-    baselines=(("LSQ W3A3", 10.67, 78.96), ("OFQ W3A3", 10.67, 79.57), ("OFQ W4A4", 8.00, 81.88),
-               ("MSQ paper", 9.14, 81.38)),
+    smoke={
+        "model_name_or_path": "swin_tiny_patch4_window7_224",
+        "target_compression": 9.0,
+        "model_kwargs": '{"img_size": 32, "window_size": 2, "embed_dim": 24, "depths": [1, 1], "num_heads": [1, 1]}',
+    },
+    baselines=(
+        ("LSQ W3A3", 10.67, 78.96),
+        ("OFQ W3A3", 10.67, 79.57),
+        ("OFQ W4A4", 8.00, 81.88),
+        ("MSQ paper", 9.14, 81.38),
+    ),
 )
 
 

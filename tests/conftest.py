@@ -22,7 +22,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 _HF_HOME = tempfile.mkdtemp(prefix="msq_hf_tests_hf_home_")
 os.environ["HF_HOME"] = _HF_HOME
 
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -34,8 +34,9 @@ torch.set_num_threads(1)
 try:  # hypothesis is a dev dependency; keep property tests quick and reproducible
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("msq", max_examples=60, deadline=None, derandomize=True,
-                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile(
+        "msq", max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "msq"))
 except ImportError:  # pragma: no cover
     pass
@@ -113,8 +114,9 @@ def _kaiming_convs(model: nn.Module) -> nn.Module:
     return model
 
 
-def _hf(model_cls: str, config_cls: str, post: Callable[[nn.Module], nn.Module] | None = None,
-        **cfg) -> Callable[[], nn.Module]:
+def _hf(
+    model_cls: str, config_cls: str, post: Callable[[nn.Module], nn.Module] | None = None, **cfg
+) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
 
@@ -125,8 +127,14 @@ def _hf(model_cls: str, config_cls: str, post: Callable[[nn.Module], nn.Module] 
     return build
 
 
-_VIT_KW = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=64)
+_VIT_KW = dict(
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+)
 
 #: name -> factory. HF models take ``pixel_values``; timm models a tensor.
 TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -139,19 +147,45 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
     "timm/test_vit_relpos": _timm("test_vit_relpos", img_size=IMAGE_SIZE),
     "timm/mobilenetv3_small_050": _timm("mobilenetv3_small_050"),
     "timm/resnet18": _timm("resnet18"),
-    "timm/swin_tiny": _timm("swin_tiny_patch4_window7_224", img_size=IMAGE_SIZE, window_size=2, embed_dim=24,
-                            depths=(1, 1), num_heads=(1, 1)),
+    "timm/swin_tiny": _timm(
+        "swin_tiny_patch4_window7_224",
+        img_size=IMAGE_SIZE,
+        window_size=2,
+        embed_dim=24,
+        depths=(1, 1),
+        num_heads=(1, 1),
+    ),
     "timm/conv2d_same": _timm_conv2d_same,
     "hf/vit": _hf("ViTForImageClassification", "ViTConfig", **_VIT_KW),
     "hf/deit": _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", **_VIT_KW),
-    "hf/swin": _hf("SwinForImageClassification", "SwinConfig", image_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
-                   depths=[1, 1], num_heads=[1, 2], window_size=4),
-    "hf/resnet": _hf("ResNetForImageClassification", "ResNetConfig", embedding_size=16, hidden_sizes=[16, 32],
-                     depths=[1, 1], layer_type="basic"),
-    "hf/mobilenet_v2": _hf("MobileNetV2ForImageClassification", "MobileNetV2Config", image_size=IMAGE_SIZE,
-                           depth_multiplier=0.5, post=_kaiming_convs),
-    "hf/convnext": _hf("ConvNextForImageClassification", "ConvNextConfig", num_stages=2, hidden_sizes=[16, 32],
-                       depths=[1, 1]),
+    "hf/swin": _hf(
+        "SwinForImageClassification",
+        "SwinConfig",
+        image_size=IMAGE_SIZE,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=4,
+    ),
+    "hf/resnet": _hf(
+        "ResNetForImageClassification",
+        "ResNetConfig",
+        embedding_size=16,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        layer_type="basic",
+    ),
+    "hf/mobilenet_v2": _hf(
+        "MobileNetV2ForImageClassification",
+        "MobileNetV2Config",
+        image_size=IMAGE_SIZE,
+        depth_multiplier=0.5,
+        post=_kaiming_convs,
+    ),
+    "hf/convnext": _hf(
+        "ConvNextForImageClassification", "ConvNextConfig", num_stages=2, hidden_sizes=[16, 32], depths=[1, 1]
+    ),
     # built from the config alone: TimmWrapper only touches the Hub in from_pretrained
     "hf/timm_wrapper": _hf("TimmWrapperForImageClassification", "TimmWrapperConfig", architecture="test_resnet"),
 }

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msq_hf import functional as QF
 from msq_hf.baselines import PACT, bsq, csq, dorefa, trainable_parameters
 from msq_hf.baselines.common import split_bits
+from msq_hf.quant import functional as QF
 
 METHODS = {"bsq": bsq, "csq": csq, "dorefa": dorefa}
 
@@ -33,9 +33,10 @@ def one_layer(module: nn.Module) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("bits", [1, 3, 8])
-@pytest.mark.parametrize("make", [lambda: nn.Linear(7, 5),
-                                  lambda: nn.Conv2d(6, 4, 3, groups=2, bias=False),
-                                  lambda: nn.Conv2d(4, 4, 3, groups=4)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nn.Linear(7, 5), lambda: nn.Conv2d(6, 4, 3, groups=2, bias=False), lambda: nn.Conv2d(4, 4, 3, groups=4)],
+)
 def test_bsq_ini2bit_reconstructs_the_quantized_weight_exactly(bits, make) -> None:
     model = one_layer(make())
     w = model[0].weight.detach().clone()
@@ -75,8 +76,7 @@ def test_bsq_group_lasso_matches_hand_computation() -> None:
     bsq.convert(model, init_bits=2)
     lin, conv = model[0], model[1]
     with torch.no_grad():
-        lin.pweight.copy_(torch.tensor([[[1.0, 0.0], [0.5, 2.0], [0.0, 0.0]],
-                                        [[0.0, 1.0], [0.0, 0.0], [1.5, 0.0]]]))
+        lin.pweight.copy_(torch.tensor([[[1.0, 0.0], [0.5, 2.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.0], [1.5, 0.0]]]))
         lin.nweight.zero_()
         lin.nweight[0, 2, 1] = 1.0
         conv.pweight.fill_(0.5)
@@ -122,7 +122,7 @@ def test_bsq_requantize_grows_a_bit_on_overflow_and_rebinarizes() -> None:
     _set_codes(layer, torch.tensor([[7, 1, -3, 0], [5, 4, -7, 2], [1, 1, 1, 1]]))
     with torch.no_grad():
         layer.pweight[0, 0, 0] = 1.75  # relaxed MSB: w = (1.75*4 + 2 + 1)/7 = 10/7 > 1
-        layer.pweight[1, 1, 2] = 0.4   # relaxed LSB: rounds back to 4
+        layer.pweight[1, 1, 2] = 0.4  # relaxed LSB: rounds back to 4
     w = layer.latent().detach()
     expected = float(layer.scale.detach()) * torch.sign(w) * torch.round(w.abs() * 7) / 7
     scheme = bsq.requantize_and_adjust(model, max_bits=8)
@@ -377,8 +377,9 @@ def test_convert_errors_are_clear() -> None:
         dorefa.convert(nn.Sequential(nn.Linear(2, 2)), bits=16)
 
 
-@pytest.mark.parametrize("key", ["timm/test_resnet", "timm/test_efficientnet_same", "timm/conv2d_same",
-                                 "timm/test_vit", "hf/vit"])
+@pytest.mark.parametrize(
+    "key", ["timm/test_resnet", "timm/test_efficientnet_same", "timm/conv2d_same", "timm/test_vit", "hf/vit"]
+)
 def test_float_dorefa_reproduces_layer_geometry(key, tiny_model_factories, images) -> None:
     """``bits=32`` makes DoReFa the identity: any geometry mistake (groups, padding, SAME) shows up."""
     from conftest import forward_logits
@@ -476,7 +477,7 @@ def test_bsq_precision_change_mid_training_keeps_backward_working() -> None:
     (torch.nn.functional.cross_entropy(logits, y) + bsq.regularization(model)).backward()
     opt.step()
     before = bsq.bit_scheme(model)
-    bsq.requantize_and_adjust(model, threshold=0.9)   # drops planes: parameters change shape
+    bsq.requantize_and_adjust(model, threshold=0.9)  # drops planes: parameters change shape
     assert bsq.bit_scheme(model) != before
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     logits = model(x)

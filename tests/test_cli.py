@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from msq_hf.cli import main, scheme_summary
+from msq_hf.commands.main import main, scheme_summary
 from msq_hf.data import find_fashion_mnist
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESNET20_QUANTIZED_WEIGHTS = 270_896  # 21 convs + fc of resnet20_cifar with 10 classes
 
-needs_fmnist = pytest.mark.skipif(find_fashion_mnist() is None,
-                                  reason="Fashion-MNIST not installed (bash scripts/setup_data.sh)")
+needs_fmnist = pytest.mark.skipif(
+    find_fashion_mnist() is None, reason="Fashion-MNIST not installed (bash scripts/setup_data.sh)"
+)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -52,15 +53,39 @@ def assert_one_line_error(err: str, *needles: str) -> str:
 # help
 
 
-@pytest.mark.parametrize("command, expected", [
-    ([], ["train", "inspect", "export", "report"]),
-    (["train"], ["--model", "--dataset", "--train-limit", "--eval-limit", "--target", "--init-bits", "--min-bits",
-                 "--epochs", "--max-steps", "--batch-size", "--lr", "--reg-strength", "--prune-threshold",
-                 "--prune-interval", "--no-hessian", "--act-bits", "--output", "--seed", "--report-to"]),
-    (["inspect"], ["DIR_OR_REPO", "--no-verify", "--json"]),
-    (["export"], ["CHECKPOINT_DIR", "OUTPUT", "--push-to-hub", "--repo-id"]),
-    (["report"], ["RUN_OR_EXPORT_DIR", "--output"]),
-])
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ([], ["train", "inspect", "export", "report"]),
+        (
+            ["train"],
+            [
+                "--model",
+                "--dataset",
+                "--train-limit",
+                "--eval-limit",
+                "--target",
+                "--init-bits",
+                "--min-bits",
+                "--epochs",
+                "--max-steps",
+                "--batch-size",
+                "--lr",
+                "--reg-strength",
+                "--prune-threshold",
+                "--prune-interval",
+                "--no-hessian",
+                "--act-bits",
+                "--output",
+                "--seed",
+                "--report-to",
+            ],
+        ),
+        (["inspect"], ["DIR_OR_REPO", "--no-verify", "--json"]),
+        (["export"], ["CHECKPOINT_DIR", "OUTPUT", "--push-to-hub", "--repo-id"]),
+        (["report"], ["RUN_OR_EXPORT_DIR", "--output"]),
+    ],
+)
 def test_help(capsys: pytest.CaptureFixture[str], command: list[str], expected: list[str]) -> None:
     code, out, err = run(capsys, *command, "--help")
     assert code == 0, err
@@ -79,8 +104,13 @@ def test_train_help_shows_the_demo_defaults(capsys: pytest.CaptureFixture[str]) 
 def test_python_m_msq_hf_subprocess(tmp_path: Path) -> None:
     """``python -m msq_hf`` is the same CLI: exit code and one-line error from a real process."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    bad = subprocess.run([sys.executable, "-m", "msq_hf", "inspect", str(tmp_path / "no_such_export")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "msq_hf", "inspect", str(tmp_path / "no_such_export")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2
     assert_one_line_error(bad.stderr, "no_such_export")
     assert bad.stdout == ""
@@ -90,20 +120,24 @@ def test_python_m_msq_hf_subprocess(tmp_path: Path) -> None:
 # bad input -> exit code != 0 and one line naming the culprit
 
 
-@pytest.mark.parametrize("argv, code, needles", [
-    (["train", "--target", "0.5"], 2, ["--target", "> 1"]),
-    (["train", "--init-bits", "9"], 2, ["--init-bits", "1..8"]),
-    (["train", "--batch-size", "0"], 2, ["--batch-size", "positive"]),
-    (["train", "--prune-threshold", "1.5"], 2, ["--prune-threshold", "(0, 1)"]),
-    (["train", "--act-bits", "1"], 2, ["--act-bits", "2..8"]),
-    (["train", "--epochs", "2", "--max-steps", "5"], 2, ["--max-steps", "--epochs"]),
-    (["train", "--min-bits", "5", "--init-bits", "4"], 1, ["--min-bits 5", "--init-bits 4"]),
-    (["train", "--target", "40"], 1, ["--target 40", "32x"]),
-    (["train", "--target", "3", "--init-bits", "8"], 1, ["--target 3", "--init-bits 8"]),
-    (["frobnicate"], 2, ["frobnicate"]),
-])
-def test_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], code: int,
-                     needles: list[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, code, needles",
+    [
+        (["train", "--target", "0.5"], 2, ["--target", "> 1"]),
+        (["train", "--init-bits", "9"], 2, ["--init-bits", "1..8"]),
+        (["train", "--batch-size", "0"], 2, ["--batch-size", "positive"]),
+        (["train", "--prune-threshold", "1.5"], 2, ["--prune-threshold", "(0, 1)"]),
+        (["train", "--act-bits", "1"], 2, ["--act-bits", "2..8"]),
+        (["train", "--epochs", "2", "--max-steps", "5"], 2, ["--max-steps", "--epochs"]),
+        (["train", "--min-bits", "5", "--init-bits", "4"], 1, ["--min-bits 5", "--init-bits 4"]),
+        (["train", "--target", "40"], 1, ["--target 40", "32x"]),
+        (["train", "--target", "3", "--init-bits", "8"], 1, ["--target 3", "--init-bits 8"]),
+        (["frobnicate"], 2, ["frobnicate"]),
+    ],
+)
+def test_bad_options(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], code: int, needles: list[str]
+) -> None:
     got, _, err = run(capsys, *argv, *(["--output", tmp_path / "o"] if argv[0] == "train" else []))
     assert got == code
     assert_one_line_error(err, *needles)
@@ -170,8 +204,10 @@ def test_other_commands_bad_paths(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 
 def test_scheme_summary() -> None:
-    assert scheme_summary({"a": 2, "b": 3, "c": 2}, {"a": 10, "b": 30, "c": 60}) == \
-        "3 layers: 2 bits x2, 3 bits x1 (weighted avg 2.30)"
+    assert (
+        scheme_summary({"a": 2, "b": 3, "c": 2}, {"a": 10, "b": 30, "c": 60})
+        == "3 layers: 2 bits x2, 3 bits x1 (weighted avg 2.30)"
+    )
     assert scheme_summary({"a": 1, "b": 1}).endswith("[uniform]")
     assert scheme_summary({}) == "no quantized layers"
 
@@ -197,10 +233,36 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            code = main(["train", "--train-limit", "128", "--eval-limit", "64", "--max-steps", "6",
-                         "--batch-size", "32", "--prune-interval", "2", "--target", str(TINY_TARGET),
-                         "--hessian-probes", "1", "--hessian-batch-size", "8", "--evals", "1", "--threads", "1",
-                         "--no-progress", "--logging-steps", "2", "--output", str(out)])
+            code = main(
+                [
+                    "train",
+                    "--train-limit",
+                    "128",
+                    "--eval-limit",
+                    "64",
+                    "--max-steps",
+                    "6",
+                    "--batch-size",
+                    "32",
+                    "--prune-interval",
+                    "2",
+                    "--target",
+                    str(TINY_TARGET),
+                    "--hessian-probes",
+                    "1",
+                    "--hessian-batch-size",
+                    "8",
+                    "--evals",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--no-progress",
+                    "--logging-steps",
+                    "2",
+                    "--output",
+                    str(out),
+                ]
+            )
     finally:
         if previous is None:
             os.environ.pop("MSQ_HF_COMPILE", None)
@@ -213,10 +275,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @needs_fmnist
 def test_train_writes_everything(tiny_run: tuple[Path, str]) -> None:
     out, console = tiny_run
-    for rel in ("msq_history.json", "export/msq_manifest.json", "export/msq_model.safetensors",
-                "export/config.json", "model/config.json", "model/model.safetensors", "model/msq_state.json",
-                "report/report.md", "report/bits_per_layer.png", "report/bits_timeline.png",
-                "report/training_curves.png", "report/accuracy_vs_compression.png"):
+    for rel in (
+        "msq_history.json",
+        "export/msq_manifest.json",
+        "export/msq_model.safetensors",
+        "export/config.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/msq_state.json",
+        "report/report.md",
+        "report/bits_per_layer.png",
+        "report/bits_timeline.png",
+        "report/training_curves.png",
+        "report/accuracy_vs_compression.png",
+    ):
         assert (out / rel).is_file(), rel
     for png in (out / "report").glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC
@@ -242,8 +314,7 @@ def test_train_writes_everything(tiny_run: tuple[Path, str]) -> None:
 
 
 @needs_fmnist
-def test_inspect_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, str],
-                              tmp_path: Path) -> None:
+def test_inspect_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = tiny_run
     code, text, err = run(capsys, "inspect", out / "export")
     assert code == 0, err
@@ -261,24 +332,33 @@ def test_inspect_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tupl
     assert_one_line_error(err, "msq_model.safetensors")
 
     # `msq-hf inspect ... | head -1`: the reader closes the pipe early; no error text, the shell's 141
-    piped = subprocess.run(f"{sys.executable} -m msq_hf inspect {out / 'export'} | head -n 1; "
-                           "echo \"exit=${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
-                           capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    piped = subprocess.run(
+        f'{sys.executable} -m msq_hf inspect {out / "export"} | head -n 1; echo "exit=${{PIPESTATUS[0]}}"',
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert piped.stdout.splitlines()[0].startswith("msq_hf export:")
     assert piped.stdout.splitlines()[-1] in ("exit=0", "exit=141")  # 0 if everything fit the pipe buffer
     assert "Broken pipe" not in piped.stderr and "error" not in piped.stderr
 
 
 @needs_fmnist
-def test_report_on_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, str],
-                                tmp_path: Path) -> None:
+def test_report_on_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = tiny_run
     code, text, err = run(capsys, "report", out, "--output", tmp_path / "rep")
     assert code == 0, err
     paths = [Path(line) for line in text.splitlines()]
-    assert {p.name for p in paths} == {"bits_per_layer.png", "bits_timeline.png", "training_curves.png",
-                                       "accuracy_vs_compression.png", "report.md"}
+    assert {p.name for p in paths} == {
+        "bits_per_layer.png",
+        "bits_timeline.png",
+        "training_curves.png",
+        "accuracy_vs_compression.png",
+        "report.md",
+    }
     assert all(p.parent == tmp_path / "rep" and p.is_file() for p in paths)
     # the export alone has no timeline: only the final bits
     code, text, _ = run(capsys, "report", out / "export", "--output", tmp_path / "rep2")
@@ -287,8 +367,7 @@ def test_report_on_train_output(capsys: pytest.CaptureFixture[str], tiny_run: tu
 
 
 @needs_fmnist
-def test_export_from_checkpoint(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, str],
-                                tmp_path: Path) -> None:
+def test_export_from_checkpoint(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = tiny_run
     code, text, err = run(capsys, "export", out / "model", tmp_path / "exp")
     assert code == 0, err

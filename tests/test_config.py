@@ -97,16 +97,33 @@ def test_valid_edge_values() -> None:
 def test_defaults() -> None:
     cfg = MSQConfig()
     assert cfg.quant_method == "msq"
-    assert (cfg.init_bits, cfg.min_bits, cfg.wnorm, cfg.lsb_form, cfg.lsb_units) == (8, 1, "signmag", "continuous",
-                                                                                     "code")
+    assert (cfg.init_bits, cfg.min_bits, cfg.wnorm, cfg.lsb_form, cfg.lsb_units) == (
+        8,
+        1,
+        "signmag",
+        "continuous",
+        "code",
+    )
     assert cfg.msq_format == "fake" and cfg.dequantize is False and cfg.bit_scheme is None
 
 
 def test_dict_round_trip_and_json() -> None:
-    cfg = MSQConfig(init_bits=6, min_bits=2, target_compression=10.0, reg_strength=1e-4, prune_threshold=0.05,
-                    wnorm="dorefa", lsb_form="discrete", lsb_units="value", reg_reduction="mean", act_bits=4,
-                    modules_to_not_convert=["head", "re:.*downsample.*"], bit_scheme={"a.b": 3, "c": 6},
-                    hessian_guided=False, default_k=2)
+    cfg = MSQConfig(
+        init_bits=6,
+        min_bits=2,
+        target_compression=10.0,
+        reg_strength=1e-4,
+        prune_threshold=0.05,
+        wnorm="dorefa",
+        lsb_form="discrete",
+        lsb_units="value",
+        reg_reduction="mean",
+        act_bits=4,
+        modules_to_not_convert=["head", "re:.*downsample.*"],
+        bit_scheme={"a.b": 3, "c": 6},
+        hessian_guided=False,
+        default_k=2,
+    )
     data = cfg.to_dict()
     assert data["quant_method"] == "msq"
     text = json.dumps(data)  # JSON serialisable

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import msq_hf
-from msq_hf.controller import (MSQController, default_loss, detach_batch, hutchinson_seed, slice_batch)
+from msq_hf.training.controller import MSQController, default_loss, detach_batch, hutchinson_seed, slice_batch
 
 torch.set_num_threads(1)
 
@@ -38,8 +38,16 @@ def data(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make(seed: int = 0, **cfg) -> tuple[nn.Module, MSQController]:
     torch.manual_seed(seed)
-    base = dict(init_bits=8, target_compression=5.0, reg_strength=1e-3, prune_threshold=0.6, prune_interval=3,
-                hessian_max_probes=2, hessian_batch_size=8, final_round_fraction=0.8)
+    base = dict(
+        init_bits=8,
+        target_compression=5.0,
+        reg_strength=1e-3,
+        prune_threshold=0.6,
+        prune_interval=3,
+        hessian_max_probes=2,
+        hessian_batch_size=8,
+        final_round_fraction=0.8,
+    )
     base.update(cfg)
     model = msq_hf.quantize_model(SmallNet(), msq_hf.MSQConfig(**base))
     return model, MSQController(model, total_steps=24, seed=0)
@@ -110,7 +118,7 @@ def _custom_loop(seed: int, steps: int = 24) -> MSQController:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for step in range(1, steps + 1):
         i = (step - 1) % 6
-        batch = (x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
+        batch = (x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8])
         if step == 1:
             ctl.start(batch)
         model.train()

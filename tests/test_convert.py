@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NUM_CLASSES, TINY_MODELS, forward_logits, is_hf_model
 from torch import nn
 
-from conftest import NUM_CLASSES, TINY_MODELS, forward_logits, is_hf_model
 from msq_hf import MSQConfig, bit_scheme, compression_ratio, layer_numels, quantize_model, set_bit_scheme
 from msq_hf.convert import find_convertible_layers, pattern_matches
-from msq_hf.layers import MSQConv2d, MSQLayerMixin, MSQLinear
+from msq_hf.nn.layers import MSQConv2d, MSQLayerMixin, MSQLinear
 
 timm = pytest.importorskip("timm")
 
@@ -32,9 +32,9 @@ def _unzero_norms(model: nn.Module) -> None:
     """Zero-initialised norm gains (timm ``zero_init_last``) block gradients to the conv before them."""
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
-                if getattr(mod, "weight", None) is not None and not mod.weight.any():
-                    mod.weight.fill_(1.0)
+            norm = isinstance(mod, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+            if norm and getattr(mod, "weight", None) is not None and not mod.weight.any():
+                mod.weight.fill_(1.0)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -104,7 +104,8 @@ def test_mixed_bits_compression_ratio() -> None:
     total = sum(numels.values())
     assert compression_ratio(model) == pytest.approx(32 * total / sum(numels[n] * scheme[n] for n in names))
     assert compression_ratio(model, count_sign_bit=True) == pytest.approx(
-        32 * total / sum(numels[n] * (scheme[n] + 1) for n in names))
+        32 * total / sum(numels[n] * (scheme[n] + 1) for n in names)
+    )
     with pytest.raises(KeyError, match="not.a.layer"):
         set_bit_scheme(model, {"not.a.layer": 3})
     with pytest.raises(ValueError, match="bits"):
@@ -131,13 +132,18 @@ def test_pattern_matching_rules() -> None:
     assert not pattern_matches("re:fc1", "blocks.3.mlp.fc1")  # full match on the whole name
 
 
-@pytest.mark.parametrize("patterns, excluded", [
-    (["head"], {"head"}),                                   # exact name
-    (["fc1"], {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}),    # dotted suffix
-    (["blocks.*.attn.*"], {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv", "blocks.1.attn.proj"}),
-    (["re:blocks\\.1\\..*", "patch_embed.proj"], {"blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1",
-                                                 "blocks.1.mlp.fc2", "patch_embed.proj"}),
-])
+@pytest.mark.parametrize(
+    "patterns, excluded",
+    [
+        (["head"], {"head"}),  # exact name
+        (["fc1"], {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}),  # dotted suffix
+        (["blocks.*.attn.*"], {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv", "blocks.1.attn.proj"}),
+        (
+            ["re:blocks\\.1\\..*", "patch_embed.proj"],
+            {"blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "patch_embed.proj"},
+        ),
+    ],
+)
 def test_exclusion_patterns(patterns: list[str], excluded: set[str]) -> None:
     model = timm.create_model("test_vit", pretrained=False, num_classes=NUM_CLASSES, img_size=32, depth=2)
     everything = set(_expected_convertible(model))

@@ -38,6 +38,7 @@ def _offline_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
 # IDX
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_read_idx_roundtrip_uint8(tmp_path: Path, compress: bool) -> None:
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
@@ -83,8 +84,7 @@ def test_read_idx_trailing_bytes_rejected(tmp_path: Path) -> None:
         D.read_idx(path)
 
 
-@pytest.mark.parametrize("magic", [b"\x01\x00\x08\x01", b"\x00\x00\x07\x01", b"\x00\x00\x08\x00",
-                                   b"\x00\x00\x08\x10"])
+@pytest.mark.parametrize("magic", [b"\x01\x00\x08\x01", b"\x00\x00\x07\x01", b"\x00\x00\x08\x00", b"\x00\x00\x08\x10"])
 def test_read_idx_bad_header_names_file(tmp_path: Path, magic: bytes) -> None:
     path = tmp_path / "bad_magic.idx"
     path.write_bytes(magic + struct.pack(">I", 1) + b"\x00")
@@ -105,6 +105,7 @@ def test_read_idx_header_too_short_and_corrupt_gzip(tmp_path: Path) -> None:
 # Fashion-MNIST discovery (synthetic files) and the real data when installed
 # ------------------------------------------------------------------------------------------------
 
+
 def _write_fake_fashion(directory: Path, n_train: int = 40, n_test: int = 20) -> None:
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -116,8 +117,10 @@ def _write_fake_fashion(directory: Path, n_train: int = 40, n_test: int = 20) ->
 
 def test_find_fashion_mnist_env_var_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env_dir, other = tmp_path / "env", tmp_path / "other"
-    env_dir.mkdir(); other.mkdir()
-    _write_fake_fashion(env_dir); _write_fake_fashion(other)
+    env_dir.mkdir()
+    other.mkdir()
+    _write_fake_fashion(env_dir)
+    _write_fake_fashion(other)
     monkeypatch.setenv(D.FASHION_MNIST_ENV, str(env_dir))
     assert D.find_fashion_mnist([other]) == env_dir
     monkeypatch.delenv(D.FASHION_MNIST_ENV)
@@ -158,8 +161,9 @@ def test_load_fashion_missing_gives_instructions(tmp_path: Path, monkeypatch: py
     assert D.FASHION_MNIST_ENV in message and D.FASHION_MNIST_HUB_ID in message
 
 
-def test_load_fashion_missing_offline_hub_fallback_fails_cleanly(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_fashion_missing_offline_hub_fallback_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(D.FASHION_MNIST_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match="Hub"):
         D.load_fashion_mnist("test", search_dirs=[tmp_path], allow_hub=True)
@@ -186,8 +190,11 @@ def test_stratified_subset_is_balanced_and_seeded() -> None:
 _FASHION_DIR = D.find_fashion_mnist()
 
 
-@pytest.mark.skipif(_FASHION_DIR is None, reason="Fashion-MNIST IDX files not installed "
-                    "(apt-get install dataset-fashion-mnist, or set MSQ_FASHION_MNIST_DIR)")
+@pytest.mark.skipif(
+    _FASHION_DIR is None,
+    reason="Fashion-MNIST IDX files not installed "
+    "(apt-get install dataset-fashion-mnist, or set MSQ_FASHION_MNIST_DIR)",
+)
 def test_real_fashion_mnist_subset() -> None:
     ds = D.load_fashion_mnist("test", limit=200, seed=0)
     assert len(ds) == 200
@@ -204,6 +211,7 @@ def test_real_fashion_mnist_subset() -> None:
 # ------------------------------------------------------------------------------------------------
 # digits
 # ------------------------------------------------------------------------------------------------
+
 
 def test_digits_dataset_shapes_and_split() -> None:
     pytest.importorskip("sklearn")
@@ -232,6 +240,7 @@ def test_load_image_dataset_dispatch_digits() -> None:
 # imagefolder
 # ------------------------------------------------------------------------------------------------
 
+
 def _write_imagefolder(root: Path, per_class: int = 3) -> None:
     from PIL import Image
 
@@ -246,8 +255,7 @@ def _write_imagefolder(root: Path, per_class: int = 3) -> None:
 
 def test_imagefolder_loading(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path)
-    ds = D.load_image_dataset(tmp_path, "test", image_size=16, channels=3, mean=(0.5, 0.5, 0.5),
-                              std=(0.5, 0.5, 0.5))
+    ds = D.load_image_dataset(tmp_path, "test", image_size=16, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert len(ds) == 6
     assert ds.features["labels"].names == ["cat", "dog"]
     batch = ds[:]

@@ -34,8 +34,13 @@ def test_two_ranks_write_identical_bit_schemes(tmp_path) -> None:
     launcher = _torchrun()
     if launcher is None or not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torchrun / torch.distributed with the gloo backend is not available in this environment")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     cmd = launcher + ["--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -26,10 +26,10 @@ from transformers import (
 
 import msq_hf
 from msq_hf.errors import MSQExportError
-from msq_hf.inspect import format_report, inspect_export, main_inspect
-from msq_hf.loading import from_pretrained
-from msq_hf.packed_layers import MSQPackedConv2d, MSQPackedLinear
-from msq_hf.serialization import MANIFEST_NAME, WEIGHTS_NAME, export
+from msq_hf.io.export import MANIFEST_NAME, WEIGHTS_NAME, export
+from msq_hf.io.inspect import format_report, inspect_export, main_inspect
+from msq_hf.io.load import from_pretrained
+from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exports and loads must never unpickle anything."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("torch.load was called")
 
@@ -51,14 +52,24 @@ def random_scheme(model: torch.nn.Module, seed: int) -> dict[str, int]:
 
 
 def hf_vit() -> torch.nn.Module:
-    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16,
-                                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                               num_labels=3))
+    return ViTForImageClassification(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    )
 
 
 def hf_resnet() -> torch.nn.Module:
-    return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                     num_labels=3))
+    return ResNetForImageClassification(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    )
 
 
 def timm_wrapper() -> torch.nn.Module:
@@ -124,8 +135,9 @@ def test_hf_roundtrip_mixed_bits(name: str, tmp_path: Path) -> None:
     assert not hasattr(auto.config, "transformers_weights")  # load-time redirect is not kept
     # save_pretrained of a loaded export writes the packed tensors again (model.safetensors this time)
     loaded.save_pretrained(tmp_path / "resaved")
-    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]["msq_format"] \
-        == "packed"
+    assert (
+        json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]["msq_format"] == "packed"
+    )
     assert torch.equal(_logits(AutoModelForImageClassification.from_pretrained(tmp_path / "resaved"), x), ref)
 
     plain = from_pretrained(tmp_path / "out", dequantize=True)
@@ -201,16 +213,19 @@ def test_resnet18_size_on_disk(tmp_path: Path) -> None:
     layers = result.manifest["layers"]
     assert result.packed_bytes == sum((i["numel"] * i["stored_bits"] + 7) // 8 for i in layers.values())
     assert result.storage_compression_ratio == pytest.approx(
-        32 * sum(i["numel"] for i in layers.values()) / sum(i["numel"] * i["stored_bits"] for i in layers.values()))
+        32 * sum(i["numel"] for i in layers.values()) / sum(i["numel"] * i["stored_bits"] for i in layers.values())
+    )
     assert result.compression_ratio == pytest.approx(msq_hf.compression_ratio(model))
 
     float_dir = tmp_path / "float.safetensors"
     plain = from_pretrained(tmp_path / "r18", dequantize=True)
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(float_dir))
     ratio = float_dir.stat().st_size / weight_file
-    print(f"\nresnet18 (10 classes): float {float_dir.stat().st_size} B, packed export {weight_file} B "
-          f"(packed {result.packed_bytes} + other {result.unquantized_bytes}), {ratio:.2f}x smaller; "
-          f"average {result.average_bits:.2f} bits, storage ratio {result.storage_compression_ratio:.2f}x")
+    print(
+        f"\nresnet18 (10 classes): float {float_dir.stat().st_size} B, packed export {weight_file} B "
+        f"(packed {result.packed_bytes} + other {result.unquantized_bytes}), {ratio:.2f}x smaller; "
+        f"average {result.average_bits:.2f} bits, storage ratio {result.storage_compression_ratio:.2f}x"
+    )
     expected = 32 / (result.manifest["totals"]["average_stored_bits"])
     assert 0.9 * expected < ratio < expected  # dominated by the packed weights
 
@@ -218,7 +233,7 @@ def test_resnet18_size_on_disk(tmp_path: Path) -> None:
 def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
     msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=4))
-    import msq_hf.model_card as card
+    import msq_hf.io.card as card
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full (injected)")
@@ -271,11 +286,19 @@ def test_plain_transformers_refuses_export_in_fresh_process(tmp_path: Path) -> N
     model = hf_vit().eval()
     msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=4))
     export(model, tmp_path / "vit")
-    code = ("import sys\nfrom transformers import AutoModelForImageClassification\n"
-            f"AutoModelForImageClassification.from_pretrained({str(tmp_path / 'vit')!r})\n"
-            "assert 'msq_hf' not in sys.modules\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    code = (
+        "import sys\nfrom transformers import AutoModelForImageClassification\n"
+        f"AutoModelForImageClassification.from_pretrained({str(tmp_path / 'vit')!r})\n"
+        "assert 'msq_hf' not in sys.modules\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "no file named model.safetensors" in proc.stderr
 
@@ -299,7 +322,7 @@ def test_model_card_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main_inspect([str(tmp_path / "e")]) == 0
     assert main_inspect([str(tmp_path / "e"), "--json"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["bit_scheme"] == scheme
+    assert json.loads(out[out.index("{") :])["bit_scheme"] == scheme
 
 
 def test_export_has_ordinary_permissions(tmp_path: Path) -> None:

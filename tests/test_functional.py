@@ -13,7 +13,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from msq_hf import functional as QF  # noqa: E402
+from msq_hf.quant import functional as QF  # noqa: E402
 
 # -- strategies ---------------------------------------------------------------------------------
 
@@ -21,7 +21,8 @@ from msq_hf import functional as QF  # noqa: E402
 _tie = st.integers(0, 512).map(lambda j: j / 512)
 _unit = st.floats(0.0, 1.0, allow_nan=False, width=32)
 magnitudes = st.lists(st.one_of(_unit, _tie), min_size=1, max_size=64).map(
-    lambda xs: torch.tensor(xs, dtype=torch.float32))
+    lambda xs: torch.tensor(xs, dtype=torch.float32)
+)
 
 
 @st.composite
@@ -202,7 +203,7 @@ def test_dropping_zero_lsb_bits_keeps_weights_bit_identical(nk: tuple[int, int],
     Note: under max-abs scaling the max element is always in the clamped top code 2^n - 1, whose
     LSBs are non-zero, so a real layer has rho >= 1/N; all *other* weights here have zero LSBs.
     """
-    from msq_hf.layers import MSQLinear
+    from msq_hf.nn.layers import MSQLinear
 
     n, k = nk
     steps = data.draw(st.lists(st.integers(0, 2 ** (n - k) - 1), min_size=11, max_size=11))
@@ -222,7 +223,7 @@ def test_dropping_zero_lsb_bits_keeps_weights_bit_identical(nk: tuple[int, int],
 
 
 def test_all_zero_layer_has_rate_zero_and_prunes_bit_identically() -> None:
-    from msq_hf.layers import MSQLinear
+    from msq_hf.nn.layers import MSQLinear
 
     layer = MSQLinear(3, 2, bias=False, bits=4)
     with torch.no_grad():
@@ -253,8 +254,8 @@ def test_lsb_sign_bias_dorefa_vs_roundclamp() -> None:
     dorefa = (QF.dorefa_lsb_continuous(_U, 3, 1) > 0).double().mean().item()
     rc3 = (QF.lsb_continuous(_U, 3, 1) > 0).double().mean().item()
     rc8 = (QF.lsb_continuous(_U, 8, 1) > 0).double().mean().item()
-    assert dorefa == pytest.approx(0.786, abs=0.005)   # ~79 %: L1 mostly pushes DoReFa weights down
-    assert rc3 == pytest.approx(0.625, abs=0.002)      # only the clamped top bin is one-sided
+    assert dorefa == pytest.approx(0.786, abs=0.005)  # ~79 %: L1 mostly pushes DoReFa weights down
+    assert rc3 == pytest.approx(0.625, abs=0.002)  # only the clamped top bin is one-sided
     assert rc8 == pytest.approx(0.504, abs=0.002)
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODELS
 from transformers import AutoConfig, AutoModelForImageClassification, Trainer, TrainingArguments
 
 import msq_hf
-from conftest import TINY_MODELS
 from msq_hf import MSQConfig, MSQLinear, bit_scheme, quantize_model, set_bit_scheme
-from msq_hf.layers import MSQLayerMixin
+from msq_hf.nn.layers import MSQLayerMixin
 
 CASES = [("hf/vit", "eager"), ("hf/vit", "sdpa"), ("hf/resnet", None)]
 

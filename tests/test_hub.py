@@ -15,9 +15,9 @@ from transformers import AutoModelForImageClassification, ViTConfig, ViTForImage
 
 import msq_hf
 from msq_hf.errors import MSQExportError
-from msq_hf.inspect import inspect_export
-from msq_hf.loading import from_pretrained
-from msq_hf.serialization import MANIFEST_NAME, WEIGHTS_NAME, export
+from msq_hf.io.export import MANIFEST_NAME, WEIGHTS_NAME, export
+from msq_hf.io.inspect import inspect_export
+from msq_hf.io.load import from_pretrained
 
 EXPECTED = {"README.md", "bit_scheme.png", "config.json", MANIFEST_NAME, WEIGHTS_NAME}
 
@@ -42,9 +42,18 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def tiny_vit() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16,
-                                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                                num_labels=3)).eval()
+    model = ViTForImageClassification(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    ).eval()
     msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=4))
     msq_hf.set_bit_scheme(model, {n: 1 + i % 8 for i, n in enumerate(msq_hf.bit_scheme(model))})
     return model
@@ -63,10 +72,13 @@ def test_push_to_hub_uploads_the_whole_export(tmp_path: Path) -> None:
         seen["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
         return SimpleNamespace(commit_url="https://huggingface.co/me/tiny-msq/commit/abc")
 
-    with mock.patch.object(huggingface_hub.HfApi, "create_repo", fake_create_repo), \
-            mock.patch.object(huggingface_hub.HfApi, "upload_folder", fake_upload_folder):
-        result = export(model, tmp_path / "out", push_to_hub=True, repo_id="me/tiny-msq", private=True,
-                        commit_message="msq test")
+    with (
+        mock.patch.object(huggingface_hub.HfApi, "create_repo", fake_create_repo),
+        mock.patch.object(huggingface_hub.HfApi, "upload_folder", fake_upload_folder),
+    ):
+        result = export(
+            model, tmp_path / "out", push_to_hub=True, repo_id="me/tiny-msq", private=True, commit_message="msq test"
+        )
     assert seen["create"][0] == "me/tiny-msq"
     assert seen["create"][1]["exist_ok"] is True and seen["create"][1]["private"] is True
     assert seen["upload"]["repo_id"] == "me/tiny-msq" and seen["upload"]["commit_message"] == "msq test"

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msq_hf import functional as QF
-from msq_hf.kernels import KERNELS
-from msq_hf.layers import (
+from msq_hf.nn.layers import (
     LSQActQuantizer,
     MSQConv2d,
     MSQLinear,
@@ -19,6 +17,8 @@ from msq_hf.layers import (
     make_act_quantizer,
     msq_quantize_weight,
 )
+from msq_hf.quant import functional as QF
+from msq_hf.quant.kernels import KERNELS
 
 VARIANTS = list(itertools.product([True, False], [True, False], [True, False]))  # continuous, code, mean
 
@@ -31,8 +31,14 @@ def _weight(shape=(6, 5), seed=0) -> torch.Tensor:
 
 
 def _reference(w: torch.Tensor, n: int, k: int, continuous: bool, code: bool, mean: bool):
-    return QF.lsb_l1(w, n, k, form="continuous" if continuous else "discrete", units="code" if code else "value",
-                     reduction="mean" if mean else "sum")
+    return QF.lsb_l1(
+        w,
+        n,
+        k,
+        form="continuous" if continuous else "discrete",
+        units="code" if code else "value",
+        reduction="mean" if mean else "sum",
+    )
 
 
 # -- fused quantizer + regularizer ------------------------------------------------------------------
@@ -103,7 +109,7 @@ def test_fused_gradient_with_any_downstream_graph(downstream: str) -> None:
 
 def test_compiled_and_eager_kernels_agree() -> None:
     """Whatever kernel backend is active gives the eager numbers (forward and backward)."""
-    from msq_hf.kernels import _constants, fused_backward_eager, fused_forward_eager
+    from msq_hf.quant.kernels import _constants, fused_backward_eager, fused_forward_eager
 
     w = _weight((8, 4, 3, 3)).detach()
     for n, k, cont in [(8, 1, True), (3, 2, False), (2, 1, True)]:
@@ -129,16 +135,27 @@ def test_kernels_survive_many_layer_kinds() -> None:
     torch._dynamo.reset()
     KERNELS._ready()
     state_before = KERNELS.state
-    kinds = [lambda: MSQLinear(8, 4), lambda: MSQConv2d(3, 8, 3), lambda: MSQConv2d(8, 8, 1),
-             lambda: MSQConv2d(8, 8, 3, groups=8), lambda: MSQConv2d(1, 4, 3), lambda: MSQLinear(1, 4),
-             lambda: MSQConv2d(8, 1, 1), lambda: MSQConv2d(8, 8, 3).to(memory_format=torch.channels_last)]
+    kinds = [
+        lambda: MSQLinear(8, 4),
+        lambda: MSQConv2d(3, 8, 3),
+        lambda: MSQConv2d(8, 8, 1),
+        lambda: MSQConv2d(8, 8, 3, groups=8),
+        lambda: MSQConv2d(1, 4, 3),
+        lambda: MSQLinear(1, 4),
+        lambda: MSQConv2d(8, 1, 1),
+        lambda: MSQConv2d(8, 8, 3).to(memory_format=torch.channels_last),
+    ]
     error = None
     for form in ("continuous", "discrete"):
         for make in kinds:
             layer = make()
             layer.lsb_form = form
             layer.set_bits(4, k=1)
-            x = torch.randn(2, layer.in_features) if isinstance(layer, MSQLinear) else torch.randn(2, layer.in_channels, 6, 6)
+            x = (
+                torch.randn(2, layer.in_features)
+                if isinstance(layer, MSQLinear)
+                else torch.randn(2, layer.in_channels, 6, 6)
+            )
             try:
                 (layer(x).square().sum() + layer.pop_regularization()).backward()
             except Exception as exc:  # noqa: BLE001
@@ -180,8 +197,7 @@ def test_layer_variants_are_passed_to_the_regularizer() -> None:
     layer = MSQConv2d(3, 4, 3, bits=5, lsb_form="discrete", lsb_units="value", reg_reduction="mean")
     layer.set_bits(5, k=2)
     layer(torch.randn(1, 3, 8, 8))
-    torch.testing.assert_close(layer.pop_regularization(),
-                               QF.lsb_l1(layer.weight, 5, 2, "discrete", "value", "mean"))
+    torch.testing.assert_close(layer.pop_regularization(), QF.lsb_l1(layer.weight, 5, 2, "discrete", "value", "mean"))
 
 
 # -- wrapping float layers ------------------------------------------------------------------------------
@@ -217,8 +233,15 @@ def test_conv_from_float_preserves_every_config(case: str) -> None:
     conv = nn.Conv2d(**CONV_CASES[case])
     q = MSQConv2d.from_float(conv, bits=4)
     assert q.weight is conv.weight and q.bias is conv.bias
-    for attr in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
-                 "_reversed_padding_repeated_twice"):
+    for attr in (
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "_reversed_padding_repeated_twice",
+    ):
         assert getattr(q, attr) == getattr(conv, attr), attr
     x = torch.randn(2, 4, 11, 10)
     ref = nn.Conv2d(**CONV_CASES[case])

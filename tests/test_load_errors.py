@@ -15,10 +15,10 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import msq_hf
 from msq_hf.errors import MSQFormatError, MSQIntegrityError, MSQMissingFileError
-from msq_hf.inspect import inspect_export, main_inspect
-from msq_hf.loading import from_pretrained
-from msq_hf.packed_layers import packed_nbytes
-from msq_hf.serialization import MANIFEST_NAME, WEIGHTS_NAME, export, sha256_file
+from msq_hf.io.export import MANIFEST_NAME, WEIGHTS_NAME, export, sha256_file
+from msq_hf.io.inspect import inspect_export, main_inspect
+from msq_hf.io.load import from_pretrained
+from msq_hf.nn.packed import packed_nbytes
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +33,18 @@ def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
-    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16,
-                                              num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                              num_labels=3)).eval()
+    vit = ViTForImageClassification(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    ).eval()
     msq_hf.quantize_model(vit, msq_hf.MSQConfig(init_bits=4))
     export(vit, root / "hf")
     net = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
@@ -75,8 +84,10 @@ def _rewrite_weights(export_dir: Path, change) -> None:
     tensors = load_file(str(path))
     change(tensors)
     save_file(tensors, str(path), metadata=metadata)
-    _edit_json(export_dir / MANIFEST_NAME, lambda m: m["files"][WEIGHTS_NAME].update(
-        size=path.stat().st_size, sha256=sha256_file(path)))
+    _edit_json(
+        export_dir / MANIFEST_NAME,
+        lambda m: m["files"][WEIGHTS_NAME].update(size=path.stat().st_size, sha256=sha256_file(path)),
+    )
 
 
 def test_intact_exports_load(export_dir: Path) -> None:
@@ -156,6 +167,7 @@ def _set_bits_everywhere(export_dir: Path, name: str, info: dict, new: int, drop
         layer.update(bits=new, stored_bits=new + 1, packed_bytes=packed_nbytes(info["numel"], new, "signmag"))
         if drop_key:
             layer["checkpoint_key"] = None
+
     _edit_json(export_dir / MANIFEST_NAME, fix)
 
 
@@ -197,6 +209,7 @@ def test_unknown_module_names(export_dir: Path) -> None:
 
     def rename(mapping: dict) -> None:
         mapping[ghost] = mapping.pop(name)
+
     _edit_json(export_dir / "config.json", lambda c: rename(c["quantization_config"]["bit_scheme"]))
     _edit_json(export_dir / MANIFEST_NAME, lambda m: rename(m["layers"]))
     with pytest.raises(MSQFormatError, match=rf"names layer\(s\) \[{ghost!r}\] that .* does not have"):

@@ -109,6 +109,7 @@ def test_double_backward_supported() -> None:
 # offline metric
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def offline_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -39,8 +39,9 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError (with the traceback) if any cell fails
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -49,8 +50,11 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     last = next(t for t in texts if "logits equal:" in t)
     assert "logits equal: True" in last, last
     # the bits-timeline plot was displayed as an image, and the bits did fall
-    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
-               for c in code for o in c.get("outputs", []))
+    assert any(
+        o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+        for c in code
+        for o in c.get("outputs", [])
+    )
     history = next(t for t in texts if "avg bits" in t)
     assert "avg bits 8.00" in history and "final" in history
     assert (tmp_path / "work" / "export" / "msq_manifest.json").is_file()

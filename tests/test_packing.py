@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msq_hf import packing
-from msq_hf.packing import pack_codes, packed_nbytes, unpack_codes
+from msq_hf.quant import packing
+from msq_hf.quant.packing import pack_codes, packed_nbytes, unpack_codes
 
 WIDTHS = list(range(1, 10))
 SMALL_LENGTHS = [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65]
@@ -50,8 +50,9 @@ def test_packed_nbytes_is_ceil(width: int) -> None:
 def test_matches_reference_layout_and_round_trips(width: int, data: st.DataObject) -> None:
     n = data.draw(st.one_of(st.sampled_from(SMALL_LENGTHS), st.integers(0, 300)), label="n")
     values = data.draw(st.lists(st.integers(0, (1 << width) - 1), min_size=n, max_size=n), label="values")
-    dtype = data.draw(st.sampled_from([torch.int16, torch.int32, torch.int64]
-                                      + ([torch.uint8] if width <= 8 else [])), label="dtype")
+    dtype = data.draw(
+        st.sampled_from([torch.int16, torch.int32, torch.int64] + ([torch.uint8] if width <= 8 else [])), label="dtype"
+    )
     packed = pack_codes(torch.tensor(values, dtype=dtype), width)
     assert packed.dtype == torch.uint8 and packed.dim() == 1
     assert packed.numel() == packed_nbytes(n, width)
@@ -82,7 +83,7 @@ def test_large_round_trip_and_spare_bits_zero(width: int) -> None:
     assert int(packed[-1]) >> (8 - spare) == 0  # spare bits of the last byte are zero (shift 8: whole)
     # The tail matches the reference layout (bits of the last codes end exactly at the stream end).
     tail = 8 * width + (n % 8)
-    assert packed[-packed_nbytes(tail, width):].tolist() == reference_pack(codes[-tail:].tolist(), width)
+    assert packed[-packed_nbytes(tail, width) :].tolist() == reference_pack(codes[-tail:].tolist(), width)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -161,8 +162,9 @@ def test_unpack_wrong_length_rejected() -> None:
         unpack_codes(packed, 3, -1)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(2, dtype=torch.int8), torch.zeros(2, dtype=torch.int64),
-                                 torch.zeros(1, 2, dtype=torch.uint8)])
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(2, dtype=torch.int8), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.uint8)]
+)
 def test_unpack_wrong_dtype_or_shape_rejected(bad: torch.Tensor) -> None:
     with pytest.raises(ValueError, match=r"1-D torch.uint8"):
         unpack_codes(bad, 8, 2)

@@ -25,8 +25,7 @@ import msq_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = ROOT / "recipes"
-RECIPES = ["resnet20_cifar10", "resnet18_imagenet", "resnet50_imagenet", "mobilenetv3_large", "deit_tiny",
-           "swin_tiny"]
+RECIPES = ["resnet20_cifar10", "resnet18_imagenet", "resnet50_imagenet", "mobilenetv3_large", "deit_tiny", "swin_tiny"]
 
 
 @pytest.fixture(autouse=True)
@@ -68,23 +67,59 @@ def _check_export(export_dir: Path) -> dict:
 # Paper defaults (parsing only, no training)
 
 PAPER = {
-    "resnet20_cifar10": dict(model_name_or_path="resnet20_cifar", pretrained=False, dataset_name="uoft-cs/cifar10",
-                             init_bits=8, target_compression=16.0, act_bits=None, learning_rate=0.1,
-                             per_device_train_batch_size=1024, num_train_epochs=400, optim="sgd",
-                             prune_interval_epochs=10),
-    "resnet18_imagenet": dict(model_name_or_path="timm/resnet18.tv_in1k", pretrained=True,
-                              dataset_name="ILSVRC/imagenet-1k", init_bits=8, target_compression=10.67,
-                              act_bits=None, learning_rate=0.01, per_device_train_batch_size=256,
-                              num_train_epochs=100, optim="sgd"),
-    "resnet50_imagenet": dict(model_name_or_path="timm/resnet50.tv_in1k", init_bits=8, target_compression=10.67,
-                              learning_rate=0.01, num_train_epochs=100),
-    "mobilenetv3_large": dict(model_name_or_path="timm/mobilenetv3_large_100.ra_in1k", init_bits=8,
-                              target_compression=10.3, act_bits=None),
-    "deit_tiny": dict(model_name_or_path="timm/deit_tiny_patch16_224.fb_in1k", dataset_name="ILSVRC/imagenet-1k",
-                      init_bits=4, act_bits=8, act_quantizer="lsq", target_compression=10.5, learning_rate=5e-4,
-                      optim="adamw_torch", weight_decay=0.05),
-    "swin_tiny": dict(model_name_or_path="timm/swin_tiny_patch4_window7_224.ms_in1k", init_bits=4, act_bits=8,
-                      act_quantizer="lsq", target_compression=9.1),
+    "resnet20_cifar10": dict(
+        model_name_or_path="resnet20_cifar",
+        pretrained=False,
+        dataset_name="uoft-cs/cifar10",
+        init_bits=8,
+        target_compression=16.0,
+        act_bits=None,
+        learning_rate=0.1,
+        per_device_train_batch_size=1024,
+        num_train_epochs=400,
+        optim="sgd",
+        prune_interval_epochs=10,
+    ),
+    "resnet18_imagenet": dict(
+        model_name_or_path="timm/resnet18.tv_in1k",
+        pretrained=True,
+        dataset_name="ILSVRC/imagenet-1k",
+        init_bits=8,
+        target_compression=10.67,
+        act_bits=None,
+        learning_rate=0.01,
+        per_device_train_batch_size=256,
+        num_train_epochs=100,
+        optim="sgd",
+    ),
+    "resnet50_imagenet": dict(
+        model_name_or_path="timm/resnet50.tv_in1k",
+        init_bits=8,
+        target_compression=10.67,
+        learning_rate=0.01,
+        num_train_epochs=100,
+    ),
+    "mobilenetv3_large": dict(
+        model_name_or_path="timm/mobilenetv3_large_100.ra_in1k", init_bits=8, target_compression=10.3, act_bits=None
+    ),
+    "deit_tiny": dict(
+        model_name_or_path="timm/deit_tiny_patch16_224.fb_in1k",
+        dataset_name="ILSVRC/imagenet-1k",
+        init_bits=4,
+        act_bits=8,
+        act_quantizer="lsq",
+        target_compression=10.5,
+        learning_rate=5e-4,
+        optim="adamw_torch",
+        weight_decay=0.05,
+    ),
+    "swin_tiny": dict(
+        model_name_or_path="timm/swin_tiny_patch4_window7_224.ms_in1k",
+        init_bits=4,
+        act_bits=8,
+        act_quantizer="lsq",
+        target_compression=9.1,
+    ),
 }
 
 
@@ -92,9 +127,16 @@ PAPER = {
 def test_paper_defaults(name: str, tmp_path: Path) -> None:
     recipe = load_recipe(name)
     training, model_args, data_args, msq_args = _common().parse_args(recipe.RECIPE, ["--output_dir", str(tmp_path)])
-    parsed = {**vars(model_args), **vars(data_args), **vars(msq_args),
-              **{k: getattr(training, k) for k in ("learning_rate", "per_device_train_batch_size", "num_train_epochs",
-                                                   "weight_decay")}, "optim": str(training.optim.value)}
+    parsed = {
+        **vars(model_args),
+        **vars(data_args),
+        **vars(msq_args),
+        **{
+            k: getattr(training, k)
+            for k in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay")
+        },
+        "optim": str(training.optim.value),
+    }
     for key, expected in PAPER[name].items():
         assert parsed[key] == expected, f"{name}: {key}={parsed[key]!r}, paper setting {expected!r}"
     assert msq_args.smoke_test is False and training.remove_unused_columns is False
@@ -107,7 +149,8 @@ def test_command_line_beats_smoke_and_recipe_defaults(tmp_path: Path) -> None:
     common = _common()
     recipe = load_recipe("deit_tiny").RECIPE
     training, model_args, _, msq_args = common.parse_args(
-        recipe, ["--smoke_test", "--max_steps", "3", "--act_bits", "6", "--output_dir", str(tmp_path)])
+        recipe, ["--smoke_test", "--max_steps", "3", "--act_bits", "6", "--output_dir", str(tmp_path)]
+    )
     assert training.max_steps == 3 and msq_args.act_bits == 6 and msq_args.smoke_test
     assert model_args.model_name_or_path == "deit_tiny_patch16_224" and model_args.pretrained is False
     bad = common.Recipe(name="typo", description="", defaults={"target_compresion": 3.0}, smoke={})
@@ -178,9 +221,21 @@ def test_offline_local_model_folder_and_image_folder(tmp_path: Path) -> None:
                 pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8) // (2 - label)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     recipe = load_recipe("resnet18_imagenet")
-    result = recipe.main(["--smoke_test", "--model_name_or_path", str(model_dir), "--pretrained", "true",
-                          "--dataset_name", str(tmp_path / "images"),
-                          "--output_dir", str(tmp_path / "out"), "--write_report", "false"])
+    result = recipe.main(
+        [
+            "--smoke_test",
+            "--model_name_or_path",
+            str(model_dir),
+            "--pretrained",
+            "true",
+            "--dataset_name",
+            str(tmp_path / "images"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--write_report",
+            "false",
+        ]
+    )
     res = result.results
     assert res["num_classes"] == 2 and res["train_samples"] == 16 and res["model_kind"] == "timm"
     # the pretrained local weights were loaded (the classifier was re-initialised for 2 classes)
@@ -193,11 +248,27 @@ def test_offline_local_transformers_folder(tmp_path: Path) -> None:
     """A transformers save_pretrained folder trains through the DeiT recipe and reloads as a transformers model."""
     import transformers
 
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
     transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
-    result = load_recipe("deit_tiny").main(["--smoke_test", "--model_name_or_path", str(tmp_path / "vit"),
-                                            "--output_dir", str(tmp_path / "out"), "--write_report", "false"])
+    result = load_recipe("deit_tiny").main(
+        [
+            "--smoke_test",
+            "--model_name_or_path",
+            str(tmp_path / "vit"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--write_report",
+            "false",
+        ]
+    )
     res = result.results
     assert res["model_kind"] == "transformers" and res["export_reloaded_class"] == "ViTForImageClassification"
     assert res["num_classes"] == 10 and result.model.config.id2label[9] in ("Ankle boot", "9")
@@ -212,9 +283,16 @@ def test_offline_local_transformers_folder(tmp_path: Path) -> None:
 
 
 def _launch_env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", MSQ_HF_COMPILE="0", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg",
-                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MSQ_HF_COMPILE="0",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        MPLBACKEND="Agg",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
 
 
 def _accelerate() -> list[str]:
@@ -236,9 +314,26 @@ def _run(cmd: list[str], timeout: int = 240) -> None:
 
 
 def test_accelerate_launch_one_process(tmp_path: Path) -> None:
-    _run(_accelerate() + ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                          "--dynamo_backend", "no", str(RECIPES_DIR / "deit_tiny.py"), "--smoke_test",
-                          "--output_dir", str(tmp_path), "--write_report", "false"])
+    _run(
+        _accelerate()
+        + [
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(RECIPES_DIR / "deit_tiny.py"),
+            "--smoke_test",
+            "--output_dir",
+            str(tmp_path),
+            "--write_report",
+            "false",
+        ]
+    )
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 1 and res["export_logits_equal"] is True and res["compression"] >= 10.0
     manifest = _check_export(tmp_path / "export")
@@ -254,10 +349,28 @@ def test_two_processes_take_identical_pruning_decisions(tmp_path: Path) -> None:
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    _run(_accelerate() + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                          "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                          str(RECIPES_DIR / "resnet20_cifar10.py"), "--smoke_test", "--output_dir", str(tmp_path),
-                          "--write_report", "false"])
+    _run(
+        _accelerate()
+        + [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            str(RECIPES_DIR / "resnet20_cifar10.py"),
+            "--smoke_test",
+            "--output_dir",
+            str(tmp_path),
+            "--write_report",
+            "false",
+        ]
+    )
     ranks = [json.loads((tmp_path / "ranks" / f"bits_rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     assert len(ranks[0]["history"]) >= 2, "pruning steps must have run"

@@ -1,4 +1,5 @@
-"""msq_hf.report: plots write valid PNGs, the bit table's numbers, finding run data in run / checkpoint / export folders."""
+"""msq_hf.report: plots write valid PNGs, the bit table's numbers, finding run data in run / checkpoint / export
+folders."""
 
 from __future__ import annotations
 
@@ -25,12 +26,30 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCHEME = {"conv1": 4, "layer1.conv": 2, "layer2.conv": 3, "fc": 5}
 NUMELS = {"conv1": 432, "layer1.conv": 2304, "layer2.conv": 4608, "fc": 640}
 HISTORY = [
-    {"step": 0, "bits": {n: 8 for n in SCHEME}, "compression": 4.0, "avg_bits": 8.0, "phase": "regularize",
-     "pruned": []},
-    {"step": 10, "bits": {"conv1": 6, "layer1.conv": 5, "layer2.conv": 6, "fc": 7}, "compression": 5.7,
-     "avg_bits": 5.6, "phase": "regularize", "pruned": ["conv1", "layer1.conv", "layer2.conv", "fc"]},
-    {"step": 20, "bits": dict(SCHEME), "compression": 11.1, "avg_bits": 2.9, "phase": "final",
-     "pruned": ["layer1.conv", "layer2.conv"]},
+    {
+        "step": 0,
+        "bits": {n: 8 for n in SCHEME},
+        "compression": 4.0,
+        "avg_bits": 8.0,
+        "phase": "regularize",
+        "pruned": [],
+    },
+    {
+        "step": 10,
+        "bits": {"conv1": 6, "layer1.conv": 5, "layer2.conv": 6, "fc": 7},
+        "compression": 5.7,
+        "avg_bits": 5.6,
+        "phase": "regularize",
+        "pruned": ["conv1", "layer1.conv", "layer2.conv", "fc"],
+    },
+    {
+        "step": 20,
+        "bits": dict(SCHEME),
+        "compression": 11.1,
+        "avg_bits": 2.9,
+        "phase": "final",
+        "pruned": ["layer1.conv", "layer2.conv"],
+    },
 ]
 LOG_HISTORY = [
     {"step": 5, "loss": 2.1, "msq/compression": 4.0},
@@ -57,8 +76,9 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         plot_bits_per_layer(SCHEME, tmp_path / "a" / "bits.png", NUMELS),
         plot_bits_timeline(HISTORY, tmp_path / "timeline.png", NUMELS, total_steps=30),
         plot_training_curves(HISTORY, tmp_path / "curves.png", LOG_HISTORY, target=10.0),
-        plot_accuracy_vs_compression([("MSQ", 11.1, 0.71), ("DoReFa 2-bit", 16.0, 0.64), ("DoReFa 4-bit", 8.0, 0.7)],
-                                     tmp_path / "acc.png"),
+        plot_accuracy_vs_compression(
+            [("MSQ", 11.1, 0.71), ("DoReFa 2-bit", 16.0, 0.64), ("DoReFa 4-bit", 8.0, 0.7)], tmp_path / "acc.png"
+        ),
     ]
     assert paths[0] == tmp_path / "a" / "bits.png"  # parent folder created
     for path in paths:
@@ -76,13 +96,16 @@ def test_training_curves_from_history_only(tmp_path: Path) -> None:
     png_size(plot_training_curves(HISTORY, tmp_path / "c.png"))
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda p: plot_bits_per_layer({}, p), "empty"),
-    (lambda p: plot_bits_timeline([{"step": 3}], p), "no entry with 'bits'"),
-    (lambda p: plot_training_curves([], p, [{"step": 1, "loss": 2.0}]), "neither compression"),
-    (lambda p: plot_accuracy_vs_compression([], p), "no \\(method"),
-    (lambda p: plot_accuracy_vs_compression([("LSQ", float("nan"), 0.5)], p), "'LSQ'"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p: plot_bits_per_layer({}, p), "empty"),
+        (lambda p: plot_bits_timeline([{"step": 3}], p), "no entry with 'bits'"),
+        (lambda p: plot_training_curves([], p, [{"step": 1, "loss": 2.0}]), "neither compression"),
+        (lambda p: plot_accuracy_vs_compression([], p), "no \\(method"),
+        (lambda p: plot_accuracy_vs_compression([("LSQ", float("nan"), 0.5)], p), "'LSQ'"),
+    ],
+)
 def test_plot_errors(tmp_path: Path, call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call(tmp_path / "x.png")
@@ -120,24 +143,42 @@ def test_bit_table_without_numels_and_errors() -> None:
 
 def write_run_dir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / HISTORY_NAME).write_text(json.dumps({
-        "history": HISTORY, "log_history": LOG_HISTORY, "numels": NUMELS, "bit_scheme": SCHEME,
-        "target_compression": 10.0, "total_steps": 30, "summary": {"test_accuracy": 0.71, "compression": 11.1},
-        "baselines": [["DoReFa 2-bit", 16.0, 0.64]],
-    }))
+    (root / HISTORY_NAME).write_text(
+        json.dumps(
+            {
+                "history": HISTORY,
+                "log_history": LOG_HISTORY,
+                "numels": NUMELS,
+                "bit_scheme": SCHEME,
+                "target_compression": 10.0,
+                "total_steps": 30,
+                "summary": {"test_accuracy": 0.71, "compression": 11.1},
+                "baselines": [["DoReFa 2-bit", 16.0, 0.64]],
+            }
+        )
+    )
     return root
 
 
 def write_checkpoint(folder: Path, step: int, scheme: dict[str, int]) -> Path:
     folder.mkdir(parents=True)
-    (folder / "msq_state.json").write_text(json.dumps({"bits": scheme, "history": HISTORY[: 1 + step // 10],
-                                                       "total_steps": 30, "schedule": {}}))
-    (folder / "trainer_state.json").write_text(json.dumps({"log_history": LOG_HISTORY[:step // 5]}))
-    (folder / "config.json").write_text(json.dumps({"architecture": "x", "quantization_config": {
-        "quant_method": "msq", "target_compression": 10.0, "count_sign_bit": True}}))
+    (folder / "msq_state.json").write_text(
+        json.dumps({"bits": scheme, "history": HISTORY[: 1 + step // 10], "total_steps": 30, "schedule": {}})
+    )
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": LOG_HISTORY[: step // 5]}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "x",
+                "quantization_config": {"quant_method": "msq", "target_compression": 10.0, "count_sign_bit": True},
+            }
+        )
+    )
     shapes = {"conv1": (16, 3, 3, 3), "layer1.conv": (16, 16, 3, 3), "layer2.conv": (32, 16, 3, 3), "fc": (10, 64)}
-    save_file({f"{n}.weight": torch.zeros(s) for n, s in shapes.items()} | {"fc.bias": torch.zeros(10)},
-              str(folder / "model.safetensors"))
+    save_file(
+        {f"{n}.weight": torch.zeros(s) for n, s in shapes.items()} | {"fc.bias": torch.zeros(10)},
+        str(folder / "model.safetensors"),
+    )
     return folder
 
 
@@ -198,8 +239,13 @@ def test_write_report_run_dir(tmp_path: Path) -> None:
     root = write_run_dir(tmp_path / "run")
     written = write_report(root)
     names = [p.name for p in written]
-    assert names == ["bits_per_layer.png", "bits_timeline.png", "training_curves.png",
-                     "accuracy_vs_compression.png", "report.md"]
+    assert names == [
+        "bits_per_layer.png",
+        "bits_timeline.png",
+        "training_curves.png",
+        "accuracy_vs_compression.png",
+        "report.md",
+    ]
     assert all(p.parent == root / "report" for p in written)
     text = (root / "report" / "report.md").read_text()
     for png in names[:-1]:
@@ -234,8 +280,9 @@ def test_export_bits_win_but_model_order_is_kept(tmp_path: Path) -> None:
     root = write_run_dir(tmp_path / "run")
     stored = {"conv1": 4, "fc": 6, "layer1.conv": 2, "layer2.conv": 3}  # alphabetical, fc differs from SCHEME
     (root / "export").mkdir()
-    (root / "export" / "msq_manifest.json").write_text(json.dumps(
-        {"layers": {n: {"bits": b, "numel": NUMELS[n]} for n, b in stored.items()}}))
+    (root / "export" / "msq_manifest.json").write_text(
+        json.dumps({"layers": {n: {"bits": b, "numel": NUMELS[n]} for n, b in stored.items()}})
+    )
     data = find_run_data(root)
     assert list(data.scheme) == list(SCHEME)
     assert data.scheme == stored

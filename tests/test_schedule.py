@@ -1,4 +1,4 @@
-"""Tests of the pure-Python pruning decision (msq_hf/schedule.py)."""
+"""Tests of the pure-Python pruning decision (msq_hf/training/schedule.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from msq_hf import functional as QF
-from msq_hf.schedule import BitPruningSchedule, LayerState, PruneDecision, compression, make_state
+from msq_hf.quant import functional as QF
+from msq_hf.training.schedule import BitPruningSchedule, LayerState, PruneDecision, compression, make_state
 
-SCHEDULE_PY = pathlib.Path(__file__).resolve().parents[1] / "msq_hf" / "schedule.py"
+SCHEDULE_PY = pathlib.Path(__file__).resolve().parents[1] / "msq_hf" / "training" / "schedule.py"
 
 
 def sched(target: float = 16.0, tau: float = 0.05, **kw) -> BitPruningSchedule:
@@ -30,6 +31,7 @@ def state_of(bits: dict[str, int], k: dict[str, int] | int = 1, numels: dict[str
 # ---------------------------------------------------------------------------------------------
 # torch-free
 # ---------------------------------------------------------------------------------------------
+
 
 def test_schedule_module_does_not_import_torch():
     # msq_hf/__init__ imports torch, so load schedule.py as a standalone module in a fresh interpreter;
@@ -55,12 +57,13 @@ def test_schedule_source_has_no_torch_or_package_import():
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." if node.level else node.module.split(".")[0])
-    assert imported <= {"__future__", "math", "warnings", "dataclasses", "typing"}, imported
+    assert imported <= {"__future__", "collections", "math", "warnings", "dataclasses", "typing"}, imported
 
 
 # ---------------------------------------------------------------------------------------------
 # compression formula
 # ---------------------------------------------------------------------------------------------
+
 
 @given(st.lists(st.tuples(st.integers(1, 8), st.integers(1, 10_000)), min_size=1, max_size=8), st.booleans())
 def test_compression_matches_functional(layers, sign):
@@ -73,6 +76,7 @@ def test_compression_matches_functional(layers, sign):
 # ---------------------------------------------------------------------------------------------
 # k rule
 # ---------------------------------------------------------------------------------------------
+
 
 def test_k_above_mean_is_1_below_is_2():
     s = sched()
@@ -124,13 +128,22 @@ def test_mean_includes_frozen_layers():
 # validation and reachability
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"target_compression": 0.5}, "target_compression"), ({"target_compression": float("inf")}, "target_compression"),
-    ({"prune_threshold": 0.0}, "prune_threshold"), ({"prune_threshold": 1.0}, "prune_threshold"),
-    ({"min_bits": 0}, "min_bits"), ({"min_bits": 9}, "min_bits"),
-    ({"final_round_fraction": 0.0}, "final_round_fraction"), ({"final_round_fraction": 1.5}, "final_round_fraction"),
-    ({"total_steps": 0}, "total_steps"), ({"default_k": 3}, "default_k"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"target_compression": 0.5}, "target_compression"),
+        ({"target_compression": float("inf")}, "target_compression"),
+        ({"prune_threshold": 0.0}, "prune_threshold"),
+        ({"prune_threshold": 1.0}, "prune_threshold"),
+        ({"min_bits": 0}, "min_bits"),
+        ({"min_bits": 9}, "min_bits"),
+        ({"final_round_fraction": 0.0}, "final_round_fraction"),
+        ({"final_round_fraction": 1.5}, "final_round_fraction"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"default_k": 3}, "default_k"),
+    ],
+)
 def test_constructor_rejects_bad_values(kwargs, field):
     args = {"target_compression": 16.0, "prune_threshold": 0.05, **kwargs}
     with pytest.raises(ValueError, match=field):
@@ -159,6 +172,7 @@ def test_state_validation_names_layer():
 # ---------------------------------------------------------------------------------------------
 # regular steps
 # ---------------------------------------------------------------------------------------------
+
 
 def test_regular_step_prunes_all_candidates_and_reassigns_k():
     s = sched(target=16.0, tau=0.05)
@@ -202,6 +216,7 @@ def test_target_met_at_start_finalizes_immediately():
 # ---------------------------------------------------------------------------------------------
 # final round
 # ---------------------------------------------------------------------------------------------
+
 
 def test_final_round_stops_at_first_crossing():
     # four equal layers at 3 bits, target 32/2.5 = 12.8 -> average must reach 2.5 bits
@@ -255,6 +270,7 @@ def test_no_op_after_finalize():
 # ---------------------------------------------------------------------------------------------
 # forced final round (fallback)
 # ---------------------------------------------------------------------------------------------
+
 
 def test_fallback_not_before_fraction():
     s = sched(target=16.0, tau=0.01, total_steps=100, final_round_fraction=0.7)
@@ -311,6 +327,7 @@ def test_no_fallback_without_total_steps():
 # ---------------------------------------------------------------------------------------------
 # state_dict round trip
 # ---------------------------------------------------------------------------------------------
+
 
 def _simulate(schedule: BitPruningSchedule, state: dict[str, LayerState], steps: range, seed: int):
     """Deterministic pseudo-random rates/sensitivities; returns the decisions and the final state."""

@@ -1,4 +1,4 @@
-"""Tests of the Hutchinson trace estimator, HAWQ-V2 sensitivity and hessian_safe (msq_hf/sensitivity.py)."""
+"""Tests of the Hutchinson trace estimator, HAWQ-V2 sensitivity and hessian_safe (msq_hf/training/sensitivity.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from msq_hf.sensitivity import (
+from msq_hf.training.sensitivity import (
     HardSigmoidDD,
     HardSwishDD,
     estimate_sensitivities,
@@ -35,13 +35,15 @@ def double_backward(model: nn.Module, loss: torch.Tensor) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     pairs = [(gi, p) for gi, p in zip(g, params) if gi is not None and gi.requires_grad]
-    torch.autograd.grad([gi for gi, _ in pairs], [p for _, p in pairs], [torch.ones_like(gi) for gi, _ in pairs],
-                        allow_unused=True)
+    torch.autograd.grad(
+        [gi for gi, _ in pairs], [p for _, p in pairs], [torch.ones_like(gi) for gi, _ in pairs], allow_unused=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Hutchinson vs the exact Hessian
 # ---------------------------------------------------------------------------------------------
+
 
 def tiny_mlp() -> nn.Sequential:
     torch.manual_seed(0)
@@ -53,6 +55,7 @@ def exact_block_traces(model: nn.Module, batch, names: dict[str, str]) -> dict[s
     out = {}
     base = {k: v.detach() for k, v in model.named_parameters()}
     for layer, pname in names.items():
+
         def f(w, pname=pname):
             return ce(lambda x: functional_call(model, {**base, pname: w}, (x,)), batch)
 
@@ -69,13 +72,18 @@ def test_hutchinson_matches_exact_trace_within_4_stderr():
     names = {"fc1": "0.weight", "fc2": "2.weight"}
     exact = exact_block_traces(model, batch, names)
     params = {"fc1": model[0].weight, "fc2": model[2].weight}
-    est = hutchinson_trace(lambda: ce(model, batch), params, max_probes=300, tol=0.0,
-                           generator=torch.Generator().manual_seed(1))
+    est = hutchinson_trace(
+        lambda: ce(model, batch), params, max_probes=300, tol=0.0, generator=torch.Generator().manual_seed(1)
+    )
     assert est.probes == 300 and not est.converged
     for name in params:
         assert est.stderr[name] > 0
-        assert abs(est.trace[name] - exact[name]) < 4 * est.stderr[name], (name, est.trace[name], exact[name],
-                                                                         est.stderr[name])
+        assert abs(est.trace[name] - exact[name]) < 4 * est.stderr[name], (
+            name,
+            est.trace[name],
+            exact[name],
+            est.stderr[name],
+        )
         # and the estimate is informative (the error bar is small against the value)
         assert est.stderr[name] < 0.2 * abs(exact[name])
 
@@ -103,15 +111,24 @@ def test_stopping_rule_and_determinism():
     model = tiny_mlp()
     batch = (torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 5, (16,)))
     params = {"fc1": model[0].weight, "fc2": model[2].weight}
-    loose = hutchinson_trace(lambda: ce(model, batch), params, max_probes=50, tol=10.0, min_probes=3,
-                             generator=torch.Generator().manual_seed(0))
+    loose = hutchinson_trace(
+        lambda: ce(model, batch),
+        params,
+        max_probes=50,
+        tol=10.0,
+        min_probes=3,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert loose.probes == 3 and loose.converged
-    a = hutchinson_trace(lambda: ce(model, batch), params, max_probes=20, tol=0.0,
-                         generator=torch.Generator().manual_seed(5))
-    b = hutchinson_trace(lambda: ce(model, batch), params, max_probes=20, tol=0.0,
-                         generator=torch.Generator().manual_seed(5))
-    c = hutchinson_trace(lambda: ce(model, batch), params, max_probes=20, tol=0.0,
-                         generator=torch.Generator().manual_seed(6))
+    a = hutchinson_trace(
+        lambda: ce(model, batch), params, max_probes=20, tol=0.0, generator=torch.Generator().manual_seed(5)
+    )
+    b = hutchinson_trace(
+        lambda: ce(model, batch), params, max_probes=20, tol=0.0, generator=torch.Generator().manual_seed(5)
+    )
+    c = hutchinson_trace(
+        lambda: ce(model, batch), params, max_probes=20, tol=0.0, generator=torch.Generator().manual_seed(6)
+    )
     assert a.trace == b.trace and a.trace != c.trace
     assert len(a.history) == 20 and a.history[-1] == pytest.approx(a.total)
 
@@ -146,6 +163,7 @@ def test_unused_parameter_gets_zero_trace():
 # HAWQ-V2
 # ---------------------------------------------------------------------------------------------
 
+
 def test_hawq_avg_vs_sum():
     w = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([[0.5, -0.5]])}
     q = {"a": torch.tensor([1.0, 2.0, 3.5, 4.0]), "b": torch.tensor([[0.0, 0.0]])}
@@ -166,6 +184,7 @@ def test_hawq_avg_vs_sum():
 # ---------------------------------------------------------------------------------------------
 # estimate_sensitivities
 # ---------------------------------------------------------------------------------------------
+
 
 class SmallCNN(nn.Module):
     def __init__(self):
@@ -218,11 +237,12 @@ def test_estimate_sensitivities_on_msq_layers_default_quantized_weight():
     # with the straight-through estimator the Hessian w.r.t. W is the float model's Hessian at Q(W):
     # same probes (seed) -> the same estimate
     with torch.no_grad():
-        for (name, layer), ref in zip(layers.items(), (float_model[0], float_model[2])):
+        for (_name, layer), ref in zip(layers.items(), (float_model[0], float_model[2])):
             ref.weight.copy_(layer.quantized_weight())
     ref_layers = {"0": float_model[0], "2": float_model[2]}
-    _, ref_est = estimate_sensitivities(float_model, ref_layers, batch, ce, lambda m: m.weight, max_probes=10,
-                                        tol=0.0, seed=11)
+    _, ref_est = estimate_sensitivities(
+        float_model, ref_layers, batch, ce, lambda m: m.weight, max_probes=10, tol=0.0, seed=11
+    )
     assert [est.trace[n] for n in layers] == pytest.approx([ref_est.trace[n] for n in ref_layers], rel=1e-4)
     assert all(math.isfinite(v) and (v > 0) == (est.trace[n] > 0) for n, v in sens.items())
     # CE is convex in the logits and the last layer is linear: its Hessian block is PSD
@@ -232,8 +252,9 @@ def test_estimate_sensitivities_on_msq_layers_default_quantized_weight():
 def test_estimate_sensitivities_errors_name_the_layer():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
     with pytest.raises(TypeError, match="'act'"):
-        estimate_sensitivities(model, {"act": model[1]}, (torch.randn(2, 3), torch.tensor([0, 1])), ce,
-                               lambda m: m.weight, max_probes=2)
+        estimate_sensitivities(
+            model, {"act": model[1]}, (torch.randn(2, 3), torch.tensor([0, 1])), ce, lambda m: m.weight, max_probes=2
+        )
     with pytest.raises(TypeError, match="quantized_weight"):
         estimate_sensitivities(model, {"fc": model[0]}, (torch.randn(2, 3), torch.tensor([0, 1])), ce, max_probes=2)
 
@@ -241,6 +262,7 @@ def test_estimate_sensitivities_errors_name_the_layer():
 # ---------------------------------------------------------------------------------------------
 # hessian_safe on real architectures
 # ---------------------------------------------------------------------------------------------
+
 
 def test_hessian_safe_timm_vit_fused_attention():
     timm = pytest.importorskip("timm")
@@ -269,8 +291,15 @@ def test_hessian_safe_hf_vit_sdpa():
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8, num_labels=10)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     model = ViTForImageClassification(config)
     assert model.config._attn_implementation == "sdpa"
     batch = (torch.randn(2, 3, 32, 32), torch.tensor([3, 4]))
@@ -338,15 +367,15 @@ def test_hessian_safe_disables_autocast_and_restores_on_error():
         assert model(x).dtype == torch.bfloat16
         with hessian_safe(model):
             assert model(x).dtype == torch.float32
-    with pytest.raises(KeyError):
-        with hessian_safe(model):
-            raise KeyError("boom")
+    with pytest.raises(KeyError), hessian_safe(model):
+        raise KeyError("boom")
     assert model.training and model[0].training
 
 
 # ---------------------------------------------------------------------------------------------
 # distributed reduction
 # ---------------------------------------------------------------------------------------------
+
 
 def test_reduce_identity_without_process_group():
     values = {"b": 2.0, "a": 1.5}
@@ -373,7 +402,7 @@ def test_reduce_across_two_ranks(tmp_path):
 
     debug_launcher(_rank_worker, args=(str(tmp_path),), num_processes=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for r, res in enumerate(results):
+    for _r, res in enumerate(results):
         assert res["world"] == 2
         assert res["out"] == {"conv": 0.5, "fc": 6.0}
     assert results[0]["order"] == ["conv", "fc"] and results[1]["order"] == ["fc", "conv"]

@@ -12,8 +12,8 @@ from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForIm
 
 import msq_hf
 import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
-from msq_hf.controller import default_loss
-from msq_hf.trainer import MSQ_STATE_NAME, MSQTrainer, load_timm_checkpoint, read_msq_state
+from msq_hf.training.controller import default_loss
+from msq_hf.training.trainer import MSQ_STATE_NAME, MSQTrainer, load_timm_checkpoint, read_msq_state
 
 timm = pytest.importorskip("timm")
 
@@ -36,15 +36,31 @@ def make_dataset(n: int = 16, size: int = 16, seed: int = 0) -> list[dict[str, t
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)
-    cfg = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=32, num_labels=NUM_CLASSES)
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=NUM_CLASSES,
+    )
     return ViTForImageClassification(cfg)
 
 
 def tiny_timm_vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
-                             embed_dim=16, num_heads=2, num_classes=NUM_CLASSES)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        depth=1,
+        embed_dim=16,
+        num_heads=2,
+        num_classes=NUM_CLASSES,
+    )
 
 
 def tiny_resnet(seed: int = 0) -> nn.Module:
@@ -53,9 +69,19 @@ def tiny_resnet(seed: int = 0) -> nn.Module:
 
 
 def args_for(tmp_path, name: str = "run", **kw) -> TrainingArguments:
-    base = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, learning_rate=0.05,
-                max_steps=6, logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                dataloader_num_workers=0, max_grad_norm=0.0)
+    base = dict(
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=8,
+        learning_rate=0.05,
+        max_steps=6,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        max_grad_norm=0.0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -83,6 +109,7 @@ class LogCapture(TrainerCallback):
 # loss and gradient accumulation
 # ---------------------------------------------------------------------------------------------
 
+
 def test_regularizer_joins_the_loss_only_in_training(tmp_path) -> None:
     cfg = msq_hf.MSQConfig(reg_strength=1e-3, hessian_guided=False, target_compression=5.0, prune_interval=100)
     model = tiny_resnet()
@@ -90,7 +117,7 @@ def test_regularizer_joins_the_loss_only_in_training(tmp_path) -> None:
     batch = trainer.data_collator(make_dataset(8))
     ctl = trainer.msq_controller
     model.train()
-    loss = trainer.compute_loss(model, batch)      # first training batch: starts the controller (k > 0)
+    loss = trainer.compute_loss(model, batch)  # first training batch: starts the controller (k > 0)
     assert ctl.started and all(layer.n_k > 0 for layer in ctl.layers.values())
     reg = ctl.last_regularization
     assert reg > 0
@@ -111,8 +138,14 @@ def _grads(model_fn, tmp_path, name, ga, reg, data) -> dict[str, torch.Tensor]:
     # target 1.0: one optimizer step cannot prune anything, and the test is about the step-0 regularizer
     cfg = msq_hf.MSQConfig(reg_strength=reg, hessian_guided=False, target_compression=1.0, prune_interval=100)
     cap = GradCapture()
-    args = args_for(tmp_path, name, per_device_train_batch_size=len(data) // ga, gradient_accumulation_steps=ga,
-                    max_steps=1, learning_rate=0.0)
+    args = args_for(
+        tmp_path,
+        name,
+        per_device_train_batch_size=len(data) // ga,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        learning_rate=0.0,
+    )
     trainer = MSQTrainer(model=model_fn(), args=args, train_dataset=data, msq_config=cfg, callbacks=[cap])
     trainer.train()
     assert cap.grads
@@ -139,17 +172,32 @@ def test_gradient_accumulation_matches_one_big_batch(model_fn, tmp_path) -> None
 # pruning, phases, logs
 # ---------------------------------------------------------------------------------------------
 
+
 def pruning_config(**kw) -> msq_hf.MSQConfig:
-    base = dict(init_bits=8, target_compression=6.0, reg_strength=2e-3, prune_threshold=0.6, prune_interval=2,
-                hessian_guided=True, hessian_max_probes=2, hessian_batch_size=4, final_round_fraction=0.8)
+    base = dict(
+        init_bits=8,
+        target_compression=6.0,
+        reg_strength=2e-3,
+        prune_threshold=0.6,
+        prune_interval=2,
+        hessian_guided=True,
+        hessian_max_probes=2,
+        hessian_batch_size=4,
+        final_round_fraction=0.8,
+    )
     base.update(kw)
     return msq_hf.MSQConfig(**base)
 
 
 def test_pruning_lowers_bits_at_the_interval_then_qat(tmp_path) -> None:
     logs = LogCapture()
-    trainer = MSQTrainer(model=tiny_resnet(), args=args_for(tmp_path, max_steps=12), train_dataset=make_dataset(32),
-                         msq_config=pruning_config(), callbacks=[logs])
+    trainer = MSQTrainer(
+        model=tiny_resnet(),
+        args=args_for(tmp_path, max_steps=12),
+        train_dataset=make_dataset(32),
+        msq_config=pruning_config(),
+        callbacks=[logs],
+    )
     trainer.train()
     ctl = trainer.msq_controller
     pruning_steps = [h["step"] for h in ctl.history if h["step"] > 0]
@@ -185,8 +233,9 @@ def test_unreachable_target_fails_before_training(tmp_path) -> None:
     # must still fail before the first optimizer step
     cfg = pruning_config(target_compression=5.0, prune_interval=5, min_bits=4)
     cfg.target_compression = 16.0
-    trainer = MSQTrainer(model=tiny_resnet(), args=args_for(tmp_path, max_steps=10), train_dataset=make_dataset(16),
-                         msq_config=cfg)
+    trainer = MSQTrainer(
+        model=tiny_resnet(), args=args_for(tmp_path, max_steps=10), train_dataset=make_dataset(16), msq_config=cfg
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with pytest.raises(ValueError, match="target_compression=16 is unreachable"):
         trainer.train()
@@ -198,10 +247,15 @@ def test_unreachable_target_fails_before_training(tmp_path) -> None:
 # checkpoints and resume
 # ---------------------------------------------------------------------------------------------
 
+
 def _run(tmp_path, name, resume=None):
     args = args_for(tmp_path, name, max_steps=12, save_strategy="steps", save_steps=4, logging_steps=4)
-    trainer = MSQTrainer(model=tiny_resnet(), args=args, train_dataset=make_dataset(48),
-                         msq_config=pruning_config(target_compression=8.0, prune_threshold=0.5, final_round_fraction=0.9))
+    trainer = MSQTrainer(
+        model=tiny_resnet(),
+        args=args,
+        train_dataset=make_dataset(48),
+        msq_config=pruning_config(target_compression=8.0, prune_threshold=0.5, final_round_fraction=0.9),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -219,14 +273,16 @@ def test_checkpoint_has_msq_state_and_resume_gives_same_scheme(tmp_path) -> None
     assert msq_hf.bit_scheme(rebuilt) == state["bits"]
     resumed = _run(tmp_path, "resumed", resume=str(ckpt))
     assert msq_hf.bit_scheme(resumed.model) == msq_hf.bit_scheme(full.model)
-    assert [(h["step"], h["bits"]) for h in resumed.msq_controller.history] == \
-        [(h["step"], h["bits"]) for h in full.msq_controller.history]
+    assert [(h["step"], h["bits"]) for h in resumed.msq_controller.history] == [
+        (h["step"], h["bits"]) for h in full.msq_controller.history
+    ]
     assert resumed.msq_controller.phase == full.msq_controller.phase
 
 
 # ---------------------------------------------------------------------------------------------
 # model kinds
 # ---------------------------------------------------------------------------------------------
+
 
 def tiny_timm_wrapper(seed: int = 0) -> nn.Module:
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
@@ -237,8 +293,13 @@ def tiny_timm_wrapper(seed: int = 0) -> nn.Module:
 
 @pytest.mark.parametrize("model_fn", [tiny_resnet, tiny_timm_wrapper, tiny_vit], ids=["timm", "timm_wrapper", "hf_vit"])
 def test_model_kinds_train_and_prune(model_fn, tmp_path) -> None:
-    trainer = MSQTrainer(model=model_fn(), args=args_for(tmp_path, max_steps=8), train_dataset=make_dataset(32),
-                         eval_dataset=make_dataset(8, seed=1), msq_config=pruning_config(target_compression=5.0))
+    trainer = MSQTrainer(
+        model=model_fn(),
+        args=args_for(tmp_path, max_steps=8),
+        train_dataset=make_dataset(32),
+        eval_dataset=make_dataset(8, seed=1),
+        msq_config=pruning_config(target_compression=5.0),
+    )
     trainer.train()
     ctl = trainer.msq_controller
     assert ctl.compression >= 5.0 and ctl.phase == "qat"
@@ -254,13 +315,15 @@ def test_requires_msq_layers_or_config(tmp_path) -> None:
 def test_raw_model_argument_defaults(tmp_path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path / "d"), report_to=[], use_cpu=True)
     assert args.remove_unused_columns and args.label_names is None
-    trainer = MSQTrainer(model=tiny_resnet(), args=args, train_dataset=make_dataset(8),
-                         msq_config=pruning_config())
+    trainer = MSQTrainer(model=tiny_resnet(), args=args, train_dataset=make_dataset(8), msq_config=pruning_config())
     assert trainer.args.remove_unused_columns is False and trainer.args.label_names == ["labels"]
     assert trainer.model_accepts_loss_kwargs is False
-    hf = MSQTrainer(model=tiny_vit(), args=TrainingArguments(output_dir=str(tmp_path / "e"), report_to=[],
-                                                            use_cpu=True),
-                    train_dataset=make_dataset(8), msq_config=pruning_config())
+    hf = MSQTrainer(
+        model=tiny_vit(),
+        args=TrainingArguments(output_dir=str(tmp_path / "e"), report_to=[], use_cpu=True),
+        train_dataset=make_dataset(8),
+        msq_config=pruning_config(),
+    )
     assert hf.args.remove_unused_columns is True  # HF models keep the Trainer's defaults
     assert copy.copy(hf.msq_controller.names)
 
@@ -269,6 +332,7 @@ def test_raw_model_argument_defaults(tmp_path) -> None:
 # real data (mechanics): ResNet-20 on a Fashion-MNIST slice reaches 8x and learns
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_resnet20_fashion_mnist_reaches_target_and_learns(tmp_path) -> None:
     import numpy as np
@@ -276,19 +340,44 @@ def test_resnet20_fashion_mnist_reaches_target_and_learns(tmp_path) -> None:
     from msq_hf.data import load_digits_dataset, load_fashion_mnist
 
     try:
-        train, test = load_fashion_mnist("train", limit=3000, allow_hub=False), \
-            load_fashion_mnist("test", limit=500, allow_hub=False)
+        train, test = (
+            load_fashion_mnist("train", limit=3000, allow_hub=False),
+            load_fashion_mnist("test", limit=500, allow_hub=False),
+        )
     except FileNotFoundError:
         pytest.importorskip("sklearn")
         train, test = load_digits_dataset("train"), load_digits_dataset("test")
     torch.manual_seed(0)
     model = timm.create_model("resnet20_cifar", pretrained=False, num_classes=10)
-    cfg = msq_hf.MSQConfig(init_bits=8, target_compression=8.0, reg_strength=1e-5, prune_threshold=0.3,
-                           prune_interval=10, hessian_max_probes=2, hessian_batch_size=32, final_round_fraction=0.7)
-    args = args_for(tmp_path, per_device_train_batch_size=64, max_steps=90, learning_rate=0.1, lr_scheduler_type="cosine",
-                    weight_decay=5e-4, optim="sgd", logging_steps=30, max_grad_norm=1.0)
-    trainer = MSQTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, msq_config=cfg,
-                         compute_metrics=lambda p: {"acc": float((np.argmax(p.predictions, -1) == p.label_ids).mean())})
+    cfg = msq_hf.MSQConfig(
+        init_bits=8,
+        target_compression=8.0,
+        reg_strength=1e-5,
+        prune_threshold=0.3,
+        prune_interval=10,
+        hessian_max_probes=2,
+        hessian_batch_size=32,
+        final_round_fraction=0.7,
+    )
+    args = args_for(
+        tmp_path,
+        per_device_train_batch_size=64,
+        max_steps=90,
+        learning_rate=0.1,
+        lr_scheduler_type="cosine",
+        weight_decay=5e-4,
+        optim="sgd",
+        logging_steps=30,
+        max_grad_norm=1.0,
+    )
+    trainer = MSQTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        msq_config=cfg,
+        compute_metrics=lambda p: {"acc": float((np.argmax(p.predictions, -1) == p.label_ids).mean())},
+    )
     trainer.train()
     ctl = trainer.msq_controller
     avg = [h["avg_bits"] for h in ctl.history]

@@ -14,8 +14,8 @@ imports this package.
 
 from __future__ import annotations
 
-from . import bsq, csq, dorefa
-from .common import PACT, trainable_parameters
+from msq_hf.baselines import bsq, csq, dorefa
+from msq_hf.baselines.common import PACT, trainable_parameters
 
 #: method name -> module, for benchmarks that loop over methods
 METHODS = {"bsq": bsq, "csq": csq, "dorefa": dorefa}

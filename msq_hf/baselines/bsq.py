@@ -24,23 +24,23 @@ nor counted, as in the MSQ accounting).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..functional import ste
-from .common import (
+from msq_hf.baselines.common import (
     QuantLayerBase,
     check_bits,
     exponent_vector,
     iter_layers,
+    layers_compression,
     layers_of,
     replace_layers,
     split_bits,
     trainable_parameters,
-    layers_compression,
 )
+from msq_hf.quant.functional import ste
 
 #: BSQ's ``quant(maxbit=8)``: re-quantization never grows a layer beyond this
 DEFAULT_MAX_BITS = 8
@@ -163,8 +163,9 @@ class BSQLayer(QuantLayerBase):
             levels = 2**n_bits - 1
         r_pos.clamp_(max=levels)
         r_neg.clamp_(max=levels)
-        self._replace_planes(split_bits(r_pos, n_bits).to(self.pweight.dtype),
-                             split_bits(r_neg, n_bits).to(self.nweight.dtype))
+        self._replace_planes(
+            split_bits(r_pos, n_bits).to(self.pweight.dtype), split_bits(r_neg, n_bits).to(self.nweight.dtype)
+        )
         self._set_bits(n_bits)
 
     @torch.no_grad()
@@ -213,8 +214,14 @@ class BSQLayer(QuantLayerBase):
 # module-level API (same shape for every baseline)
 
 
-def convert(model: nn.Module, init_bits: int = 8, *, modules_to_not_convert: Sequence[str] | None = None,
-            act_bits: int | None = None, act_skip_first: bool = True) -> nn.Module:
+def convert(
+    model: nn.Module,
+    init_bits: int = 8,
+    *,
+    modules_to_not_convert: Sequence[str] | None = None,
+    act_bits: int | None = None,
+    act_skip_first: bool = True,
+) -> nn.Module:
     """Replace every Linear/Conv2d of ``model`` in place by a :class:`BSQLayer` at ``init_bits``.
 
     Planes are the exact binary digits of the ``init_bits``-bit quantized float weight
@@ -222,8 +229,9 @@ def convert(model: nn.Module, init_bits: int = 8, *, modules_to_not_convert: Seq
     the first. Raises ``ValueError`` if nothing was converted.
     """
     check_bits(init_bits, "bsq init_bits")
-    replace_layers(model, lambda name, m: BSQLayer(m, init_bits), "bsq", modules_to_not_convert,
-                   act_bits, act_skip_first)
+    replace_layers(
+        model, lambda name, m: BSQLayer(m, init_bits), "bsq", modules_to_not_convert, act_bits, act_skip_first
+    )
     return model
 
 
@@ -250,8 +258,7 @@ def clamp_bits_(model: nn.Module) -> None:
         layer.nweight.clamp_(0.0, 2.0)
 
 
-def requantize_and_adjust(model: nn.Module, threshold: float = 0.0,
-                          max_bits: int = DEFAULT_MAX_BITS) -> dict[str, int]:
+def requantize_and_adjust(model: nn.Module, threshold: float = 0.0, max_bits: int = DEFAULT_MAX_BITS) -> dict[str, int]:
     """BSQ's periodic re-quantization + precision adjustment; returns the new ``{layer: bits}``.
 
     Per layer: ``requantize(max_bits)`` (planes exactly 0/1 again, one more bit on overflow) then

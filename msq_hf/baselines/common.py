@@ -14,14 +14,15 @@ None of this is used by the MSQ path; the baselines only exist for benchmarks an
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import _references, _same_pad_conv_types, find_convertible_layers
-from ..functional import compression_ratio, ste
+from msq_hf.convert import _references, _same_pad_conv_types, find_convertible_layers
+from msq_hf.quant.functional import compression_ratio, ste
 
 #: bits a PACT input quantizer accepts
 PACT_BITS = range(2, 9)
@@ -51,8 +52,17 @@ class QuantLayerBase(nn.Module):
             self.in_features, self.out_features = module.in_features, module.out_features
         elif isinstance(module, nn.Conv2d):
             self.kind = "conv"
-            for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                         "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            for name in (
+                "in_channels",
+                "out_channels",
+                "kernel_size",
+                "stride",
+                "padding",
+                "dilation",
+                "groups",
+                "padding_mode",
+                "_reversed_padding_repeated_twice",
+            ):
                 setattr(self, name, getattr(module, name))
             same = _same_pad_conv_types()
             self.same_pad = bool(same) and isinstance(module, same)
@@ -98,8 +108,10 @@ class QuantLayerBase(nn.Module):
     def geometry_repr(self) -> str:
         if self.kind == "linear":
             return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"groups={self.groups}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"groups={self.groups}, bias={self.bias is not None}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,9 +186,15 @@ class PACT(nn.Module):
 L = TypeVar("L", bound=QuantLayerBase)
 
 
-def replace_layers(model: nn.Module, factory: Callable[[str, nn.Module], QuantLayerBase], method: str,
-                   modules_to_not_convert: Sequence[str] | None = None, act_bits: int | None = None,
-                   act_skip_first: bool = True, act_init_alpha: float = 10.0) -> list[str]:
+def replace_layers(
+    model: nn.Module,
+    factory: Callable[[str, nn.Module], QuantLayerBase],
+    method: str,
+    modules_to_not_convert: Sequence[str] | None = None,
+    act_bits: int | None = None,
+    act_skip_first: bool = True,
+    act_init_alpha: float = 10.0,
+) -> list[str]:
     """Swap every ``nn.Linear``/``nn.Conv2d`` (and timm's ``Linear``/``Conv2dSame``) in place.
 
     ``factory(name, float_module)`` builds the replacement. With ``act_bits`` each replaced layer
@@ -186,15 +204,21 @@ def replace_layers(model: nn.Module, factory: Callable[[str, nn.Module], QuantLa
     """
     existing = [n for n, m in model.named_modules() if isinstance(m, QuantLayerBase)]
     if existing:
-        raise ValueError(f"{type(model).__name__} already holds baseline-quantized layers "
-                         f"(e.g. {existing[0]!r}); {method}.convert needs the float model")
+        raise ValueError(
+            f"{type(model).__name__} already holds baseline-quantized layers "
+            f"(e.g. {existing[0]!r}); {method}.convert needs the float model"
+        )
     names = find_convertible_layers(model, modules_to_not_convert)
     if not names:
-        raise ValueError(f"{method}.convert: {type(model).__name__} has no nn.Linear/nn.Conv2d layer to convert"
-                         + (" after modules_to_not_convert" if modules_to_not_convert else ""))
+        raise ValueError(
+            f"{method}.convert: {type(model).__name__} has no nn.Linear/nn.Conv2d layer to convert"
+            + (" after modules_to_not_convert" if modules_to_not_convert else "")
+        )
     if act_bits is not None and int(act_bits) not in PACT_BITS:
-        raise ValueError(f"{method}.convert: act_bits={act_bits} is outside "
-                         f"{PACT_BITS.start}..{PACT_BITS.stop - 1} (None keeps activations float)")
+        raise ValueError(
+            f"{method}.convert: act_bits={act_bits} is outside "
+            f"{PACT_BITS.start}..{PACT_BITS.stop - 1} (None keeps activations float)"
+        )
     refs = _references(model)
     for i, name in enumerate(names):
         module = model.get_submodule(name)
@@ -220,8 +244,9 @@ def layers_of(model: nn.Module, cls: type[L], method: str) -> dict[str, L]:
     """``{name: layer}`` of one method; ``ValueError`` if the model holds none."""
     layers = dict(iter_layers(model, cls))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no {method} layers; call "
-                         f"msq_hf.baselines.{method}.convert(model) first")
+        raise ValueError(
+            f"{type(model).__name__} has no {method} layers; call msq_hf.baselines.{method}.convert(model) first"
+        )
     return layers
 
 
@@ -234,8 +259,8 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def layers_compression(layers: Mapping[str, "QuantLayerBase"]) -> float:
-    """``32 * sum_l N_l / sum_l n_l N_l`` over converted layers (:func:`msq_hf.functional.compression_ratio`);
+def layers_compression(layers: Mapping[str, QuantLayerBase]) -> float:
+    """``32 * sum_l N_l / sum_l n_l N_l`` over converted layers (:func:`msq_hf.quant.functional.compression_ratio`);
     ``inf`` when every layer has 0 bits (CSQ can switch every bit of a layer off)."""
     if not layers:
         raise ValueError("compression ratio of an empty bit scheme")

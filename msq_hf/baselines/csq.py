@@ -27,20 +27,21 @@ official behaviour. Biases stay float and uncounted.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-from .common import (
+from msq_hf.baselines.common import (
     QuantLayerBase,
     check_bits,
     exponent_vector,
+    layers_compression,
     layers_of,
     replace_layers,
     split_bits,
     trainable_parameters,
-    layers_compression,
 )
 
 BitInit = Literal["signed", "code"]
@@ -54,8 +55,15 @@ class CSQLayer(QuantLayerBase):
 
     method = "csq"
 
-    def __init__(self, module: nn.Module, bits: int, target_bits: float, mask_init: float = 0.0,
-                 bit_init: BitInit = "signed", init_logit: float = 1.0):
+    def __init__(
+        self,
+        module: nn.Module,
+        bits: int,
+        target_bits: float,
+        mask_init: float = 0.0,
+        bit_init: BitInit = "signed",
+        init_logit: float = 1.0,
+    ):
         super().__init__()
         self._init_geometry(module)
         bits = check_bits(bits, "csq init_bits")
@@ -138,18 +146,27 @@ class CSQLayer(QuantLayerBase):
         self.mask_weight.copy_(torch.clamp(self.temperature * self.mask_weight, max=self.mask_init))
 
     def extra_repr(self) -> str:
-        return (f"{self.geometry_repr()}, init_bits={self._bits}, temperature={self.temperature:.3g}, "
-                f"ticket={self.ticket}")
+        return (
+            f"{self.geometry_repr()}, init_bits={self._bits}, temperature={self.temperature:.3g}, ticket={self.ticket}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
 # module-level API
 
 
-def convert(model: nn.Module, init_bits: int = 8, *, target_bits: float = 2.0, mask_init: float = 0.0,
-            bit_init: BitInit = "signed", init_logit: float = 1.0,
-            modules_to_not_convert: Sequence[str] | None = None, act_bits: int | None = None,
-            act_skip_first: bool = True) -> nn.Module:
+def convert(
+    model: nn.Module,
+    init_bits: int = 8,
+    *,
+    target_bits: float = 2.0,
+    mask_init: float = 0.0,
+    bit_init: BitInit = "signed",
+    init_logit: float = 1.0,
+    modules_to_not_convert: Sequence[str] | None = None,
+    act_bits: int | None = None,
+    act_skip_first: bool = True,
+) -> nn.Module:
     """Replace every Linear/Conv2d of ``model`` in place by a :class:`CSQLayer` at ``init_bits``.
 
     ``target_bits`` is CSQ's ``--target`` T (average bits the budget regularizer steers to);
@@ -159,8 +176,14 @@ def convert(model: nn.Module, init_bits: int = 8, *, target_bits: float = 2.0, m
     check_bits(init_bits, "csq init_bits")
     if not 0 < target_bits <= init_bits:
         raise ValueError(f"csq target_bits={target_bits} must be in (0, init_bits={init_bits}]")
-    replace_layers(model, lambda name, m: CSQLayer(m, init_bits, target_bits, mask_init, bit_init, init_logit),
-                   "csq", modules_to_not_convert, act_bits, act_skip_first)
+    replace_layers(
+        model,
+        lambda name, m: CSQLayer(m, init_bits, target_bits, mask_init, bit_init, init_logit),
+        "csq",
+        modules_to_not_convert,
+        act_bits,
+        act_skip_first,
+    )
     return model
 
 

@@ -1,7 +1,7 @@
 """Uniform-precision QAT baseline: DoReFa weights (Zhou et al. 2016) + PACT activations (Choi et al. 2018).
 
 Every ``nn.Linear``/``nn.Conv2d`` keeps its float weight as the trainable latent and uses
-:func:`msq_hf.functional.dorefa_quantize` in the forward pass::
+:func:`msq_hf.quant.functional.dorefa_quantize` in the forward pass::
 
     k >= 2:  W_q = 2 round((2^k-1) w~)/(2^k-1) - 1,  w~ = tanh W / (2 max|tanh W|) + 1/2
     k == 1:  W_q = sign(W) * mean|W|        (BWN)
@@ -14,13 +14,13 @@ The bit width is the same for every layer (no regularizer: :func:`regularization
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..functional import dorefa_quantize
-from .common import QuantLayerBase, layers_of, replace_layers, trainable_parameters, layers_compression
+from msq_hf.baselines.common import QuantLayerBase, layers_compression, layers_of, replace_layers, trainable_parameters
+from msq_hf.quant.functional import dorefa_quantize
 
 #: weight bit widths DoReFa accepts here (32 = float)
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
@@ -56,9 +56,16 @@ class DoReFaLayer(QuantLayerBase):
         return f"{self.geometry_repr()}, bits={self._bits}"
 
 
-def convert(model: nn.Module, init_bits: int = 8, *, bits: int | None = None, act_bits: int | None = None,
-            act_skip_first: bool = True, act_init_alpha: float = 10.0,
-            modules_to_not_convert: Sequence[str] | None = None) -> nn.Module:
+def convert(
+    model: nn.Module,
+    init_bits: int = 8,
+    *,
+    bits: int | None = None,
+    act_bits: int | None = None,
+    act_skip_first: bool = True,
+    act_init_alpha: float = 10.0,
+    modules_to_not_convert: Sequence[str] | None = None,
+) -> nn.Module:
     """Replace every Linear/Conv2d in place by a :class:`DoReFaLayer` with ``bits`` weight bits.
 
     ``bits`` is an alias of ``init_bits`` (the common baseline signature); giving both with
@@ -68,8 +75,15 @@ def convert(model: nn.Module, init_bits: int = 8, *, bits: int | None = None, ac
     if bits is not None and bits != init_bits and init_bits != 8:
         raise ValueError(f"dorefa.convert got init_bits={init_bits} and bits={bits}; pass only one")
     weight_bits = _check_weight_bits(init_bits if bits is None else bits)
-    replace_layers(model, lambda name, m: DoReFaLayer(m, weight_bits), "dorefa", modules_to_not_convert,
-                   act_bits, act_skip_first, act_init_alpha)
+    replace_layers(
+        model,
+        lambda name, m: DoReFaLayer(m, weight_bits),
+        "dorefa",
+        modules_to_not_convert,
+        act_bits,
+        act_skip_first,
+        act_init_alpha,
+    )
     return model
 
 

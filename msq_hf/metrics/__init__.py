@@ -63,9 +63,10 @@ def compute_accuracy_metrics(eval_pred: Any) -> dict[str, float]:
     if predictions.ndim == labels.ndim + 1:
         predictions = predictions.argmax(axis=-1)
     if predictions.shape != labels.shape:
-        raise ValueError(f"compute_accuracy_metrics: predictions {predictions.shape} do not match labels "
-                         f"{labels.shape} (expected logits (N, C) or class ids (N,))")
+        raise ValueError(
+            f"compute_accuracy_metrics: predictions {predictions.shape} do not match labels "
+            f"{labels.shape} (expected logits (N, C) or class ids (N,))"
+        )
     keep = labels.reshape(-1) != -100
-    result = _shared_accuracy().compute(predictions=predictions.reshape(-1)[keep],
-                                        references=labels.reshape(-1)[keep])
+    result = _shared_accuracy().compute(predictions=predictions.reshape(-1)[keep], references=labels.reshape(-1)[keep])
     return {"accuracy": float(result["accuracy"])}

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .resnet_cifar import (
+from msq_hf.models.resnet_cifar import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     BasicBlockCifar,

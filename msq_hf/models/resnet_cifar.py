@@ -16,14 +16,14 @@ in-place ops, so the model is double-backward (HVP) friendly.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch import nn
-
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
 
 __all__ = ["BasicBlockCifar", "ResNetCifar", "CIFAR10_MEAN", "CIFAR10_STD"]
 
@@ -74,14 +74,24 @@ class ResNetCifar(nn.Module):
         zero_init_last: zero the last BN gamma of every block.
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 3, 3), widths: Sequence[int] = (16, 32, 64),
-                 num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
-                 drop_rate: float = 0.0, zero_init_last: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 3, 3),
+        widths: Sequence[int] = (16, 32, 64),
+        num_classes: int = 10,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        zero_init_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         if kwargs:
             # timm passes only known keys; anything else is a user typo we should not swallow.
-            raise TypeError(f"ResNetCifar got unexpected arguments {sorted(kwargs)}; allowed: layers, widths, "
-                            "num_classes, in_chans, global_pool, drop_rate, zero_init_last")
+            raise TypeError(
+                f"ResNetCifar got unexpected arguments {sorted(kwargs)}; allowed: layers, widths, "
+                "num_classes, in_chans, global_pool, drop_rate, zero_init_last"
+            )
         if len(layers) != len(widths) or not layers:
             raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} must be non-empty and equally long")
         if global_pool not in _POOL_TYPES:
@@ -101,8 +111,9 @@ class ResNetCifar(nn.Module):
         for idx, (depth, width) in enumerate(zip(layers, widths), start=1):
             stride = 1 if idx == 1 else 2
             reduction *= stride
-            blocks = [BasicBlockCifar(in_chs if i == 0 else width, width, stride if i == 0 else 1)
-                      for i in range(depth)]
+            blocks = [
+                BasicBlockCifar(in_chs if i == 0 else width, width, stride if i == 0 else 1) for i in range(depth)
+            ]
             self.add_module(f"layer{idx}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"layer{idx}"))
             in_chs = width
@@ -119,7 +130,7 @@ class ResNetCifar(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
-                nn.init.kaiming_uniform_(module.weight, a=5 ** 0.5)  # PyTorch default, explicit for clarity
+                nn.init.kaiming_uniform_(module.weight, a=5**0.5)  # PyTorch default, explicit for clarity
                 nn.init.zeros_(module.bias)
         if zero_init_last:
             for module in self.modules():
@@ -154,8 +165,11 @@ class ResNetCifar(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         ref = self.conv1.weight
-        self.fc = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-                   if num_classes > 0 else nn.Identity())
+        self.fc = (
+            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and residual stages: ``(B, in_chans, H, W)`` → ``(B, num_features, H/4, W/4)``."""
@@ -199,15 +213,16 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "resnet20_cifar": _cfg(),
-    "resnet32_cifar": _cfg(),
-    "resnet56_cifar": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "resnet20_cifar": _cfg(),
+        "resnet32_cifar": _cfg(),
+        "resnet56_cifar": _cfg(),
+    }
+)
 
 
-def _create_resnet_cifar(variant: str, blocks_per_stage: int, pretrained: bool = False,
-                         **kwargs: Any) -> ResNetCifar:
+def _create_resnet_cifar(variant: str, blocks_per_stage: int, pretrained: bool = False, **kwargs: Any) -> ResNetCifar:
     """Build through timm so ``pretrained_cfg``, model args and ``features_only`` work as for timm models."""
     return build_model_with_cfg(
         ResNetCifar,

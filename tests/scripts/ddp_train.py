@@ -19,7 +19,7 @@ import torch
 from transformers import TrainingArguments
 
 import msq_hf
-from msq_hf.trainer import MSQTrainer
+from msq_hf.training.trainer import MSQTrainer
 
 
 def main(out_dir: str) -> None:
@@ -27,30 +27,61 @@ def main(out_dir: str) -> None:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
-                              embed_dim=16, num_heads=2, num_classes=3)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        depth=1,
+        embed_dim=16,
+        num_heads=2,
+        num_classes=3,
+    )
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(64):
         x = torch.randn(3, 16, 16, generator=g) * 0.5
         x[i % 3] += 1.0
         rows.append({"pixel_values": x, "labels": torch.tensor(i % 3)})
-    cfg = msq_hf.MSQConfig(init_bits=8, target_compression=5.0, reg_strength=2e-3, prune_threshold=0.6,
-                           prune_interval=2, hessian_max_probes=2, hessian_batch_size=4, final_round_fraction=0.8)
-    args = TrainingArguments(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=8, max_steps=8,
-                             learning_rate=0.05, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-                             logging_steps=4, ddp_broadcast_buffers=False, ddp_find_unused_parameters=False,
-                             dataloader_num_workers=0,
-                             disable_tqdm=True)
+    cfg = msq_hf.MSQConfig(
+        init_bits=8,
+        target_compression=5.0,
+        reg_strength=2e-3,
+        prune_threshold=0.6,
+        prune_interval=2,
+        hessian_max_probes=2,
+        hessian_batch_size=4,
+        final_round_fraction=0.8,
+    )
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "run"),
+        per_device_train_batch_size=8,
+        max_steps=8,
+        learning_rate=0.05,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        logging_steps=4,
+        ddp_broadcast_buffers=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = MSQTrainer(model=model, args=args, train_dataset=rows, msq_config=cfg)
     trainer.train()
     ctl = trainer.msq_controller
     rank = int(os.environ.get("RANK", "0"))
-    result = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-              "distributed": bool(torch.distributed.is_initialized()),
-              "bits": msq_hf.bit_scheme(trainer.model), "compression": ctl.compression, "phase": ctl.phase,
-              "history": [{"step": h["step"], "bits": h["bits"], "k": h["k"]} for h in ctl.history],
-              "sensitivities": [h["sensitivities"] for h in ctl.history]}
+    result = {
+        "rank": rank,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "distributed": bool(torch.distributed.is_initialized()),
+        "bits": msq_hf.bit_scheme(trainer.model),
+        "compression": ctl.compression,
+        "phase": ctl.phase,
+        "history": [{"step": h["step"], "bits": h["bits"], "k": h["k"]} for h in ctl.history],
+        "sensitivities": [h["sensitivities"] for h in ctl.history],
+    }
     with open(os.path.join(out_dir, f"scheme_rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1, sort_keys=True)
 

@@ -62,9 +62,7 @@ class Accuracy(evaluate.Metric):
         else:
             weights = np.asarray(sample_weight, dtype=np.float64)
             if weights.shape != correct.shape:
-                raise ValueError(
-                    f"accuracy: sample_weight {weights.shape} must match predictions {correct.shape}"
-                )
+                raise ValueError(f"accuracy: sample_weight {weights.shape} must match predictions {correct.shape}")
         total = float((correct * weights).sum())
         if not normalize:
             return {"accuracy": total}

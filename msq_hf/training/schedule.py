@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "BitPruningSchedule",
@@ -35,13 +36,13 @@ __all__ = [
 
 STATE_VERSION = 1
 PHASES = ("regularize", "final", "qat")
-_SUPPORTED_BITS = (1, 8)  # same range as msq_hf.functional.MIN_BITS..MAX_BITS (kept torch-free here)
+_SUPPORTED_BITS = (1, 8)  # same range as msq_hf.quant.functional.MIN_BITS..MAX_BITS (kept torch-free here)
 
 
 def compression(bits: Mapping[str, int], numels: Mapping[str, int], count_sign_bit: bool = False) -> float:
     """Compression ratio ``C = 32 * sum_l N_l / sum_l b_l N_l`` (``b_l = bits_l`` or ``bits_l + 1``).
 
-    Same formula as :func:`msq_hf.functional.compression_ratio`, re-implemented here so that this
+    Same formula as :func:`msq_hf.quant.functional.compression_ratio`, re-implemented here so that this
     module stays importable without torch.
     """
     if not bits:
@@ -101,11 +102,18 @@ class PruneDecision:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PruneDecision":
+    def from_dict(cls, d: Mapping[str, Any]) -> PruneDecision:
         """Inverse of :meth:`to_dict`."""
-        return cls(bits={n: int(b) for n, b in d["bits"].items()}, k={n: int(v) for n, v in d["k"].items()},
-                   pruned=list(d["pruned"]), phase=str(d["phase"]), compression=float(d["compression"]),
-                   finalized=bool(d["finalized"]), reason=str(d["reason"]), step=int(d.get("step", 0)))
+        return cls(
+            bits={n: int(b) for n, b in d["bits"].items()},
+            k={n: int(v) for n, v in d["k"].items()},
+            pruned=list(d["pruned"]),
+            phase=str(d["phase"]),
+            compression=float(d["compression"]),
+            finalized=bool(d["finalized"]),
+            reason=str(d["reason"]),
+            step=int(d.get("step", 0)),
+        )
 
 
 @dataclass
@@ -130,20 +138,37 @@ class BitPruningSchedule:
         default_k: ``k`` given to every layer when no sensitivities are available (1 or 2).
     """
 
-    def __init__(self, target_compression: float, prune_threshold: float, min_bits: int = 1,
-                 count_sign_bit: bool = False, final_round_fraction: float = 0.7,
-                 total_steps: int | None = None, default_k: int = 1):
-        if isinstance(target_compression, bool) or not isinstance(target_compression, (int, float)) \
-                or not math.isfinite(target_compression) or target_compression < 1:
+    def __init__(
+        self,
+        target_compression: float,
+        prune_threshold: float,
+        min_bits: int = 1,
+        count_sign_bit: bool = False,
+        final_round_fraction: float = 0.7,
+        total_steps: int | None = None,
+        default_k: int = 1,
+    ):
+        if (
+            isinstance(target_compression, bool)
+            or not isinstance(target_compression, (int, float))
+            or not math.isfinite(target_compression)
+            or target_compression < 1
+        ):
             raise ValueError(f"target_compression={target_compression!r} is invalid: expected a finite number >= 1")
-        if isinstance(prune_threshold, bool) or not isinstance(prune_threshold, (int, float)) \
-                or not 0 < prune_threshold < 1:
+        if (
+            isinstance(prune_threshold, bool)
+            or not isinstance(prune_threshold, (int, float))
+            or not 0 < prune_threshold < 1
+        ):
             raise ValueError(f"prune_threshold={prune_threshold!r} is invalid: expected a number in (0, 1)")
         lo, hi = _SUPPORTED_BITS
         if isinstance(min_bits, bool) or not isinstance(min_bits, int) or not lo <= min_bits <= hi:
             raise ValueError(f"min_bits={min_bits!r} is invalid: expected an integer in {lo}..{hi}")
-        if isinstance(final_round_fraction, bool) or not isinstance(final_round_fraction, (int, float)) \
-                or not 0 < final_round_fraction <= 1:
+        if (
+            isinstance(final_round_fraction, bool)
+            or not isinstance(final_round_fraction, (int, float))
+            or not 0 < final_round_fraction <= 1
+        ):
             raise ValueError(f"final_round_fraction={final_round_fraction!r} is invalid: expected a number in (0, 1]")
         if default_k not in (1, 2) or isinstance(default_k, bool):
             raise ValueError(f"default_k={default_k!r} is invalid: expected 1 or 2")
@@ -205,7 +230,8 @@ class BitPruningSchedule:
             raise ValueError(
                 f"target_compression={self.target_compression:g} is unreachable: with every quantized layer at "
                 f"min_bits={self.min_bits}{sign} the best achievable compression is {best:.4f}x; lower "
-                f"target_compression or min_bits")
+                f"target_compression or min_bits"
+            )
 
     def _validate_state(self, state: Mapping[str, LayerState]) -> None:
         if not state:
@@ -215,11 +241,15 @@ class BitPruningSchedule:
             if not isinstance(layer, LayerState):
                 raise TypeError(f"state[{name!r}] must be a LayerState, got {type(layer).__name__}")
             if not max(lo, self.min_bits) <= layer.bits <= hi:
-                raise ValueError(f"layer {name!r} has bits={layer.bits}, outside {max(lo, self.min_bits)}..{hi} "
-                                 f"(min_bits={self.min_bits})")
+                raise ValueError(
+                    f"layer {name!r} has bits={layer.bits}, outside {max(lo, self.min_bits)}..{hi} "
+                    f"(min_bits={self.min_bits})"
+                )
             if layer.k < 0 or (layer.k > 0 and layer.bits - layer.k < self.min_bits):
-                raise ValueError(f"layer {name!r} has k={layer.k} with bits={layer.bits}: expected 0 <= k <= "
-                                 f"bits - min_bits = {layer.bits - self.min_bits}")
+                raise ValueError(
+                    f"layer {name!r} has k={layer.k} with bits={layer.bits}: expected 0 <= k <= "
+                    f"bits - min_bits = {layer.bits - self.min_bits}"
+                )
             if layer.numel < 0:
                 raise ValueError(f"layer {name!r} has numel={layer.numel}: expected >= 0")
 
@@ -245,8 +275,10 @@ class BitPruningSchedule:
         values = {name: float(sensitivities[name]) for name in bits}
         bad = [name for name, s in values.items() if not math.isfinite(s)]
         if bad:
-            raise ValueError(f"assign_k: sensitivity of layer(s) {bad[:5]} is not finite "
-                             f"({[values[n] for n in bad[:5]]}); the Hessian pass diverged")
+            raise ValueError(
+                f"assign_k: sensitivity of layer(s) {bad[:5]} is not finite "
+                f"({[values[n] for n in bad[:5]]}); the Hessian pass diverged"
+            )
         mean = math.fsum(values.values()) / len(values) if values else 0.0
         for name, b in bits.items():
             s = values[name]
@@ -255,8 +287,13 @@ class BitPruningSchedule:
         return out
 
     # -- the step ---------------------------------------------------------------------------------
-    def step(self, state: Mapping[str, LayerState], nonzero_rates: Mapping[str, float],
-             sensitivities: Mapping[str, float] | None, global_step: int) -> PruneDecision:
+    def step(
+        self,
+        state: Mapping[str, LayerState],
+        nonzero_rates: Mapping[str, float],
+        sensitivities: Mapping[str, float] | None,
+        global_step: int,
+    ) -> PruneDecision:
         """Take one pruning decision (see the module docstring for the contract).
 
         Order of the rules: (1) already finalized -> no-op ``"qat"``; (2) target already met ->
@@ -271,13 +308,21 @@ class BitPruningSchedule:
         global_step = int(global_step)
 
         if self._mem.finalized:
-            return PruneDecision(bits=bits, k={name: 0 for name in state}, pruned=[], phase="qat",
-                                 compression=self.compression(bits, numels), finalized=True,
-                                 reason=f"finalized at step {self._mem.finalized_step}; plain QAT", step=global_step)
+            return PruneDecision(
+                bits=bits,
+                k={name: 0 for name in state},
+                pruned=[],
+                phase="qat",
+                compression=self.compression(bits, numels),
+                finalized=True,
+                reason=f"finalized at step {self._mem.finalized_step}; plain QAT",
+                step=global_step,
+            )
 
         if self._reached(bits, numels):
-            return self._finalize(bits, numels, [], global_step,
-                                  f"target {self.target_compression:g}x already met; no pruning needed")
+            return self._finalize(
+                bits, numels, [], global_step, f"target {self.target_compression:g}x already met; no pruning needed"
+            )
 
         missing = [name for name in state if name not in nonzero_rates]
         if missing:
@@ -290,8 +335,11 @@ class BitPruningSchedule:
         if self.forced_round_due(global_step):
             return self._forced_round(state, bits, numels, rates, global_step)
 
-        candidates = [name for name, layer in state.items()
-                      if rates[name] < self.prune_threshold and layer.k >= 1 and layer.bits - layer.k >= self.min_bits]
+        candidates = [
+            name
+            for name, layer in state.items()
+            if rates[name] < self.prune_threshold and layer.k >= 1 and layer.bits - layer.k >= self.min_bits
+        ]
         after_all = dict(bits)
         for name in candidates:
             after_all[name] -= state[name].k
@@ -303,20 +351,43 @@ class BitPruningSchedule:
                 pruned.append(name)
                 if self._reached(new_bits, numels):
                     break
-            return self._finalize(new_bits, numels, pruned, global_step,
-                                  f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by ascending "
-                                  f"nonzero rate until compression >= {self.target_compression:g}x")
+            return self._finalize(
+                new_bits,
+                numels,
+                pruned,
+                global_step,
+                f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by ascending "
+                f"nonzero rate until compression >= {self.target_compression:g}x",
+            )
 
         new_k = self.assign_k(after_all, sensitivities)
         src = "sensitivities" if sensitivities is not None else f"default_k={self.default_k}"
-        reason = (f"pruned {len(candidates)} layer(s) with nonzero rate < {self.prune_threshold:g}; k from {src}"
-                  if candidates else f"no layer below nonzero rate {self.prune_threshold:g}; k from {src}")
-        return self._record(PruneDecision(bits=after_all, k=new_k, pruned=list(candidates), phase="regularize",
-                                          compression=self.compression(after_all, numels), finalized=False,
-                                          reason=reason, step=global_step))
+        reason = (
+            f"pruned {len(candidates)} layer(s) with nonzero rate < {self.prune_threshold:g}; k from {src}"
+            if candidates
+            else f"no layer below nonzero rate {self.prune_threshold:g}; k from {src}"
+        )
+        return self._record(
+            PruneDecision(
+                bits=after_all,
+                k=new_k,
+                pruned=list(candidates),
+                phase="regularize",
+                compression=self.compression(after_all, numels),
+                finalized=False,
+                reason=reason,
+                step=global_step,
+            )
+        )
 
-    def _forced_round(self, state: Mapping[str, LayerState], bits: dict[str, int], numels: dict[str, int],
-                      rates: dict[str, float], global_step: int) -> PruneDecision:
+    def _forced_round(
+        self,
+        state: Mapping[str, LayerState],
+        bits: dict[str, int],
+        numels: dict[str, int],
+        rates: dict[str, float],
+        global_step: int,
+    ) -> PruneDecision:
         # all layers that can still lose a bit, least-used LSBs first (threshold ignored)
         order = sorted((name for name in state if bits[name] > self.min_bits), key=lambda n: (rates[n], n))
         new_bits = dict(bits)
@@ -345,17 +416,29 @@ class BitPruningSchedule:
         if reached:
             reason = f"forced final round ({cutoff}): pruned {len(pruned)} layer(s) by ascending nonzero rate"
         else:  # only possible if check_reachable was skipped
-            reason = (f"forced final round ({cutoff}): every layer is at min_bits={self.min_bits} and the target "
-                      f"{self.target_compression:g}x is still not met")
+            reason = (
+                f"forced final round ({cutoff}): every layer is at min_bits={self.min_bits} and the target "
+                f"{self.target_compression:g}x is still not met"
+            )
         return self._finalize(new_bits, numels, pruned, global_step, reason)
 
-    def _finalize(self, bits: dict[str, int], numels: dict[str, int], pruned: list[str], global_step: int,
-                  reason: str) -> PruneDecision:
+    def _finalize(
+        self, bits: dict[str, int], numels: dict[str, int], pruned: list[str], global_step: int, reason: str
+    ) -> PruneDecision:
         self._mem.finalized = True
         self._mem.finalized_step = global_step
-        return self._record(PruneDecision(bits=bits, k={name: 0 for name in bits}, pruned=pruned, phase="final",
-                                          compression=self.compression(bits, numels), finalized=True,
-                                          reason=reason, step=global_step))
+        return self._record(
+            PruneDecision(
+                bits=bits,
+                k={name: 0 for name in bits},
+                pruned=pruned,
+                phase="final",
+                compression=self.compression(bits, numels),
+                finalized=True,
+                reason=reason,
+                step=global_step,
+            )
+        )
 
     def _record(self, decision: PruneDecision) -> PruneDecision:
         self._mem.history.append(decision.to_dict())
@@ -376,27 +459,42 @@ class BitPruningSchedule:
         """Restore :meth:`state_dict` output. Warns if the stored hyperparameters differ from this schedule's."""
         version = d.get("version")
         if version != STATE_VERSION:
-            raise ValueError(f"BitPruningSchedule state version {version!r} is not supported "
-                             f"(expected {STATE_VERSION})")
+            raise ValueError(
+                f"BitPruningSchedule state version {version!r} is not supported (expected {STATE_VERSION})"
+            )
         stored = d.get("hyperparameters", {})
-        changed = {key: (stored[key], value) for key, value in self._hyperparameters().items()
-                   if key in stored and stored[key] != value}
+        changed = {
+            key: (stored[key], value)
+            for key, value in self._hyperparameters().items()
+            if key in stored and stored[key] != value
+        }
         if changed:
-            warnings.warn("BitPruningSchedule: resuming with changed hyperparameter(s) "
-                          + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()),
-                          stacklevel=2)
+            warnings.warn(
+                "BitPruningSchedule: resuming with changed hyperparameter(s) "
+                + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+                stacklevel=2,
+            )
         step = d.get("finalized_step")
-        self._mem = _Memory(finalized=bool(d["finalized"]), finalized_step=None if step is None else int(step),
-                            history=[dict(h) for h in d.get("history", [])])
+        self._mem = _Memory(
+            finalized=bool(d["finalized"]),
+            finalized_step=None if step is None else int(step),
+            history=[dict(h) for h in d.get("history", [])],
+        )
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {"target_compression": self.target_compression, "prune_threshold": self.prune_threshold,
-                "min_bits": self.min_bits, "count_sign_bit": self.count_sign_bit,
-                "final_round_fraction": self.final_round_fraction, "default_k": self.default_k}
+        return {
+            "target_compression": self.target_compression,
+            "prune_threshold": self.prune_threshold,
+            "min_bits": self.min_bits,
+            "count_sign_bit": self.count_sign_bit,
+            "final_round_fraction": self.final_round_fraction,
+            "default_k": self.default_k,
+        }
 
     def __repr__(self) -> str:
-        return (f"BitPruningSchedule(target_compression={self.target_compression:g}, "
-                f"prune_threshold={self.prune_threshold:g}, min_bits={self.min_bits}, "
-                f"count_sign_bit={self.count_sign_bit}, final_round_fraction={self.final_round_fraction:g}, "
-                f"total_steps={self._total_steps}, finalized={self.finalized})")
-
+        return (
+            f"BitPruningSchedule(target_compression={self.target_compression:g}, "
+            f"prune_threshold={self.prune_threshold:g}, min_bits={self.min_bits}, "
+            f"count_sign_bit={self.count_sign_bit}, final_round_fraction={self.final_round_fraction:g}, "
+            f"total_steps={self._total_steps}, finalized={self.finalized})"
+        )

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .errors import MSQError
-from .model_card import human_bytes
-from .serialization import CONFIG_NAME, MANIFEST_NAME
+from msq_hf.errors import MSQError
+from msq_hf.io.card import human_bytes
+from msq_hf.io.export import CONFIG_NAME, MANIFEST_NAME
 
 
 @dataclass
@@ -51,12 +51,17 @@ class InspectReport:
         return data
 
 
-def inspect_export(path_or_repo_id: str | os.PathLike, verify: bool = True, revision: str | None = None,
-                   cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                   local_files_only: bool | None = None) -> InspectReport:
+def inspect_export(
+    path_or_repo_id: str | os.PathLike,
+    verify: bool = True,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> InspectReport:
     """Inspect an export folder or Hub repo. Problems are collected in ``report.errors``, not raised
     (only an unreachable path/repo raises ``MSQMissingFileError``)."""
-    from .loading import read_export, resolve_export_dir
+    from msq_hf.io.load import read_export, resolve_export_dir
 
     directory = resolve_export_dir(path_or_repo_id, revision, cache_dir, token, local_files_only)
     report = InspectReport(path=str(directory), ok=True, verified_sha256=verify)
@@ -91,10 +96,14 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
     out = [f"msq_hf export: {report.path}"]
     model = report.model
     if report.kind == "hf":
-        out.append(f"  model      : {model.get('class')} (transformers, {model.get('model_type')}), {model.get('dtype')}")
+        out.append(
+            f"  model      : {model.get('class')} (transformers, {model.get('model_type')}), {model.get('dtype')}"
+        )
     elif report.kind == "timm":
-        out.append(f"  model      : timm {model.get('architecture')} ({model.get('num_classes')} classes), "
-                   f"{model.get('dtype')}")
+        out.append(
+            f"  model      : timm {model.get('architecture')} ({model.get('num_classes')} classes), "
+            f"{model.get('dtype')}"
+        )
     out.append(f"  format     : {report.format} v{report.format_version}, wnorm={report.wnorm}")
     if report.versions:
         out.append("  written by : " + ", ".join(f"{k} {v}" for k, v in sorted(report.versions.items())))
@@ -111,8 +120,10 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
             f"{human_bytes(t.get('unquantized_bytes', 0))}, weight files {human_bytes(t.get('weight_file_bytes', 0))} "
             f"(float: {human_bytes(t.get('float_bytes', 0))})",
         ]
-    out.append(f"  on disk    : {human_bytes(report.bytes_on_disk)} in {len(report.files)} files: "
-               + ", ".join(f"{n} ({human_bytes(s)})" for n, s in report.files.items()))
+    out.append(
+        f"  on disk    : {human_bytes(report.bytes_on_disk)} in {len(report.files)} files: "
+        + ", ".join(f"{n} ({human_bytes(s)})" for n, s in report.files.items())
+    )
     if report.layers:
         names = list(report.layers)
         shown = names if max_layers is None else names[:max_layers]
@@ -123,8 +134,10 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
             i = report.layers[name]
             shape = "x".join(str(d) for d in i.get("shape", []))
             kind = "dwconv" if i.get("depthwise") else str(i.get("type", "?"))
-            out.append(f"  {name:<{width}}  {kind:<7} {shape:<16} {i.get('bits', '?'):>4} {i.get('stored_bits', '?'):>6} "
-                       f"{i.get('packed_bytes', 0):>10,}")
+            out.append(
+                f"  {name:<{width}}  {kind:<7} {shape:<16} {i.get('bits', '?'):>4} {i.get('stored_bits', '?'):>6} "
+                f"{i.get('packed_bytes', 0):>10,}"
+            )
         if len(shown) < len(names):
             out.append(f"  ... {len(names) - len(shown)} more layers")
     out.append("")
@@ -155,13 +168,19 @@ def main_inspect(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed the usage line
         return int(exc.code or 0) if exc.code in (0, None) else 2
     try:
-        report = inspect_export(args.path, verify=not args.no_verify, revision=args.revision,
-                                cache_dir=args.cache_dir, local_files_only=args.local_files_only or None)
+        report = inspect_export(
+            args.path,
+            verify=not args.no_verify,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            local_files_only=args.local_files_only or None,
+        )
     except (MSQError, OSError) as exc:
         print(f"msq-hf inspect: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json
-          else format_report(report, args.max_layers))
+    print(
+        json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else format_report(report, args.max_layers)
+    )
     if not report.ok:
         print(f"msq-hf inspect: {report.errors[0].splitlines()[0]}", file=sys.stderr)
         return 1

@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Hutchinson trace estimator
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TraceEstimate:
@@ -73,12 +75,17 @@ def _rademacher(p: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     # probes whatever device the model is on
     device = generator.device if generator is not None else p.device
     z = torch.randint(0, 2, p.shape, generator=generator, device=device, dtype=torch.int8)
-    return (z.to(device=p.device, dtype=p.dtype) * 2 - 1)
+    return z.to(device=p.device, dtype=p.dtype) * 2 - 1
 
 
-def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: Mapping[str, torch.Tensor], max_probes: int = 50,
-                     tol: float = 1e-2, min_probes: int = 4,
-                     generator: torch.Generator | None = None) -> TraceEstimate:
+def hutchinson_trace(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    max_probes: int = 50,
+    tol: float = 1e-2,
+    min_probes: int = 4,
+    generator: torch.Generator | None = None,
+) -> TraceEstimate:
     """Hutchinson estimate of the Hessian trace of ``loss_fn()`` per parameter block.
 
     One forward/backward with ``create_graph=True`` gives the gradient ``g``; each probe then draws
@@ -122,8 +129,9 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: Mapping[str, t
             loss = loss_fn()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
-                raise ValueError(f"hutchinson_trace: loss_fn must return a scalar tensor, got "
-                                 f"{type(loss).__name__}{shape}")
+                raise ValueError(
+                    f"hutchinson_trace: loss_fn must return a scalar tensor, got {type(loss).__name__}{shape}"
+                )
             grads = torch.autograd.grad(loss.reshape(()), tensors, create_graph=True, allow_unused=True)
         # gradients that do not depend on any parameter (loss linear in them, or unused) have Hz = 0
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -132,10 +140,19 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: Mapping[str, t
             vs = [_rademacher(t, generator) for t in tensors]
             values = torch.zeros(len(names), dtype=torch.float64, device=tensors[0].device)
             if live:
-                hvs = torch.autograd.grad([grads[i] for i in live], tensors, grad_outputs=[vs[i] for i in live],
-                                          retain_graph=True, allow_unused=True)
-                parts = [torch.zeros((), dtype=torch.float64, device=tensors[0].device) if hv is None
-                         else (v.double() * hv.double()).sum().to(tensors[0].device) for v, hv in zip(vs, hvs)]
+                hvs = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    tensors,
+                    grad_outputs=[vs[i] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                parts = [
+                    torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+                    if hv is None
+                    else (v.double() * hv.double()).sum().to(tensors[0].device)
+                    for v, hv in zip(vs, hvs)
+                ]
                 values = torch.stack(parts)
             per_layer = values.tolist()  # one host sync per probe
             for i, value in enumerate(per_layer):
@@ -144,10 +161,13 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: Mapping[str, t
             probes = probe
             mean = math.fsum(sums) / probes
             history.append(mean)
-            if probe >= min_probes and prev_mean is not None:
-                if abs(mean - prev_mean) <= tol * (abs(prev_mean) + 1e-12):
-                    converged = True
-                    break
+            if (
+                probe >= min_probes
+                and prev_mean is not None
+                and abs(mean - prev_mean) <= tol * (abs(prev_mean) + 1e-12)
+            ):
+                converged = True
+                break
             prev_mean = mean
     finally:
         # drop every reference to the double-backward graph so its buffers are freed now
@@ -167,8 +187,13 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: Mapping[str, t
 # HAWQ-V2 sensitivity
 # --------------------------------------------------------------------------------------------
 
-def hawq_sensitivity(trace: Mapping[str, float], weights: Mapping[str, torch.Tensor],
-                     quantized: Mapping[str, torch.Tensor], normalize: Normalize = "avg") -> dict[str, float]:
+
+def hawq_sensitivity(
+    trace: Mapping[str, float],
+    weights: Mapping[str, torch.Tensor],
+    quantized: Mapping[str, torch.Tensor],
+    normalize: Normalize = "avg",
+) -> dict[str, float]:
     """HAWQ-V2 sensitivity ``S_l = (Tr_l / N_l) * ||Q(W_l) - W_l||^2`` (``avg``) or ``Tr_l * ||.||^2`` (``sum``).
 
     Computed in float64. Keys (and their order) are those of ``trace``.
@@ -178,12 +203,15 @@ def hawq_sensitivity(trace: Mapping[str, float], weights: Mapping[str, torch.Ten
     out: dict[str, float] = {}
     for name, tr in trace.items():
         if name not in weights or name not in quantized:
-            raise KeyError(f"hawq_sensitivity: layer {name!r} has a trace but no "
-                           f"{'weight' if name not in weights else 'quantized weight'}")
+            raise KeyError(
+                f"hawq_sensitivity: layer {name!r} has a trace but no "
+                f"{'weight' if name not in weights else 'quantized weight'}"
+            )
         w, q = weights[name], quantized[name]
         if w.shape != q.shape:
-            raise ValueError(f"hawq_sensitivity: layer {name!r}: quantized shape {tuple(q.shape)} != weight shape "
-                             f"{tuple(w.shape)}")
+            raise ValueError(
+                f"hawq_sensitivity: layer {name!r}: quantized shape {tuple(q.shape)} != weight shape {tuple(w.shape)}"
+            )
         with torch.no_grad():
             err = float((q.detach().double() - w.detach().double()).pow(2).sum())
         scale = float(tr) / w.numel() if normalize == "avg" else float(tr)
@@ -194,6 +222,7 @@ def hawq_sensitivity(trace: Mapping[str, float], weights: Mapping[str, torch.Ten
 # --------------------------------------------------------------------------------------------
 # making a model double-differentiable
 # --------------------------------------------------------------------------------------------
+
 
 class HardSigmoidDD(nn.Module):
     """``relu6(x + 3) / 6`` written with ``clamp`` so it has a second derivative (torch's native
@@ -266,8 +295,11 @@ def _eager_attention(model: nn.Module) -> Iterator[bool]:
                 setter("eager")
                 changed = True
             except Exception as err:  # an unusual model: the math-SDPA context still covers sdpa
-                logger.warning("hessian_safe: could not switch %s to eager attention (%s); relying on the math "
-                               "SDPA backend", type(module).__name__, err)
+                logger.warning(
+                    "hessian_safe: could not switch %s to eager attention (%s); relying on the math SDPA backend",
+                    type(module).__name__,
+                    err,
+                )
         yield changed
     finally:
         for config, value in configs.values():
@@ -320,6 +352,7 @@ def hessian_safe(model: nn.Module) -> Iterator[nn.Module]:
 # distributed reduction
 # --------------------------------------------------------------------------------------------
 
+
 def reduce_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
     """Mean of ``values`` over all ranks of the default process group (identity without one).
 
@@ -338,8 +371,10 @@ def reduce_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
     for rank, other in enumerate(gathered):
         if other != keys:
             diff = sorted(set(other) ^ set(keys))
-            raise ValueError(f"reduce_across_ranks: rank {rank} has different keys than rank {dist.get_rank()} "
-                             f"(differing: {diff[:5]})")
+            raise ValueError(
+                f"reduce_across_ranks: rank {rank} has different keys than rank {dist.get_rank()} "
+                f"(differing: {diff[:5]})"
+            )
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -353,6 +388,7 @@ def reduce_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # everything together
 # --------------------------------------------------------------------------------------------
+
 
 def _default_quantized_weight(module: nn.Module) -> torch.Tensor:
     fn = getattr(module, "quantized_weight", None)
@@ -408,8 +444,14 @@ def estimate_sensitivities(
         for p in toggled:
             p.requires_grad_(True)
         with hessian_safe(model):
-            est = hutchinson_trace(lambda: loss_fn(model, batch), params, max_probes=max_probes, tol=tol,
-                                   min_probes=min_probes, generator=generator)
+            est = hutchinson_trace(
+                lambda: loss_fn(model, batch),
+                params,
+                max_probes=max_probes,
+                tol=tol,
+                min_probes=min_probes,
+                generator=generator,
+            )
     finally:
         for p in toggled:
             p.requires_grad_(False)

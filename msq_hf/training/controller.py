@@ -3,7 +3,7 @@
 The controller ties the pieces of MSQ Algorithm 1 together for one model:
 
 * it finds the MSQ layers (:func:`msq_hf.convert.msq_layers`) and owns a
-  :class:`~msq_hf.schedule.BitPruningSchedule` plus its state;
+  :class:`~msq_hf.training.schedule.BitPruningSchedule` plus its state;
 * :meth:`MSQController.regularization` returns ``lambda * sum_l R_l`` for the loss, where the
   per-layer LSB terms ``R_l`` were already computed by the fused quantizer in the training forward
   (the layers record them; the controller only sums them, so it costs nothing);
@@ -22,15 +22,16 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MSQConfig
-from .convert import msq_layers
-from .functional import compression_ratio as _compression_ratio
+from msq_hf.config import MSQConfig
+from msq_hf.convert import msq_layers
+from msq_hf.quant.functional import compression_ratio as _compression_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ Batch = Any
 # batches and the default task loss
 # --------------------------------------------------------------------------------------------
 
+
 def detach_batch(batch: Batch) -> Batch:
     """A structural copy of ``batch`` whose tensors are detached (the storage is shared, not copied)."""
     if isinstance(batch, torch.Tensor):
@@ -53,8 +55,11 @@ def detach_batch(batch: Batch) -> Batch:
     if isinstance(batch, Mapping):
         return {key: detach_batch(value) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(detach_batch(value) for value in batch) if isinstance(batch, list) \
+        return (
+            type(batch)(detach_batch(value) for value in batch)
+            if isinstance(batch, list)
             else tuple(detach_batch(value) for value in batch)
+        )
     return batch
 
 
@@ -97,8 +102,10 @@ def _logits(outputs: Any) -> torch.Tensor:
     if logits is None and isinstance(outputs, (tuple, list)) and outputs:
         logits = outputs[0]
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"cannot find logits in a model output of type {type(outputs).__name__}; "
-                        "pass loss_fn=... to the MSQController")
+        raise TypeError(
+            f"cannot find logits in a model output of type {type(outputs).__name__}; "
+            "pass loss_fn=... to the MSQController"
+        )
     return logits
 
 
@@ -127,8 +134,9 @@ def default_loss(model: nn.Module, batch: Batch, forward: Callable[..., Any] | N
             raise ValueError(f"a tuple batch must be (inputs, labels), got {len(batch)} element(s)")
         return F.cross_entropy(_logits(fwd(batch[0])).float(), batch[1])
     if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a dict (pixel_values/labels) or an (inputs, labels) tuple, "
-                        f"got {type(batch).__name__}")
+        raise TypeError(
+            f"batch must be a dict (pixel_values/labels) or an (inputs, labels) tuple, got {type(batch).__name__}"
+        )
     if "labels" not in batch:
         raise KeyError(f"the batch has no 'labels' key (keys: {sorted(batch)}); pass loss_fn=... to the controller")
     if forward_takes_kwargs(getattr(model, "forward", fwd)):
@@ -140,8 +148,9 @@ def default_loss(model: nn.Module, batch: Batch, forward: Callable[..., Any] | N
             return loss
         return F.cross_entropy(_logits(outputs).float(), batch["labels"])
     if "pixel_values" not in batch:
-        raise KeyError(f"the batch has no 'pixel_values' key (keys: {sorted(batch)}); pass loss_fn=... to the "
-                       "controller")
+        raise KeyError(
+            f"the batch has no 'pixel_values' key (keys: {sorted(batch)}); pass loss_fn=... to the controller"
+        )
     return F.cross_entropy(_logits(fwd(batch["pixel_values"])).float(), batch["labels"])
 
 
@@ -157,6 +166,7 @@ def hutchinson_seed(seed: int, global_step: int) -> int:
 # --------------------------------------------------------------------------------------------
 # the controller
 # --------------------------------------------------------------------------------------------
+
 
 class MSQController:
     """Pruning state and regularizer of one MSQ model, usable from any training loop.
@@ -181,12 +191,21 @@ class MSQController:
             ctl.maybe_step(step, batch)                # every config.prune_interval steps
     """
 
-    def __init__(self, model: nn.Module, config: MSQConfig | None = None, total_steps: int | None = None, *,
-                 seed: int = 0, loss_fn: LossFn | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MSQConfig | None = None,
+        total_steps: int | None = None,
+        *,
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+    ):
         config = config if config is not None else getattr(model, "msq_config", None)
         if config is None:
-            raise ValueError(f"{type(model).__name__} has no msq_config; pass config=MSQConfig(...) or convert the "
-                             "model with msq_hf.quantize_model(model, config)")
+            raise ValueError(
+                f"{type(model).__name__} has no msq_config; pass config=MSQConfig(...) or convert the "
+                "model with msq_hf.quantize_model(model, config)"
+            )
         if not isinstance(config, MSQConfig):
             raise TypeError(f"config must be an msq_hf.MSQConfig, got {type(config).__name__}")
         self.model = model
@@ -206,18 +225,22 @@ class MSQController:
         self._schedule = self._make_schedule()
         self.total_steps = total_steps
 
-
     # -- schedule adapter (the only place that knows the BitPruningSchedule API) ----------------
     def _make_schedule(self) -> Any:
-        from .schedule import BitPruningSchedule
+        from msq_hf.training.schedule import BitPruningSchedule
 
         cfg = self.config
-        return BitPruningSchedule(cfg.target_compression, cfg.prune_threshold, min_bits=cfg.min_bits,
-                                  count_sign_bit=cfg.count_sign_bit, final_round_fraction=cfg.final_round_fraction,
-                                  default_k=cfg.default_k)
+        return BitPruningSchedule(
+            cfg.target_compression,
+            cfg.prune_threshold,
+            min_bits=cfg.min_bits,
+            count_sign_bit=cfg.count_sign_bit,
+            final_round_fraction=cfg.final_round_fraction,
+            default_k=cfg.default_k,
+        )
 
     def _layer_states(self) -> Any:
-        from .schedule import make_state
+        from msq_hf.training.schedule import make_state
 
         return make_state(self.bits, self.ks, self.numels)
 
@@ -282,8 +305,13 @@ class MSQController:
     @property
     def compression(self) -> float:
         """``32 * sum N_l / sum b_l N_l`` of the current bits (sign bit counted per the config)."""
-        return float(_compression_ratio([self.numels[n] for n in self.names], [self.layers[n].n_bits for n in self.names],
-                                        self.config.count_sign_bit))
+        return float(
+            _compression_ratio(
+                [self.numels[n] for n in self.names],
+                [self.layers[n].n_bits for n in self.names],
+                self.config.count_sign_bit,
+            )
+        )
 
     @property
     def avg_bits(self) -> float:
@@ -305,8 +333,12 @@ class MSQController:
     @property
     def regularizing(self) -> bool:
         """Whether the regularizer is on (started, not finalized, lambda > 0, some layer with k > 0)."""
-        return self._started and not self._finalized and self.config.reg_strength > 0 \
+        return (
+            self._started
+            and not self._finalized
+            and self.config.reg_strength > 0
             and any(layer.n_k > 0 for layer in self.layers.values())
+        )
 
     # -- the regularizer ------------------------------------------------------------------------
     def regularization(self) -> torch.Tensor:
@@ -347,34 +379,44 @@ class MSQController:
     def sensitivities(self, batch: Batch, global_step: int = 0, loss_fn: LossFn | None = None) -> dict[str, float]:
         """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``hessian_batch_size`` samples of ``batch``.
 
-        Runs in eval mode and fp32 inside :func:`msq_hf.sensitivity.hessian_safe`; uses
+        Runs in eval mode and fp32 inside :func:`msq_hf.training.sensitivity.hessian_safe`; uses
         ``torch.autograd.grad`` only, so ``.grad``, the optimizer and BatchNorm running statistics are
         untouched. Probes are seeded by :func:`hutchinson_seed` ``(seed, global_step)``. Not reduced
         across ranks (see :meth:`maybe_step`).
         """
-        from .sensitivity import estimate_sensitivities
+        from msq_hf.training.sensitivity import estimate_sensitivities
 
         sub = slice_batch(batch, self.config.hessian_batch_size)
         cfg = self.config
         sens, _estimate = estimate_sensitivities(
-            self.model, self.layers, sub, self._loss_for_hessian(loss_fn),
-            max_probes=cfg.hessian_max_probes, tol=cfg.hessian_tol, normalize=cfg.sensitivity_norm,
-            seed=hutchinson_seed(self.seed, global_step), min_probes=min(4, cfg.hessian_max_probes))
+            self.model,
+            self.layers,
+            sub,
+            self._loss_for_hessian(loss_fn),
+            max_probes=cfg.hessian_max_probes,
+            tol=cfg.hessian_tol,
+            normalize=cfg.sensitivity_norm,
+            seed=hutchinson_seed(self.seed, global_step),
+            min_probes=min(4, cfg.hessian_max_probes),
+        )
         return dict(sens)
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        from .sensitivity import reduce_across_ranks
+        from msq_hf.training.sensitivity import reduce_across_ranks
 
         return dict(reduce_across_ranks(values))
 
-    def _measure(self, batch: Batch | None, global_step: int, loss_fn: LossFn | None,
-                 need_sens: bool) -> tuple[dict[str, float], dict[str, float] | None]:
+    def _measure(
+        self, batch: Batch | None, global_step: int, loss_fn: LossFn | None, need_sens: bool
+    ) -> tuple[dict[str, float], dict[str, float] | None]:
         rates = self._reduce(self.nonzero_rates())
         sens = None
         if need_sens and self.config.hessian_guided:
             if batch is None:
-                raise ValueError("hessian_guided=True needs a batch for the sensitivity pass; pass batch=... "
-                                 "(or set MSQConfig.hessian_guided=False)")
+                raise ValueError(
+                    "hessian_guided=True needs a batch for the sensitivity pass; pass batch=... "
+                    "(or set MSQConfig.hessian_guided=False)"
+                )
             sens = self._reduce(self.sensitivities(batch, global_step, loss_fn))
         return rates, sens
 
@@ -383,16 +425,25 @@ class MSQController:
         for name, layer in self.layers.items():
             layer.set_bits(int(bits[name]), int(ks.get(name, 0)))
 
-    def _record(self, step: int, rates: Mapping[str, float], sens: Mapping[str, float] | None, phase: str,
-                pruned: Sequence[str]) -> None:
+    def _record(
+        self, step: int, rates: Mapping[str, float], sens: Mapping[str, float] | None, phase: str, pruned: Sequence[str]
+    ) -> None:
         self._last_rates = dict(rates)
         if sens is not None:
             self._last_sens = dict(sens)
-        self._history.append({
-            "step": int(step), "bits": self.bits, "k": self.ks, "rates": dict(rates),
-            "sensitivities": dict(sens) if sens is not None else None,
-            "compression": self.compression, "avg_bits": self.avg_bits, "phase": phase, "pruned": list(pruned),
-        })
+        self._history.append(
+            {
+                "step": int(step),
+                "bits": self.bits,
+                "k": self.ks,
+                "rates": dict(rates),
+                "sensitivities": dict(sens) if sens is not None else None,
+                "compression": self.compression,
+                "avg_bits": self.avg_bits,
+                "phase": phase,
+                "pruned": list(pruned),
+            }
+        )
 
     def start(self, batch: Batch | None = None, loss_fn: LossFn | None = None) -> None:
         """Initial ``k`` assignment (step 0): sensitivities at the current bits, ``k = 1`` above the mean, 2 below.
@@ -445,8 +496,10 @@ class MSQController:
         :data:`PHASE_CODES`), ``msq/reg`` and, per layer, ``msq/bits/<name>``, ``msq/k/<name>``,
         ``msq/nonzero/<name>``, ``msq/sens/<name>`` (last measured values)."""
         out: dict[str, float] = {
-            "msq/compression": round(self.compression, 4), "msq/avg_bits": round(self.avg_bits, 4),
-            "msq/phase": float(PHASE_CODES[self.phase]), "msq/reg": self._last_reg,
+            "msq/compression": round(self.compression, 4),
+            "msq/avg_bits": round(self.avg_bits, 4),
+            "msq/phase": float(PHASE_CODES[self.phase]),
+            "msq/reg": self._last_reg,
             "msq/pruning_steps": float(sum(1 for h in self._history if h["step"] > 0)),
         }
         if per_layer:
@@ -463,10 +516,18 @@ class MSQController:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: schedule state, history, bits/k, phase, seed, total steps."""
         return {
-            "version": STATE_VERSION, "started": self._started, "finalized": self._finalized,
-            "phase": self.phase, "seed": self.seed, "total_steps": self._total_steps,
-            "bits": self.bits, "k": self.ks, "last_rates": dict(self._last_rates), "last_sensitivities":
-            dict(self._last_sens), "history": self.history, "schedule": self._schedule_state_dict(),
+            "version": STATE_VERSION,
+            "started": self._started,
+            "finalized": self._finalized,
+            "phase": self.phase,
+            "seed": self.seed,
+            "total_steps": self._total_steps,
+            "bits": self.bits,
+            "k": self.ks,
+            "last_rates": dict(self._last_rates),
+            "last_sensitivities": dict(self._last_sens),
+            "history": self.history,
+            "schedule": self._schedule_state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -476,8 +537,9 @@ class MSQController:
             raise ValueError(f"MSQ controller state version {version!r} is not supported (expected {STATE_VERSION})")
         unknown = sorted(set(state["bits"]) ^ set(self.names))
         if unknown:
-            raise ValueError(f"MSQ controller state does not match the model: layer(s) {unknown[:5]} are in only one "
-                             "of them")
+            raise ValueError(
+                f"MSQ controller state does not match the model: layer(s) {unknown[:5]} are in only one of them"
+            )
         self._apply(state["bits"], state["k"])
         self._started = bool(state["started"])
         self._finalized = bool(state["finalized"])

@@ -3,7 +3,7 @@
 ``MSQTrainer`` is a :class:`transformers.Trainer` that
 
 * converts the model with :func:`msq_hf.quantize_model` when it has no MSQ layer yet;
-* adds the LSB regularizer of the :class:`~msq_hf.controller.MSQController` to the training loss,
+* adds the LSB regularizer of the :class:`~msq_hf.training.controller.MSQController` to the training loss,
   scaled so that gradient accumulation gives the gradient of the full accumulated batch;
 * trains raw timm / ``nn.Module`` classifiers (``forward(x) -> logits``) as well as HF models;
 * keeps a detached reference to the last training batch for the Hessian pass;
@@ -27,9 +27,9 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import MSQConfig
-from .controller import MSQController, _logits, detach_batch
-from .convert import iter_msq_layers, quantize_model
+from msq_hf.config import MSQConfig
+from msq_hf.convert import iter_msq_layers, quantize_model
+from msq_hf.training.controller import MSQController, _logits, detach_batch
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class MSQCallback(TrainerCallback):
     training batch, because no batch exists yet at ``on_train_begin``.
     """
 
-    def __init__(self, trainer: "MSQTrainer"):
+    def __init__(self, trainer: MSQTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
@@ -101,11 +101,19 @@ class MSQCallback(TrainerCallback):
         trainer._msq_resume_state = None
         if resume is not None:
             controller.load_state_dict(resume)
-            logger.info("msq_hf: restored the pruning schedule at step %d (phase %s, compression %.2f)",
-                        state.global_step, controller.phase, controller.compression)
+            logger.info(
+                "msq_hf: restored the pruning schedule at step %d (phase %s, compression %.2f)",
+                state.global_step,
+                controller.phase,
+                controller.compression,
+            )
         elif state.global_step > 0 and not controller.started:
-            logger.warning("msq_hf: resuming at step %d from a checkpoint without %s; the schedule restarts "
-                           "from the bits stored in the model", state.global_step, MSQ_STATE_NAME)
+            logger.warning(
+                "msq_hf: resuming at step %d from a checkpoint without %s; the schedule restarts "
+                "from the bits stored in the model",
+                state.global_step,
+                MSQ_STATE_NAME,
+            )
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
         trainer = self.trainer
@@ -152,12 +160,22 @@ class MSQTrainer(Trainer):
         msq_controller: the :class:`MSQController` (bits, schedule, history, ``log_dict()``).
     """
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
-                 data_collator: Any = None, *, msq_config: MSQConfig | None = None,
-                 model_args: dict[str, Any] | None = None, msq_layer_logs: str = "pruning", **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        *,
+        msq_config: MSQConfig | None = None,
+        model_args: dict[str, Any] | None = None,
+        msq_layer_logs: str = "pruning",
+        **kwargs: Any,
+    ):
         if model is None:
-            raise ValueError("MSQTrainer needs model=... (model_init is not supported: the MSQ layers and "
-                             "their schedule belong to one model instance)")
+            raise ValueError(
+                "MSQTrainer needs model=... (model_init is not supported: the MSQ layers and "
+                "their schedule belong to one model instance)"
+            )
         if kwargs.get("model_init") is not None:
             raise ValueError("MSQTrainer does not support model_init; pass model=...")
         if msq_layer_logs not in ("pruning", "always", "never"):
@@ -169,13 +187,16 @@ class MSQTrainer(Trainer):
         has_msq = any(True for _ in iter_msq_layers(model))
         if not has_msq:
             if msq_config is None:
-                raise ValueError(f"{type(model).__name__} has no MSQ layers and no msq_config was given: pass "
-                                 "msq_config=MSQConfig(...) or call msq_hf.quantize_model(model, config) first")
+                raise ValueError(
+                    f"{type(model).__name__} has no MSQ layers and no msq_config was given: pass "
+                    "msq_config=MSQConfig(...) or call msq_hf.quantize_model(model, config) first"
+                )
             quantize_model(model, msq_config)
         config = msq_config if msq_config is not None else getattr(model, "msq_config", None)
         if config is None:
-            raise ValueError(f"{type(model).__name__} has MSQ layers but no msq_config attribute; pass "
-                             "msq_config=MSQConfig(...)")
+            raise ValueError(
+                f"{type(model).__name__} has MSQ layers but no msq_config attribute; pass msq_config=MSQConfig(...)"
+            )
         self._msq_raw = not _is_hf_model(model)
         if args is None:
             args = TrainingArguments(output_dir="tmp_trainer")
@@ -184,9 +205,10 @@ class MSQTrainer(Trainer):
         train_dataset = kwargs.get("train_dataset")
         if data_collator is None:
             columns = _column_names(train_dataset) if train_dataset is not None else None
-            if self._msq_raw or (columns is not None and set(columns) <= {"pixel_values", "labels"}
-                                 and "pixel_values" in columns):
-                from .data import collate_pixel_values
+            if self._msq_raw or (
+                columns is not None and set(columns) <= {"pixel_values", "labels"} and "pixel_values" in columns
+            ):
+                from msq_hf.data import collate_pixel_values
 
                 data_collator = collate_pixel_values
         self._msq_model_args = dict(model_args) if model_args else None
@@ -213,22 +235,28 @@ class MSQTrainer(Trainer):
             args.label_names = ["labels"]
             changed.append("label_names=['labels']")
         if changed:
-            logger.warning("msq_hf: the model is not a transformers PreTrainedModel; set %s in TrainingArguments",
-                           ", ".join(changed))
+            logger.warning(
+                "msq_hf: the model is not a transformers PreTrainedModel; set %s in TrainingArguments",
+                ", ".join(changed),
+            )
 
     def _loss_is_ga_scaled(self, num_items_in_batch: Any) -> bool:
         """Exactly the rule ``Trainer.training_step`` uses to decide whether to divide the loss by GA."""
         if self.loss_is_scaled_for_ga is not None:
             return bool(self.loss_is_scaled_for_ga)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
 
-    def _raw_compute_loss(self, model: nn.Module, inputs: dict[str, Any],
-                          num_items_in_batch: Any) -> tuple[torch.Tensor, Any]:
+    def _raw_compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> tuple[torch.Tensor, Any]:
         label_name = (self.label_names or ["labels"])[0]
         if "pixel_values" not in inputs or label_name not in inputs:
-            raise KeyError(f"MSQTrainer with a raw model needs 'pixel_values' and {label_name!r} in each batch, got "
-                           f"keys {sorted(inputs)}; use msq_hf.data.collate_pixel_values or rename the columns")
+            raise KeyError(
+                f"MSQTrainer with a raw model needs 'pixel_values' and {label_name!r} in each batch, got "
+                f"keys {sorted(inputs)}; use msq_hf.data.collate_pixel_values or rename the columns"
+            )
         labels = inputs[label_name]
         outputs = model(inputs["pixel_values"])
         logits = _logits(outputs)
@@ -240,8 +268,9 @@ class MSQTrainer(Trainer):
             loss = F.cross_entropy(logits.float(), labels)
         return loss, {"logits": logits}
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """Task loss (HF: ``Trainer.compute_loss``; raw models: CE on logits) + the MSQ regularizer.
 
         The regularizer joins only in training. It is divided by ``current_gradient_accumulation_steps``
@@ -257,8 +286,9 @@ class MSQTrainer(Trainer):
         if self._msq_raw:
             loss, outputs = self._raw_compute_loss(model, inputs, num_items_in_batch)
         else:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         if training:
             reg = controller.regularization()
             if reg.requires_grad:
@@ -278,7 +308,8 @@ class MSQTrainer(Trainer):
         if not any(key.startswith(("eval_", "test_")) for key in logs):
             final = "train_runtime" in logs
             per_layer = self._msq_layer_logs == "always" or (
-                self._msq_layer_logs == "pruning" and (self._msq_layers_changed or final))
+                self._msq_layer_logs == "pruning" and (self._msq_layers_changed or final)
+            )
             logs = {**logs, **self.msq_controller.log_dict(per_layer=per_layer)}
             if per_layer:
                 self._msq_layers_changed = False
@@ -304,7 +335,7 @@ class MSQTrainer(Trainer):
         write_msq_state(self.msq_controller, output_dir)
 
     def _save_raw_config(self, output_dir: str) -> None:
-        from .convert import bit_scheme
+        from msq_hf.convert import bit_scheme
 
         core = _unwrap(self.model)
         config = self.msq_controller.config.copy(bit_scheme=bit_scheme(core))
@@ -326,8 +357,11 @@ class MSQTrainer(Trainer):
                 with open(path, encoding="utf-8") as handle:
                     data = json.load(handle)
             except Exception as exc:  # the weights are saved anyway; the config is a convenience
-                logger.warning("msq_hf: could not write a timm config.json for %s (%s); only weights are saved",
-                               type(core).__name__, exc)
+                logger.warning(
+                    "msq_hf: could not write a timm config.json for %s (%s); only weights are saved",
+                    type(core).__name__,
+                    exc,
+                )
                 data = {}
         if not data:
             data = {"model_class": f"{type(core).__module__}.{type(core).__qualname__}"}
@@ -359,8 +393,10 @@ def load_timm_checkpoint(checkpoint_dir: str | os.PathLike[str], **create_kwargs
         data = json.load(handle)
     architecture = data.get("architecture")
     if not architecture:
-        raise ValueError(f"{config_path} has no 'architecture' field (keys: {sorted(data)}); only timm models can be "
-                         "rebuilt, load other models yourself and call load_state_dict")
+        raise ValueError(
+            f"{config_path} has no 'architecture' field (keys: {sorted(data)}); only timm models can be "
+            "rebuilt, load other models yourself and call load_state_dict"
+        )
     kwargs: dict[str, Any] = dict(data.get("model_args") or {})
     if "num_classes" in data:
         kwargs.setdefault("num_classes", data["num_classes"])
@@ -371,5 +407,4 @@ def load_timm_checkpoint(checkpoint_dir: str | os.PathLike[str], **create_kwargs
     return model
 
 
-__all__ = ["MSQ_STATE_NAME", "MSQCallback", "MSQTrainer", "load_timm_checkpoint", "read_msq_state",
-           "write_msq_state"]
+__all__ = ["MSQ_STATE_NAME", "MSQCallback", "MSQTrainer", "load_timm_checkpoint", "read_msq_state", "write_msq_state"]

@@ -19,7 +19,7 @@ Worked example, 3-bit codes ``[5, 3, 7, 0, 6]`` (15 bits, so 2 bytes)::
     byte 0 = 0b11011101 = 221,  byte 1 = 0b01100001 = 97
 
 >>> import torch
->>> from msq_hf.packing import pack_codes, unpack_codes
+>>> from msq_hf.quant.packing import pack_codes, unpack_codes
 >>> packed = pack_codes(torch.tensor([5, 3, 7, 0, 6]), width=3)
 >>> packed.tolist()
 [221, 97]
@@ -39,7 +39,7 @@ serves big-endian hosts.
 from __future__ import annotations
 
 import sys
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -65,7 +65,7 @@ def packed_nbytes(numel: int, width: int) -> int:
     return (numel * width + 7) // 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def _swar_steps(width: int, lane: int) -> tuple[tuple[int, int, int], ...]:
     """Lane-merging steps ``(shift, mask_lo, mask_hi)`` from ``lane``-bit lanes up to 64 bits.
 
@@ -109,8 +109,10 @@ def _expand_(words: torch.Tensor, width: int, lane: int) -> None:
 
 def _byte_terms(width: int) -> list[list[tuple[int, int]]]:
     """For each byte of an 8-code group: ``(code index, code bit offset - byte bit offset)``."""
-    return [[(k, k * width - 8 * b) for k in range(8)
-             if k * width < 8 * b + 8 and (k + 1) * width > 8 * b] for b in range(width)]
+    return [
+        [(k, k * width - 8 * b) for k in range(8) if k * width < 8 * b + 8 and (k + 1) * width > 8 * b]
+        for b in range(width)
+    ]
 
 
 def _pack_columns(groups: torch.Tensor, width: int) -> torch.Tensor:
@@ -152,8 +154,7 @@ def _check_range(flat: torch.Tensor, width: int) -> None:
     lo, hi = torch.aminmax(flat)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi > (1 << width) - 1:
-        raise ValueError(f"codes must lie in [0, {(1 << width) - 1}] for width {width}, "
-                         f"got min {lo} and max {hi}")
+        raise ValueError(f"codes must lie in [0, {(1 << width) - 1}] for width {width}, got min {lo} and max {hi}")
 
 
 def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
@@ -240,12 +241,16 @@ def unpack_codes(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
     """
     nbytes = packed_nbytes(numel, width)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
-        what = (f"{packed.dtype} tensor of shape {tuple(packed.shape)}"
-                if isinstance(packed, torch.Tensor) else type(packed).__name__)
+        what = (
+            f"{packed.dtype} tensor of shape {tuple(packed.shape)}"
+            if isinstance(packed, torch.Tensor)
+            else type(packed).__name__
+        )
         raise ValueError(f"packed must be a 1-D torch.uint8 tensor, got {what}")
     if packed.numel() != nbytes:
-        raise ValueError(f"packed stream of {numel} codes x {width} bits must be {nbytes} bytes, "
-                         f"got {packed.numel()} bytes")
+        raise ValueError(
+            f"packed stream of {numel} codes x {width} bits must be {nbytes} bytes, got {packed.numel()} bytes"
+        )
     device = packed.device
     out_dtype = torch.uint8 if width <= 8 else torch.int16
     if numel == 0:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from .config import MSQConfig
-from .functional import MAX_BITS, MIN_BITS
+from msq_hf.config import MSQConfig
+from msq_hf.quant.functional import MAX_BITS, MIN_BITS
 
 
 class MSQQuantizer(HfQuantizer):
@@ -49,7 +49,7 @@ class MSQQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if self.quantization_config.msq_format == "packed" and self.pre_quantized:
-            from . import serialization  # noqa: F401  (packed exports need the export module)
+            from msq_hf.io import export  # noqa: F401  (packed exports need the export module)
 
     def update_attn_implementation(self, config: Any) -> Any:
         """Point transformers at the packed weight file of an msq_hf export before it resolves files.
@@ -61,44 +61,55 @@ class MSQQuantizer(HfQuantizer):
         """
         config = super().update_attn_implementation(config)
         weights = getattr(config, "msq_weights", None)
-        if self.pre_quantized and self.quantization_config.msq_format == "packed" and weights \
-                and getattr(config, "transformers_weights", None) is None:
-            if not isinstance(weights, str) or os.path.basename(weights) != weights \
-                    or not weights.endswith((".safetensors", ".safetensors.index.json")):
-                from .errors import MSQFormatError
+        if (
+            self.pre_quantized
+            and self.quantization_config.msq_format == "packed"
+            and weights
+            and getattr(config, "transformers_weights", None) is None
+        ):
+            if (
+                not isinstance(weights, str)
+                or os.path.basename(weights) != weights
+                or not weights.endswith((".safetensors", ".safetensors.index.json"))
+            ):
+                from msq_hf.errors import MSQFormatError
 
-                raise MSQFormatError(f"config.json msq_weights={weights!r} is invalid: expected a safetensors "
-                                     "file name (or index) inside the export directory")
+                raise MSQFormatError(
+                    f"config.json msq_weights={weights!r} is invalid: expected a safetensors "
+                    "file name (or index) inside the export directory"
+                )
             config.transformers_weights = weights
         return config
 
     # -- loading --------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from .convert import find_convertible_layers, swap_layers
+        from msq_hf.convert import find_convertible_layers, swap_layers
 
         cfg: MSQConfig = self.quantization_config
         if self.pre_quantized and cfg.msq_format == "packed":
-            from .serialization import prepare_packed_model
+            from msq_hf.io.export import prepare_packed_model
 
             return prepare_packed_model(model, cfg, dequantize=cfg.dequantize)
         names = find_convertible_layers(model, cfg.modules_to_not_convert)
         scheme = cfg.bit_scheme or {}
         unknown = sorted(set(scheme) - set(names))
         if unknown:
-            raise ValueError(f"quantization_config.bit_scheme names layer(s) {unknown[:5]} that this "
-                             f"{type(model).__name__} does not have (or that are excluded); the checkpoint "
-                             "was saved from a different architecture or transformers version")
+            raise ValueError(
+                f"quantization_config.bit_scheme names layer(s) {unknown[:5]} that this "
+                f"{type(model).__name__} does not have (or that are excluded); the checkpoint "
+                "was saved from a different architecture or transformers version"
+            )
         swap_layers(model, cfg, names, scheme)
         self._expected_bits = {n: scheme.get(n, cfg.init_bits) for n in names}
         model.msq_config = cfg
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from .convert import iter_msq_layers
+        from msq_hf.convert import iter_msq_layers
 
         cfg: MSQConfig = self.quantization_config
         if self.pre_quantized and cfg.msq_format == "packed":
-            from .serialization import finalize_packed_model
+            from msq_hf.io.export import finalize_packed_model
 
             return finalize_packed_model(model, cfg)
         for name, layer in iter_msq_layers(model):
@@ -110,9 +121,11 @@ class MSQQuantizer(HfQuantizer):
             else:
                 bits = int(layer.bits)
                 if not MIN_BITS <= bits <= MAX_BITS or (cfg.bit_scheme and bits != expected):
-                    raise ValueError(f"layer {name!r}: checkpoint holds bits={bits}, but quantization_config."
-                                     f"bit_scheme says {expected} (allowed {MIN_BITS}..{MAX_BITS}); the "
-                                     "checkpoint is corrupt or was edited")
+                    raise ValueError(
+                        f"layer {name!r}: checkpoint holds bits={bits}, but quantization_config."
+                        f"bit_scheme says {expected} (allowed {MIN_BITS}..{MAX_BITS}); the "
+                        "checkpoint is corrupt or was edited"
+                    )
                 if not 0 <= int(layer.k) < bits:
                     layer.k.fill_(0)
             for sub in (getattr(layer, "act_quant", None),):
@@ -129,22 +142,22 @@ class MSQQuantizer(HfQuantizer):
         weights + ``bits``/``k``, resumable). Inside ``msq_hf.export`` (or for a model loaded from an
         export, whose layers hold only packed codes) it returns the bit-packed state dict instead.
         """
-        from .convert import bit_scheme, quantized_layers
-        from .serialization import packed_state_dict
+        from msq_hf.convert import bit_scheme, quantized_layers
+        from msq_hf.io.export import packed_state_dict
 
         if self._msq_export_payload is not None:
             state, metadata, scheme = self._msq_export_payload
             self.quantization_config.bit_scheme = dict(scheme)
             self.quantization_config.msq_format = "packed"
             return state, dict(metadata)
-        from .packed_layers import MSQPackedMixin
+        from msq_hf.nn.packed import MSQPackedMixin
 
         if any(isinstance(m, MSQPackedMixin) for m in quantized_layers(model, required=False).values()):
             state, layers = packed_state_dict(model)
             self.quantization_config.bit_scheme = {n: i["bits"] for n, i in layers.items()}
             self.quantization_config.msq_format = "packed"
             self.quantization_config.dequantize = False
-            from .config import FORMAT_VERSION
+            from msq_hf.config import FORMAT_VERSION
 
             return state, {"msq_format": "packed", "format_version": str(FORMAT_VERSION)}
         self.quantization_config.bit_scheme = bit_scheme(model)
@@ -152,6 +165,6 @@ class MSQQuantizer(HfQuantizer):
         return None, {"msq_format": "fake"}
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        from .convert import dequantize_model
+        from msq_hf.convert import dequantize_model
 
         return dequantize_model(model)

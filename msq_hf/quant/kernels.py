@@ -31,8 +31,9 @@ def _constants(bits: int, k: int, code_units: bool, mean_numel: int | None) -> t
     return levels, levels - 1, 2.0**-k, float(2 ** (bits - k) - 1), float(2**k), coef_mult, reg_mult
 
 
-def fused_forward_eager(w: torch.Tensor, levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult,
-                        continuous: bool):
+def fused_forward_eager(
+    w: torch.Tensor, levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult, continuous: bool
+):
     """``(W_q, sign(l), R, c)`` for a weight tensor ``w`` (no autograd).
 
     ``S = max|W|``, ``x = W / (S/2^n)``, ``W_q = clamp(round(x), +-(2^n-1)) * S/2^n``,
@@ -124,8 +125,12 @@ class _Kernels:
                 consts = _constants(bits, k, True, None)
                 ref = fused_forward_eager(w, *consts, continuous)
                 got = fwd(w, *(torch.tensor(c) for c in consts), continuous)
-                if not (torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
-                        and torch.allclose(ref[2], got[2], rtol=1e-5) and torch.equal(ref[3], got[3])):
+                if not (
+                    torch.equal(ref[0], got[0])
+                    and torch.equal(ref[1], got[1])
+                    and torch.allclose(ref[2], got[2], rtol=1e-5)
+                    and torch.equal(ref[3], got[3])
+                ):
                     raise RuntimeError(f"compiled forward kernel disagrees with eager at bits={bits}, k={k}")
         g = torch.randn(4099, generator=gen)
         args = (got[1], torch.tensor(0.5), got[3])
@@ -144,8 +149,9 @@ class _Kernels:
         """Give up on the compiled kernels for the rest of the process (e.g. recompile limit hit)."""
         if self.mode() in ("1", "true", "yes", "compile"):
             raise RuntimeError(f"MSQ_HF_COMPILE={self.mode()}: a compiled MSQ kernel failed: {exc}") from exc
-        logger.warning("msq_hf: compiled MSQ kernel failed (%s: %s); using the eager kernels from now on",
-                       type(exc).__name__, exc)
+        logger.warning(
+            "msq_hf: compiled MSQ kernel failed (%s: %s); using the eager kernels from now on", type(exc).__name__, exc
+        )
         self._state = "eager"
 
     def forward(self, w: torch.Tensor, bits: int, k: int, continuous: bool, code_units: bool, mean: bool):
@@ -168,16 +174,27 @@ class _Kernels:
                 return wq.view(w.shape), sign.view(w.shape), reg, coef
         return fused_forward_eager(w, *_constants(bits, k, code_units, numel), continuous)
 
-    def backward(self, grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor,
-                 may_overwrite: bool = False):
+    def backward(
+        self,
+        grad: torch.Tensor,
+        sign: torch.Tensor,
+        grad_reg: torch.Tensor,
+        coef: torch.Tensor,
+        may_overwrite: bool = False,
+    ):
         """Straight-through gradient plus the regularizer gradient, compiled when possible.
 
         ``may_overwrite``: the caller owns ``grad`` (see ``msq_quantize_weight(owns_grad=...)``); the
         sum is then written into it when that is safe (contiguous, no graph recorded through it).
         """
         if self._state == "compiled" and grad.device.type == "cpu" and grad.dtype == torch.float32:
-            inplace = (may_overwrite and grad.is_contiguous() and not grad.requires_grad
-                       and not torch.is_grad_enabled() and grad._base is None)
+            inplace = (
+                may_overwrite
+                and grad.is_contiguous()
+                and not grad.requires_grad
+                and not torch.is_grad_enabled()
+                and grad._base is None
+            )
             flat = (grad.reshape(-1) if inplace else grad.reshape(-1).contiguous()).detach()
             try:
                 kernel = self._bwd_inplace if inplace else self._bwd

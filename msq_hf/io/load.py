@@ -21,11 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import FORMAT_VERSION, MSQConfig
-from .errors import MSQFormatError, MSQIntegrityError, MSQMissingFileError
-from .functional import MAX_BITS, MIN_BITS
-from .packed_layers import packed_nbytes, stored_bits
-from .serialization import (
+from msq_hf.config import FORMAT_VERSION, MSQConfig
+from msq_hf.errors import MSQFormatError, MSQIntegrityError, MSQMissingFileError
+from msq_hf.io.export import (
     CONFIG_NAME,
     CONFIG_WEIGHTS_KEY,
     FORMAT_NAME,
@@ -33,6 +31,8 @@ from .serialization import (
     WEIGHTS_INDEX_NAME,
     sha256_file,
 )
+from msq_hf.nn.packed import packed_nbytes, stored_bits
+from msq_hf.quant.functional import MAX_BITS, MIN_BITS
 
 
 @dataclass
@@ -51,9 +51,13 @@ class ExportContents:
 # locating
 
 
-def resolve_export_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None,
-                       cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                       local_files_only: bool | None = None) -> Path:
+def resolve_export_dir(
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> Path:
     """A local export folder as is, else a Hub repo id fetched with ``snapshot_download`` (Hub cache)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
@@ -67,11 +71,21 @@ def resolve_export_dir(path_or_repo_id: str | os.PathLike, revision: str | None 
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=bool(local_files_only), repo_type="model"))
+        return Path(
+            snapshot_download(
+                repo_id=text,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=bool(local_files_only),
+                repo_type="model",
+            )
+        )
     except Exception as exc:  # huggingface_hub has many error types; keep the cause, name the repo
-        raise MSQMissingFileError(f"{text} is neither a local export directory nor a reachable Hub repo "
-                                  f"(revision={revision or 'main'}): {type(exc).__name__}: {exc}") from exc
+        raise MSQMissingFileError(
+            f"{text} is neither a local export directory nor a reachable Hub repo "
+            f"(revision={revision or 'main'}): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,12 +115,15 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
     config = _read_json(config_path, "every msq_hf export has a config.json")
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "msq":
-        raise MSQFormatError(f"{config_path}: quantization_config with quant_method 'msq' is missing; this is "
-                             "not an msq_hf export")
+        raise MSQFormatError(
+            f"{config_path}: quantization_config with quant_method 'msq' is missing; this is not an msq_hf export"
+        )
     if qc.get("msq_format") != "packed":
-        raise MSQFormatError(f"{config_path}: quantization_config.msq_format={qc.get('msq_format')!r}; "
-                             "msq_hf.from_pretrained reads packed exports (msq_format 'packed'); load a training "
-                             "checkpoint with AutoModel*.from_pretrained after `import msq_hf`")
+        raise MSQFormatError(
+            f"{config_path}: quantization_config.msq_format={qc.get('msq_format')!r}; "
+            "msq_hf.from_pretrained reads packed exports (msq_format 'packed'); load a training "
+            "checkpoint with AutoModel*.from_pretrained after `import msq_hf`"
+        )
     try:
         msq_config = MSQConfig.from_dict(qc)
     except (TypeError, ValueError) as exc:
@@ -116,14 +133,18 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
     if manifest.get("format") != FORMAT_NAME:
         raise MSQFormatError(f"{manifest_path}: format={manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise MSQFormatError(f"{manifest_path}: format_version={manifest.get('format_version')!r} is not supported "
-                             f"by this msq_hf (reads version {FORMAT_VERSION}); upgrade msq_hf")
+        raise MSQFormatError(
+            f"{manifest_path}: format_version={manifest.get('format_version')!r} is not supported "
+            f"by this msq_hf (reads version {FORMAT_VERSION}); upgrade msq_hf"
+        )
     kind = (manifest.get("model") or {}).get("kind")
     if kind not in ("hf", "timm"):
         raise MSQFormatError(f"{manifest_path}: model.kind={kind!r}, expected 'hf' or 'timm'")
     if manifest.get("wnorm") != msq_config.wnorm:
-        raise MSQFormatError(f"{manifest_path}: wnorm={manifest.get('wnorm')!r} disagrees with {config_path} "
-                             f"(wnorm={msq_config.wnorm!r})")
+        raise MSQFormatError(
+            f"{manifest_path}: wnorm={manifest.get('wnorm')!r} disagrees with {config_path} "
+            f"(wnorm={msq_config.wnorm!r})"
+        )
 
     layers = manifest.get("layers")
     if not isinstance(layers, dict) or not layers:
@@ -139,45 +160,61 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
         if not isinstance(shape, list) or not all(_check_int(d, 1, 2**40) for d in shape):
             raise MSQFormatError(f"{where}: shape={shape!r} is invalid: expected a list of positive integers")
         numel = math.prod(shape)
-        want = {"stored_bits": stored_bits(bits, msq_config.wnorm), "numel": numel,
-                "packed_bytes": packed_nbytes(numel, bits, msq_config.wnorm)}
+        want = {
+            "stored_bits": stored_bits(bits, msq_config.wnorm),
+            "numel": numel,
+            "packed_bytes": packed_nbytes(numel, bits, msq_config.wnorm),
+        }
         for key, value in want.items():
             if info.get(key) != value:
-                raise MSQFormatError(f"{where}: {key}={info.get(key)!r} disagrees with bits={bits}, shape={shape} "
-                                     f"(expected {value})")
+                raise MSQFormatError(
+                    f"{where}: {key}={info.get(key)!r} disagrees with bits={bits}, shape={shape} (expected {value})"
+                )
     scheme = msq_config.bit_scheme or {}
     only_cfg, only_man = sorted(set(scheme) - set(layers)), sorted(set(layers) - set(scheme))
     if only_cfg or only_man:
-        raise MSQFormatError(f"{config_path} bit_scheme and {manifest_path} list different layers: only in config "
-                             f"{only_cfg[:5]}, only in manifest {only_man[:5]}")
+        raise MSQFormatError(
+            f"{config_path} bit_scheme and {manifest_path} list different layers: only in config "
+            f"{only_cfg[:5]}, only in manifest {only_man[:5]}"
+        )
     differ = sorted(n for n in scheme if scheme[n] != layers[n]["bits"])
     if differ:
         n = differ[0]
-        raise MSQFormatError(f"layer {n!r}: {config_path} bit_scheme says {scheme[n]} bits but {manifest_path} "
-                             f"says {layers[n]['bits']} ({len(differ)} layer(s) disagree)")
+        raise MSQFormatError(
+            f"layer {n!r}: {config_path} bit_scheme says {scheme[n]} bits but {manifest_path} "
+            f"says {layers[n]['bits']} ({len(differ)} layer(s) disagree)"
+        )
 
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise MSQFormatError(f"{manifest_path}: 'files' must list the weight files with size and sha256")
     weights_entry = config.get(CONFIG_WEIGHTS_KEY) or manifest.get("weights")
     if weights_entry != manifest.get("weights"):
-        raise MSQFormatError(f"{config_path}: {CONFIG_WEIGHTS_KEY}={weights_entry!r} disagrees with "
-                             f"{manifest_path} weights={manifest.get('weights')!r}")
+        raise MSQFormatError(
+            f"{config_path}: {CONFIG_WEIGHTS_KEY}={weights_entry!r} disagrees with "
+            f"{manifest_path} weights={manifest.get('weights')!r}"
+        )
     weight_files = []
     for name, meta in files.items():
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
-            raise MSQFormatError(f"{manifest_path}: weight file name {name!r} is invalid (a .safetensors file "
-                                 "inside the export directory is expected)")
+            raise MSQFormatError(
+                f"{manifest_path}: weight file name {name!r} is invalid (a .safetensors file "
+                "inside the export directory is expected)"
+            )
         path = directory / name
         if not path.is_file():
             raise MSQMissingFileError(f"weight file {path} is missing (listed in {manifest_path})")
         size = path.stat().st_size
         if not isinstance(meta, dict) or size != meta.get("size"):
-            raise MSQIntegrityError(f"weight file {path} has {size} bytes but {manifest_path} says "
-                                    f"{(meta or {}).get('size')!r}: the file is truncated or was modified")
+            raise MSQIntegrityError(
+                f"weight file {path} has {size} bytes but {manifest_path} says "
+                f"{(meta or {}).get('size')!r}: the file is truncated or was modified"
+            )
         if verify and sha256_file(path) != meta.get("sha256"):
-            raise MSQIntegrityError(f"weight file {path} fails its sha256 check against {manifest_path}: the file "
-                                    "is corrupt or was modified")
+            raise MSQIntegrityError(
+                f"weight file {path} fails its sha256 check against {manifest_path}: the file "
+                "is corrupt or was modified"
+            )
         weight_files.append(path)
     if weights_entry == WEIGHTS_INDEX_NAME and not (directory / WEIGHTS_INDEX_NAME).is_file():
         raise MSQMissingFileError(f"{directory / WEIGHTS_INDEX_NAME} is missing (named by {config_path})")
@@ -209,8 +246,9 @@ def _check_headers(weight_files: list[Path], layers: dict[str, dict]) -> None:
         header = read_safetensors_header(path)
         meta = header.pop("__metadata__", {}) or {}
         if meta.get("msq_format") != "packed":
-            raise MSQFormatError(f"weight file {path}: safetensors metadata msq_format={meta.get('msq_format')!r}, "
-                                 "expected 'packed'")
+            raise MSQFormatError(
+                f"weight file {path}: safetensors metadata msq_format={meta.get('msq_format')!r}, expected 'packed'"
+            )
         for key, entry in header.items():
             entries[key] = (path, entry)
     for name, info in layers.items():
@@ -221,9 +259,11 @@ def _check_headers(weight_files: list[Path], layers: dict[str, dict]) -> None:
             raise MSQFormatError(f"layer {name!r}: tensor {key!r} is missing from the weight files")
         path, entry = entries[key]
         if entry.get("dtype") != "U8" or entry.get("shape") != [info["packed_bytes"]]:
-            raise MSQFormatError(f"layer {name!r}: {path.name} stores {key!r} as {entry.get('dtype')} "
-                                 f"{entry.get('shape')}, but {info['bits']}-bit codes of shape {info['shape']} "
-                                 f"need U8 [{info['packed_bytes']}]: the bit scheme disagrees with the stored tensors")
+            raise MSQFormatError(
+                f"layer {name!r}: {path.name} stores {key!r} as {entry.get('dtype')} "
+                f"{entry.get('shape')}, but {info['bits']}-bit codes of shape {info['shape']} "
+                f"need U8 [{info['packed_bytes']}]: the bit scheme disagrees with the stored tensors"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,40 +274,53 @@ def _load_hf(contents: ExportContents, dequantize: bool, **kwargs: Any) -> nn.Mo
     import transformers
     from transformers import AutoConfig
 
-    from . import config as _cfg
+    from msq_hf import config as _cfg
 
     _cfg.register()
     class_name = contents.manifest["model"].get("class")
     cls = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):
-        raise MSQFormatError(f"{contents.directory / MANIFEST_NAME}: model class {class_name!r} is not provided by "
-                             f"transformers {transformers.__version__}")
+        raise MSQFormatError(
+            f"{contents.directory / MANIFEST_NAME}: model class {class_name!r} is not provided by "
+            f"transformers {transformers.__version__}"
+        )
     hf_config = AutoConfig.from_pretrained(contents.directory)
     qc = hf_config.quantization_config
     qc = dict(qc) if isinstance(qc, dict) else qc.to_dict()
     qc["dequantize"] = bool(dequantize)
     hf_config.quantization_config = qc
     try:
-        model, info = cls.from_pretrained(contents.directory, config=hf_config, output_loading_info=True,
-                                          use_safetensors=True, **kwargs)
+        model, info = cls.from_pretrained(
+            contents.directory, config=hf_config, output_loading_info=True, use_safetensors=True, **kwargs
+        )
     except RuntimeError as exc:
         if "mismatched_sizes" not in str(exc):
             raise
-        raise MSQFormatError(f"{contents.directory}: a stored tensor's size disagrees with the bit scheme in "
-                             f"config.json (transformers' load report above names it): {exc}") from exc
+        raise MSQFormatError(
+            f"{contents.directory}: a stored tensor's size disagrees with the bit scheme in "
+            f"config.json (transformers' load report above names it): {exc}"
+        ) from exc
     problems = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
-        raise MSQFormatError(f"{contents.directory}: weights do not match {class_name}: "
-                             + "; ".join(f"{k} {v[:5]}" for k, v in problems.items()))
+        raise MSQFormatError(
+            f"{contents.directory}: weights do not match {class_name}: "
+            + "; ".join(f"{k} {v[:5]}" for k, v in problems.items())
+        )
     model.eval()
     return model
 
 
-def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = None,
-                    cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                    local_files_only: bool | None = None, dequantize: bool = False, verify: bool = True,
-                    **kwargs: Any) -> nn.Module:
+def from_pretrained(
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+    dequantize: bool = False,
+    verify: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
     """Load an msq_hf export (transformers or timm model) from a folder or a Hub repo id.
 
     Args:
@@ -288,12 +341,13 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = N
     contents = read_export(directory, verify=verify)
     if contents.kind == "hf":
         return _load_hf(contents, dequantize, **kwargs)
-    from .timm_hub import load_timm_export
+    from msq_hf.integrations.timm import load_timm_export
 
     dtype = kwargs.pop("dtype", None) or getattr(torch, contents.manifest["model"].get("dtype", "float32"))
     if kwargs:
-        raise TypeError(f"from_pretrained got argument(s) {sorted(kwargs)} that a timm export does not take "
-                        "(only dtype)")
+        raise TypeError(
+            f"from_pretrained got argument(s) {sorted(kwargs)} that a timm export does not take (only dtype)"
+        )
     msq_config = contents.msq_config.copy(dequantize=bool(dequantize))
     return load_timm_export(directory, contents.config, msq_config, contents.weight_files, dtype)
 

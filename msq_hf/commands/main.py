@@ -2,7 +2,7 @@
 
 Commands:
 
-* ``msq-hf train``: MSQ quantization-aware training with :class:`~msq_hf.trainer.MSQTrainer`, then
+* ``msq-hf train``: MSQ quantization-aware training with :class:`~msq_hf.training.trainer.MSQTrainer`, then
   evaluation, a bit-packed export, ``msq_history.json`` and a report. Without arguments it runs the
   built-in demo (timm ``resnet20_cifar`` on Fashion-MNIST, 8 bits -> 16x compression, ~10 min on 2 CPU cores).
 * ``msq-hf inspect DIR_OR_REPO``: what an export holds and whether it is intact.
@@ -24,9 +24,10 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, NoReturn
 
 PROG = "msq-hf"
 
@@ -82,8 +83,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _checked(parse: Callable[[str], float], ok: Callable[[float], bool], expected: str,
-             noun: str = "") -> Callable[[str], Any]:
+def _checked(
+    parse: Callable[[str], float], ok: Callable[[float], bool], expected: str, noun: str = ""
+) -> Callable[[str], Any]:
     """An argparse ``type=`` that parses with ``parse`` and accepts values where ``ok`` holds.
 
     Errors read ``'x' is not a number (expected ...)`` or ``9 bits is not allowed (allowed: 1..8)``.
@@ -118,65 +120,121 @@ _fraction = _checked(float, lambda v: 0 < v < 1, "expected a value in (0, 1)")
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``msq-hf`` argument parser with its four subcommands."""
-    from . import __version__
+    from msq_hf import __version__
 
-    parser = _Parser(prog=PROG, description="MSQ mixed-precision quantization-aware training for Hugging Face "
-                     "and timm models: train, export, inspect, report.",
-                     epilog=f"Run '{PROG} COMMAND --help' for the options of a command. "
-                     f"'{PROG} train' without options runs the built-in demo (about 10 minutes on 2 CPU cores).")
+    parser = _Parser(
+        prog=PROG,
+        description="MSQ mixed-precision quantization-aware training for Hugging Face "
+        "and timm models: train, export, inspect, report.",
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command. "
+        f"'{PROG} train' without options runs the built-in demo (about 10 minutes on 2 CPU cores).",
+    )
     parser.add_argument("--version", action="version", version=f"msq_hf {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show full tracebacks instead of one-line errors (also: MSQ_HF_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks instead of one-line errors (also: MSQ_HF_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     # -- train ----------------------------------------------------------------------------------
     t = sub.add_parser(
-        "train", help="train with MSQ, evaluate, export and write a report",
+        "train",
+        help="train with MSQ, evaluate, export and write a report",
         description="MSQ quantization-aware training with MSQTrainer: the LSB regularizer and Hessian-guided "
         "bit pruning until --target compression, then QAT. Afterwards the model is evaluated, saved to "
         "OUTPUT/model, exported bit-packed to OUTPUT/export, and OUTPUT/msq_history.json plus OUTPUT/report/ "
         "are written. Without options: timm resnet20_cifar on Fashion-MNIST (8 bits -> 16x).",
-        formatter_class=_HelpFormatter)
+        formatter_class=_HelpFormatter,
+    )
     g = t.add_argument_group("model and data")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="timm model name, Hugging Face model id or local folder (HF model, timm save_for_hf folder, "
-                   "MSQTrainer checkpoint or msq_hf export; quantized ones are dequantized and re-trained)")
-    g.add_argument("--pretrained", action="store_true",
-                   help="timm names: load timm's pretrained weights (downloads from the Hub)")
-    g.add_argument("--dataset", default=DEFAULT_DATASET,
-                   help="'fashion_mnist', 'digits', a Hub dataset id or an image folder (root/<split>/<class>/*.png)")
-    g.add_argument("--train-limit", type=_positive_int, default=DEFAULT_TRAIN_LIMIT,
-                   help="train on a class-stratified subset of this many images")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="timm model name, Hugging Face model id or local folder (HF model, timm save_for_hf folder, "
+        "MSQTrainer checkpoint or msq_hf export; quantized ones are dequantized and re-trained)",
+    )
+    g.add_argument(
+        "--pretrained", action="store_true", help="timm names: load timm's pretrained weights (downloads from the Hub)"
+    )
+    g.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help="'fashion_mnist', 'digits', a Hub dataset id or an image folder (root/<split>/<class>/*.png)",
+    )
+    g.add_argument(
+        "--train-limit",
+        type=_positive_int,
+        default=DEFAULT_TRAIN_LIMIT,
+        help="train on a class-stratified subset of this many images",
+    )
     g.add_argument("--full-train-set", action="store_true", help="ignore --train-limit and use every training image")
-    g.add_argument("--eval-limit", type=_positive_int, default=DEFAULT_EVAL_LIMIT,
-                   help="evaluate on this many test images")
-    g.add_argument("--image-size", type=_positive_int, default=None,
-                   help="input side in pixels (default: the model's own input size, 32 for resnet20_cifar)")
+    g.add_argument(
+        "--eval-limit", type=_positive_int, default=DEFAULT_EVAL_LIMIT, help="evaluate on this many test images"
+    )
+    g.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        help="input side in pixels (default: the model's own input size, 32 for resnet20_cifar)",
+    )
     g = t.add_argument_group("MSQ")
-    g.add_argument("--target", type=_target, default=DEFAULT_TARGET,
-                   help="target compression ratio 32*sum(N)/sum(bits*N) (magnitude bits)")
+    g.add_argument(
+        "--target",
+        type=_target,
+        default=DEFAULT_TARGET,
+        help="target compression ratio 32*sum(N)/sum(bits*N) (magnitude bits)",
+    )
     g.add_argument("--init-bits", type=_bits, default=DEFAULT_INIT_BITS, help="starting bits of every layer (1..8)")
     g.add_argument("--min-bits", type=_bits, default=DEFAULT_MIN_BITS, help="lowest bits a layer may reach (1..8)")
-    g.add_argument("--reg-strength", type=_nonnegative_float, default=DEFAULT_REG_STRENGTH,
-                   help="lambda of the LSB regularizer")
-    g.add_argument("--prune-threshold", type=_fraction, default=DEFAULT_PRUNE_THRESHOLD,
-                   help="a layer drops LSBs when its LSB nonzero rate is below this (0..1)")
-    g.add_argument("--prune-interval", type=_positive_int, default=DEFAULT_PRUNE_INTERVAL,
-                   help="optimizer steps between pruning steps")
-    g.add_argument("--final-round-fraction", type=_fraction, default=DEFAULT_FINAL_ROUND_FRACTION,
-                   help="force the final pruning round at this fraction of the steps")
-    g.add_argument("--no-hessian", action="store_true",
-                   help="skip the Hessian sensitivity pass (k=1 for every layer; faster, less accurate)")
-    g.add_argument("--hessian-probes", type=_positive_int, default=DEFAULT_HESSIAN_PROBES,
-                   help="max Hutchinson probes per sensitivity estimate")
-    g.add_argument("--hessian-batch-size", type=_positive_int, default=DEFAULT_HESSIAN_BATCH,
-                   help="samples of the last training batch used by the Hessian pass")
-    g.add_argument("--act-bits", type=_act_bits, default=None,
-                   help="also quantize the inputs of quantized layers to this many bits (2..8; default: off)")
+    g.add_argument(
+        "--reg-strength", type=_nonnegative_float, default=DEFAULT_REG_STRENGTH, help="lambda of the LSB regularizer"
+    )
+    g.add_argument(
+        "--prune-threshold",
+        type=_fraction,
+        default=DEFAULT_PRUNE_THRESHOLD,
+        help="a layer drops LSBs when its LSB nonzero rate is below this (0..1)",
+    )
+    g.add_argument(
+        "--prune-interval",
+        type=_positive_int,
+        default=DEFAULT_PRUNE_INTERVAL,
+        help="optimizer steps between pruning steps",
+    )
+    g.add_argument(
+        "--final-round-fraction",
+        type=_fraction,
+        default=DEFAULT_FINAL_ROUND_FRACTION,
+        help="force the final pruning round at this fraction of the steps",
+    )
+    g.add_argument(
+        "--no-hessian",
+        action="store_true",
+        help="skip the Hessian sensitivity pass (k=1 for every layer; faster, less accurate)",
+    )
+    g.add_argument(
+        "--hessian-probes",
+        type=_positive_int,
+        default=DEFAULT_HESSIAN_PROBES,
+        help="max Hutchinson probes per sensitivity estimate",
+    )
+    g.add_argument(
+        "--hessian-batch-size",
+        type=_positive_int,
+        default=DEFAULT_HESSIAN_BATCH,
+        help="samples of the last training batch used by the Hessian pass",
+    )
+    g.add_argument(
+        "--act-bits",
+        type=_act_bits,
+        default=None,
+        help="also quantize the inputs of quantized layers to this many bits (2..8; default: off)",
+    )
     g = t.add_argument_group("optimization")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--epochs", type=_positive_float, default=DEFAULT_EPOCHS, help="passes over the training subset")
-    steps.add_argument("--max-steps", type=_positive_int, default=None, help="number of optimizer steps (instead of --epochs)")
+    steps.add_argument(
+        "--max-steps", type=_positive_int, default=None, help="number of optimizer steps (instead of --epochs)"
+    )
     g.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="training batch size")
     g.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help="SGD learning rate (cosine schedule)")
     g.add_argument("--momentum", type=_nonnegative_float, default=DEFAULT_MOMENTUM, help="SGD momentum")
@@ -185,23 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("output")
     g.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="output folder")
     g.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
-    g.add_argument("--report-to", default="none",
-                   help="comma-separated Trainer loggers (tensorboard, wandb, ...), or 'none'")
-    g.add_argument("--logging-steps", type=_positive_int, default=None,
-                   help="print/log every N steps (default: about 20 lines per run)")
-    g.add_argument("--evals", type=int, default=DEFAULT_EVALS_DURING_TRAINING,
-                   help=f"evaluations during training, on the first {IN_TRAINING_EVAL_IMAGES} eval images "
-                   "(0 = only the final one)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (default: the cores available to this process)")
+    g.add_argument(
+        "--report-to", default="none", help="comma-separated Trainer loggers (tensorboard, wandb, ...), or 'none'"
+    )
+    g.add_argument(
+        "--logging-steps",
+        type=_positive_int,
+        default=None,
+        help="print/log every N steps (default: about 20 lines per run)",
+    )
+    g.add_argument(
+        "--evals",
+        type=int,
+        default=DEFAULT_EVALS_DURING_TRAINING,
+        help=f"evaluations during training, on the first {IN_TRAINING_EVAL_IMAGES} eval images "
+        "(0 = only the final one)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: the cores available to this process)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-report", action="store_true", help="skip the plots and report.md")
     t.set_defaults(func=cmd_train)
 
     # -- inspect --------------------------------------------------------------------------------
-    i = sub.add_parser("inspect", help="show the bit scheme, sizes and integrity of an export",
-                       description="Read an msq_hf export (folder or Hub repo id) without building the model. "
-                       "Exit code 0 = intact, 1 = a check failed, 2 = nothing readable at that path.")
+    i = sub.add_parser(
+        "inspect",
+        help="show the bit scheme, sizes and integrity of an export",
+        description="Read an msq_hf export (folder or Hub repo id) without building the model. "
+        "Exit code 0 = intact, 1 = a check failed, 2 = nothing readable at that path.",
+    )
     i.add_argument("path", metavar="DIR_OR_REPO", help="export folder or Hub repo id (owner/name)")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weight files")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -210,10 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     # -- export ---------------------------------------------------------------------------------
-    e = sub.add_parser("export", help="write a bit-packed export from an MSQTrainer checkpoint",
-                       description="Load an MSQTrainer checkpoint or save_model folder (timm or transformers; "
-                       "also an msq-hf train output folder, which uses its model/ subfolder) and write a "
-                       "bit-packed export with msq_hf.export.")
+    e = sub.add_parser(
+        "export",
+        help="write a bit-packed export from an MSQTrainer checkpoint",
+        description="Load an MSQTrainer checkpoint or save_model folder (timm or transformers; "
+        "also an msq-hf train output folder, which uses its model/ subfolder) and write a "
+        "bit-packed export with msq_hf.export.",
+    )
     e.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="checkpoint folder (config.json + weights)")
     e.add_argument("output", metavar="OUTPUT", help="export folder to create")
     e.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUTPUT")
@@ -224,11 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     # -- report ---------------------------------------------------------------------------------
-    r = sub.add_parser("report", help="plots and report.md of a run, checkpoint or export",
-                       description="Write bits_per_layer.png, bits_timeline.png, training_curves.png, "
-                       "accuracy_vs_compression.png (those the folder's data allows) and report.md.")
-    r.add_argument("path", metavar="RUN_OR_EXPORT_DIR",
-                   help="msq-hf train output, MSQTrainer checkpoint or export folder")
+    r = sub.add_parser(
+        "report",
+        help="plots and report.md of a run, checkpoint or export",
+        description="Write bits_per_layer.png, bits_timeline.png, training_curves.png, "
+        "accuracy_vs_compression.png (those the folder's data allows) and report.md.",
+    )
+    r.add_argument(
+        "path", metavar="RUN_OR_EXPORT_DIR", help="msq-hf train output, MSQTrainer checkpoint or export folder"
+    )
     r.add_argument("--output", "-o", default=None, help="report folder (default: RUN_OR_EXPORT_DIR/report)")
     r.set_defaults(func=cmd_report)
     return parser
@@ -291,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- keeps the interpreter's final flush quiet
         return 141
     except Exception as exc:
-        from .errors import MSQError
+        from msq_hf.errors import MSQError
 
         user_error = isinstance(exc, (CLIError, MSQError, ValueError, TypeError, KeyError, OSError, ImportError))
         if debug or not user_error:
@@ -308,8 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``msq-hf inspect``: print :func:`msq_hf.format_report` (or JSON); exit 0 / 1 (check failed) / 2 (unreadable)."""
-    from .errors import MSQError
-    from .inspect import format_report, inspect_export
+    from msq_hf.errors import MSQError
+    from msq_hf.io.inspect import format_report, inspect_export
 
     try:
         report = inspect_export(args.path, verify=not args.no_verify, revision=args.revision)
@@ -332,7 +413,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``msq-hf report``: :func:`msq_hf.report.write_report`; prints the written paths."""
-    from .report import write_report
+    from msq_hf.report import write_report
 
     written = write_report(args.path, args.output)
     for path in written:
@@ -354,12 +435,17 @@ def _checkpoint_folder(path: Path) -> Path:
         return path
     if (path / "model" / "config.json").is_file():
         return path / "model"
-    checkpoints = sorted((int(p.name.split("-")[1]), p) for p in path.glob("checkpoint-*")
-                         if p.name.split("-")[1].isdigit() and (p / "config.json").is_file())
+    checkpoints = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in path.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "config.json").is_file()
+    )
     if checkpoints:
         return checkpoints[-1][1]
-    raise FileNotFoundError(f"{path / 'config.json'} is missing: {path} is not an MSQTrainer checkpoint "
-                            "(save_model / checkpoint-N folder) nor an msq-hf train output")
+    raise FileNotFoundError(
+        f"{path / 'config.json'} is missing: {path} is not an MSQTrainer checkpoint "
+        "(save_model / checkpoint-N folder) nor an msq-hf train output"
+    )
 
 
 def load_msq_checkpoint(path: str | os.PathLike[str]) -> Any:
@@ -372,7 +458,7 @@ def load_msq_checkpoint(path: str | os.PathLike[str]) -> Any:
     model has no MSQ layers.
     """
     import msq_hf
-    from .convert import iter_msq_layers
+    from msq_hf.convert import iter_msq_layers
 
     folder = _checkpoint_folder(Path(path).expanduser())
     if (folder / "msq_manifest.json").is_file():
@@ -380,14 +466,18 @@ def load_msq_checkpoint(path: str | os.PathLike[str]) -> Any:
     config = _read_config(folder / "config.json")
     if config.get("architecture"):
         if not config.get("quantization_config"):
-            raise CLIError(f"{folder / 'config.json'} has no quantization_config: {folder} is a plain timm "
-                           "model, not an MSQ checkpoint (train it with 'msq-hf train --model' first)")
+            raise CLIError(
+                f"{folder / 'config.json'} has no quantization_config: {folder} is a plain timm "
+                "model, not an MSQ checkpoint (train it with 'msq-hf train --model' first)"
+            )
         model = msq_hf.load_timm_checkpoint(folder)
     else:
         model = _load_hf_class(folder, config)
     if not any(True for _ in iter_msq_layers(model)):
-        raise CLIError(f"{folder} holds a model without MSQ layers (its config.json has no "
-                       "quantization_config with quant_method 'msq')")
+        raise CLIError(
+            f"{folder} holds a model without MSQ layers (its config.json has no "
+            "quantization_config with quant_method 'msq')"
+        )
     return model
 
 
@@ -408,8 +498,10 @@ def _load_hf_class(folder: Path | str, config: dict[str, Any], **kwargs: Any) ->
     cls = getattr(transformers, names[0], None) if names else None
     if cls is None:
         if "model_type" not in config:
-            raise CLIError(f"{folder}/config.json has neither 'architecture' (timm) nor 'model_type' "
-                           "(transformers): cannot tell which model to build")
+            raise CLIError(
+                f"{folder}/config.json has neither 'architecture' (timm) nor 'model_type' "
+                "(transformers): cannot tell which model to build"
+            )
         cls = transformers.AutoModelForImageClassification
     return cls.from_pretrained(str(folder), **kwargs)
 
@@ -422,14 +514,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError("--push-to-hub needs --repo-id owner/name")
     model = load_msq_checkpoint(args.checkpoint)
     model.eval()
-    result = msq_hf.export(model, args.output, push_to_hub=args.push_to_hub, repo_id=args.repo_id,
-                           private=args.private or None, max_shard_size=args.max_shard_size,
-                           overwrite=args.overwrite)
+    result = msq_hf.export(
+        model,
+        args.output,
+        push_to_hub=args.push_to_hub,
+        repo_id=args.repo_id,
+        private=args.private or None,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     print(f"exported {len(result.bit_scheme)} quantized layers to {result.directory}")
-    print(f"  compression: {result.compression_ratio:.2f}x (avg {result.average_bits:.2f} bits), "
-          f"{result.storage_compression_ratio:.2f}x with the sign bit")
-    print(f"  weights    : {_human(result.weight_bytes)} on disk vs {_human(result.float_bytes)} as float "
-          f"({result.size_ratio:.1f}x smaller)")
+    print(
+        f"  compression: {result.compression_ratio:.2f}x (avg {result.average_bits:.2f} bits), "
+        f"{result.storage_compression_ratio:.2f}x with the sign bit"
+    )
+    print(
+        f"  weights    : {_human(result.weight_bytes)} on disk vs {_human(result.float_bytes)} as float "
+        f"({result.size_ratio:.1f}x smaller)"
+    )
     print(f"  bit scheme : {scheme_summary(result.bit_scheme)}")
     if result.commit_url:
         print(f"  pushed     : {result.repo_id} ({result.commit_url})")
@@ -464,7 +566,7 @@ def _resolve_model(spec: str) -> _ModelSpec:
     """Decide what ``--model`` names (timm name, local folder of some kind, or Hub model id)."""
     import timm
 
-    from . import models  # noqa: F401  (registers resnet20_cifar & co. with timm)
+    from msq_hf import models  # noqa: F401  (registers resnet20_cifar & co. with timm)
 
     path = Path(spec).expanduser()
     if path.exists():
@@ -472,8 +574,10 @@ def _resolve_model(spec: str) -> _ModelSpec:
             raise CLIError(f"--model {spec}: {path} is a file; pass a model folder, a timm name or a Hub model id")
         config_path = path / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"--model {spec}: {config_path} is missing (expected a Hugging Face or timm "
-                                    "model folder, an MSQTrainer checkpoint or an msq_hf export)")
+            raise FileNotFoundError(
+                f"--model {spec}: {config_path} is missing (expected a Hugging Face or timm "
+                "model folder, an MSQTrainer checkpoint or an msq_hf export)"
+            )
         config = _read_config(config_path)
         if (path / "msq_manifest.json").is_file():
             kind = "export"
@@ -482,14 +586,19 @@ def _resolve_model(spec: str) -> _ModelSpec:
         else:
             kind = "hf"
         if config.get("architecture"):
-            size = (config.get("pretrained_cfg") or {}).get("input_size") or [3, _timm_input_size(config["architecture"])]
+            size = (config.get("pretrained_cfg") or {}).get("input_size") or [
+                3,
+                _timm_input_size(config["architecture"]),
+            ]
             return _ModelSpec(kind, str(path), int(size[-1]), 3)
         return _ModelSpec(kind, str(path), _hf_image_size(config), int(config.get("num_channels", 3) or 3))
     if timm.is_model(spec):
         return _ModelSpec("timm", spec, _timm_input_size(spec), 3)
     if spec.count("/") != 1 or any(c.isspace() for c in spec):
-        raise CLIError(f"--model {spec!r} is neither a timm model name, an existing folder nor a Hub model id "
-                       "(owner/name); e.g. --model resnet20_cifar")
+        raise CLIError(
+            f"--model {spec!r} is neither a timm model name, an existing folder nor a Hub model id "
+            "(owner/name); e.g. --model resnet20_cifar"
+        )
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(spec).to_dict()
@@ -512,7 +621,7 @@ def _build_model(spec: _ModelSpec, num_classes: int, class_names: Sequence[str],
     import timm
 
     import msq_hf
-    from .convert import dequantize_model, iter_msq_layers
+    from msq_hf.convert import dequantize_model, iter_msq_layers
 
     model_args = None
     if spec.kind == "timm":
@@ -530,8 +639,12 @@ def _build_model(spec: _ModelSpec, num_classes: int, class_names: Sequence[str],
         id2label = {i: str(n) for i, n in enumerate(class_names)}
         # a new head when the label count differs (e.g. an ImageNet model on Fashion-MNIST)
         model = AutoModelForImageClassification.from_pretrained(
-            spec.ref, num_labels=num_classes, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            ignore_mismatched_sizes=True)
+            spec.ref,
+            num_labels=num_classes,
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+            ignore_mismatched_sizes=True,
+        )
     if any(True for _ in iter_msq_layers(model)):
         # a quantized starting point: keep its (dequantized) weights, restart MSQ from --init-bits
         model = dequantize_model(model)
@@ -539,19 +652,22 @@ def _build_model(spec: _ModelSpec, num_classes: int, class_names: Sequence[str],
         if getattr(model, "num_classes", num_classes) != num_classes:
             model.reset_classifier(num_classes)
     elif getattr(getattr(model, "config", None), "num_labels", num_classes) != num_classes:
-        raise CLIError(f"--model {spec.ref} has {model.config.num_labels} output classes but the dataset has "
-                       f"{num_classes}; pass a model with {num_classes} labels")
+        raise CLIError(
+            f"--model {spec.ref} has {model.config.num_labels} output classes but the dataset has "
+            f"{num_classes}; pass a model with {num_classes} labels"
+        )
     return model, model_args
 
 
 def _load_eval_split(name: str, image_size: int, channels: int, limit: int, seed: int) -> tuple[Any, str]:
-    from .data import load_image_dataset
+    from msq_hf.data import load_image_dataset
 
     errors = []
     for split in ("test", "validation", "valid", "val"):
         try:
-            return load_image_dataset(name, split, image_size=image_size, channels=channels, limit=limit,
-                                      seed=seed), split
+            return load_image_dataset(
+                name, split, image_size=image_size, channels=channels, limit=limit, seed=seed
+            ), split
         except ValueError as exc:
             if "split" not in str(exc).lower():
                 raise
@@ -562,13 +678,14 @@ def _load_eval_split(name: str, image_size: int, channels: int, limit: int, seed
 def _load_data(args: argparse.Namespace, spec: _ModelSpec) -> tuple[Any, Any, str]:
     import datasets
 
-    from .data import load_image_dataset
+    from msq_hf.data import load_image_dataset
 
     datasets.disable_progress_bars()
     try:
         limit = None if args.full_train_set else args.train_limit
-        train = load_image_dataset(args.dataset, "train", image_size=spec.image_size, channels=spec.channels,
-                                   limit=limit, seed=args.seed)
+        train = load_image_dataset(
+            args.dataset, "train", image_size=spec.image_size, channels=spec.channels, limit=limit, seed=args.seed
+        )
         evaluation, split = _load_eval_split(args.dataset, spec.image_size, spec.channels, args.eval_limit, args.seed)
     except CLIError:
         raise
@@ -594,7 +711,7 @@ def _class_names(dataset: Any) -> list[str]:
 
 
 def _human(n: float) -> str:
-    from .model_card import human_bytes
+    from msq_hf.io.card import human_bytes
 
     return human_bytes(n, digits=1)
 
@@ -628,7 +745,7 @@ def _make_console_callback(controller: Any, writer: Any) -> Any:
     """
     from transformers import TrainerCallback
 
-    from .controller import PHASE_CODES
+    from msq_hf.training.controller import PHASE_CODES
 
     phase_names = {float(v): k for k, v in PHASE_CODES.items()}
 
@@ -638,31 +755,37 @@ def _make_console_callback(controller: Any, writer: Any) -> Any:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             history = controller.history
-            for entry in history[self.seen:]:
+            for entry in history[self.seen :]:
                 if entry.get("step", 0) > 0 and (entry.get("pruned") or entry.get("phase") == "final"):
                     pruned = entry.get("pruned") or []
                     names = ", ".join(pruned[:3]) + (f" +{len(pruned) - 3} more" if len(pruned) > 3 else "")
                     label = "final round" if entry.get("phase") == "final" else "pruned"
-                    writer(f"[step {entry['step']}] {label}: {entry['compression']:.2f}x, avg "
-                           f"{entry['avg_bits']:.2f} bits" + (f" ({names})" if names else ""))
+                    writer(
+                        f"[step {entry['step']}] {label}: {entry['compression']:.2f}x, avg "
+                        f"{entry['avg_bits']:.2f} bits" + (f" ({names})" if names else "")
+                    )
             self.seen = len(history)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             logs = logs or {}
             if any(k.startswith("eval_") for k in logs):
                 acc = logs.get("eval_accuracy")
-                writer(f"[step {state.global_step}] eval: "
-                       + (f"accuracy {100 * acc:.2f}%, " if acc is not None else "")
-                       + f"loss {logs.get('eval_loss', float('nan')):.4f}")
+                writer(
+                    f"[step {state.global_step}] eval: "
+                    + (f"accuracy {100 * acc:.2f}%, " if acc is not None else "")
+                    + f"loss {logs.get('eval_loss', float('nan')):.4f}"
+                )
                 return
             if "loss" not in logs:
                 return  # the end-of-training summary dict (train_runtime...) is printed by msq-hf itself
             if state.global_step % max(args.logging_steps, 1) and state.global_step != state.max_steps:
                 return  # forced log of a pruning step: already printed by on_step_end
             phase = phase_names.get(float(logs.get("msq/phase", -1)), "?")
-            writer(f"[step {state.global_step}/{state.max_steps}] loss {logs['loss']:.4f}, lr "
-                   f"{logs.get('learning_rate', 0):.4g}, {logs.get('msq/compression', 0):.2f}x, avg "
-                   f"{logs.get('msq/avg_bits', 0):.2f} bits, phase {phase}")
+            writer(
+                f"[step {state.global_step}/{state.max_steps}] loss {logs['loss']:.4f}, lr "
+                f"{logs.get('learning_rate', 0):.4g}, {logs.get('msq/compression', 0):.2f}x, avg "
+                f"{logs.get('msq/avg_bits', 0):.2f} bits, phase {phase}"
+            )
 
     return ConsoleCallback()
 
@@ -690,11 +813,15 @@ def _validate_train_args(args: argparse.Namespace) -> None:
     if args.min_bits > args.init_bits:
         raise CLIError(f"--min-bits {args.min_bits} is above --init-bits {args.init_bits}")
     if args.target > 32 / args.min_bits:
-        raise CLIError(f"--target {args.target:g} cannot be reached with --min-bits {args.min_bits} "
-                       f"(at most {32 / args.min_bits:g}x)")
+        raise CLIError(
+            f"--target {args.target:g} cannot be reached with --min-bits {args.min_bits} "
+            f"(at most {32 / args.min_bits:g}x)"
+        )
     if args.target <= 32 / args.init_bits:
-        raise CLIError(f"--target {args.target:g} is already met at --init-bits {args.init_bits} "
-                       f"({32 / args.init_bits:g}x); choose a target above it")
+        raise CLIError(
+            f"--target {args.target:g} is already met at --init-bits {args.init_bits} "
+            f"({32 / args.init_bits:g}x); choose a target above it"
+        )
     if args.evals < 0:
         raise CLIError(f"--evals {args.evals} is not allowed (expected 0 or more)")
 
@@ -711,10 +838,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
 
     import msq_hf
-    from .convert import bit_scheme, compression_ratio, layer_numels
-    from .metrics import compute_accuracy_metrics
-    from .report import HISTORY_NAME, write_report
-    from .trainer import MSQTrainer
+    from msq_hf.convert import bit_scheme, compression_ratio, layer_numels
+    from msq_hf.metrics import compute_accuracy_metrics
+    from msq_hf.report import HISTORY_NAME, write_report
+    from msq_hf.training.trainer import MSQTrainer
 
     threads = args.threads or _available_cores()
     torch.set_num_threads(threads)
@@ -726,38 +853,71 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     say = print
     spec = _resolve_model(args.model)
-    say(f"msq-hf train: {args.model} on {args.dataset}, {spec.image_size}x{spec.image_size}, {threads} CPU "
-        f"thread{'s' if threads != 1 else ''} -> {out}")
+    say(
+        f"msq-hf train: {args.model} on {args.dataset}, {spec.image_size}x{spec.image_size}, {threads} CPU "
+        f"thread{'s' if threads != 1 else ''} -> {out}"
+    )
     train_ds, eval_ds, eval_split = _load_data(args, spec)
     class_names = _class_names(train_ds)
     model, model_args = _build_model(spec, len(class_names), class_names, args.pretrained)
 
     cfg = msq_hf.MSQConfig(
-        init_bits=args.init_bits, min_bits=args.min_bits, target_compression=args.target,
-        reg_strength=args.reg_strength, prune_threshold=args.prune_threshold, prune_interval=args.prune_interval,
-        final_round_fraction=args.final_round_fraction, hessian_guided=not args.no_hessian,
-        hessian_max_probes=args.hessian_probes, hessian_batch_size=args.hessian_batch_size, act_bits=args.act_bits)
+        init_bits=args.init_bits,
+        min_bits=args.min_bits,
+        target_compression=args.target,
+        reg_strength=args.reg_strength,
+        prune_threshold=args.prune_threshold,
+        prune_interval=args.prune_interval,
+        final_round_fraction=args.final_round_fraction,
+        hessian_guided=not args.no_hessian,
+        hessian_max_probes=args.hessian_probes,
+        hessian_batch_size=args.hessian_batch_size,
+        act_bits=args.act_bits,
+    )
     steps_per_epoch = math.ceil(len(train_ds) / args.batch_size)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     if max_steps < args.prune_interval:
-        say(f"note: {max_steps} steps is less than --prune-interval {args.prune_interval}: only the forced final "
-            "round will prune")
+        say(
+            f"note: {max_steps} steps is less than --prune-interval {args.prune_interval}: only the forced final "
+            "round will prune"
+        )
     logging_steps = args.logging_steps or max(1, max_steps // 20)
     eval_steps = max(1, max_steps // args.evals) if args.evals else None
     in_training_eval = eval_ds.select(range(min(len(eval_ds), IN_TRAINING_EVAL_IMAGES))) if eval_steps else None
     report_to = [s.strip() for s in args.report_to.split(",") if s.strip()] or ["none"]
 
     training_args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=max(args.batch_size, 256), learning_rate=args.lr, lr_scheduler_type="cosine",
-        weight_decay=args.weight_decay, optim="sgd", optim_args=f"momentum={args.momentum}",
-        logging_steps=logging_steps, eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps,
-        save_strategy="no", report_to=report_to, seed=args.seed, data_seed=args.seed,
-        disable_tqdm=args.no_progress, remove_unused_columns=False, label_names=["labels"],
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
-    trainer = MSQTrainer(model=model, args=training_args, msq_config=cfg, model_args=model_args,
-                         train_dataset=train_ds, eval_dataset=in_training_eval,
-                         compute_metrics=compute_accuracy_metrics)
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=max(args.batch_size, 256),
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        weight_decay=args.weight_decay,
+        optim="sgd",
+        optim_args=f"momentum={args.momentum}",
+        logging_steps=logging_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="no",
+        report_to=report_to,
+        seed=args.seed,
+        data_seed=args.seed,
+        disable_tqdm=args.no_progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = MSQTrainer(
+        model=model,
+        args=training_args,
+        msq_config=cfg,
+        model_args=model_args,
+        train_dataset=train_ds,
+        eval_dataset=in_training_eval,
+        compute_metrics=compute_accuracy_metrics,
+    )
     # replace the Trainer's console printer (it prints whole log dicts) with short lines
     progress = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)), None)
 
@@ -769,9 +929,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress.on_log = lambda *a, **k: None  # keep its bars, drop its dict dump
     trainer.remove_callback(PrinterCallback)  # the disable_tqdm=True printer of whole log dicts
     trainer.add_callback(_make_console_callback(trainer.msq_controller, write))
-    say(f"training {max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {len(train_ds):,} images, "
+    say(
+        f"training {max_steps} steps ({max_steps / steps_per_epoch:.2f} epochs of {len(train_ds):,} images, "
         f"batch {args.batch_size}); MSQ {args.init_bits} bits -> {args.target:g}x, pruning every "
-        f"{args.prune_interval} steps")
+        f"{args.prune_interval} steps"
+    )
     train_start = time.time()
     train_output = trainer.train()
     train_seconds = time.time() - train_start
@@ -788,21 +950,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     controller = trainer.msq_controller
 
     summary = {
-        "model": args.model, "dataset": args.dataset, "train_images": len(train_ds),
-        "eval_images": len(eval_ds), "eval_split": eval_split, "steps": int(trainer.state.global_step),
-        "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+        "model": args.model,
+        "dataset": args.dataset,
+        "train_images": len(train_ds),
+        "eval_images": len(eval_ds),
+        "eval_split": eval_split,
+        "steps": int(trainer.state.global_step),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "test_loss": metrics.get("test_loss"),
         "compression": compression_ratio(core, count_sign_bit=False),
-        "storage_compression": result.storage_compression_ratio, "average_bits": result.average_bits,
-        "target_compression": args.target, "export_weight_bytes": result.weight_bytes,
-        "float_weight_bytes": result.float_bytes, "train_seconds": round(train_seconds, 1),
-        "train_loss": train_output.training_loss, "threads": threads,
+        "storage_compression": result.storage_compression_ratio,
+        "average_bits": result.average_bits,
+        "target_compression": args.target,
+        "export_weight_bytes": result.weight_bytes,
+        "float_weight_bytes": result.float_bytes,
+        "train_seconds": round(train_seconds, 1),
+        "train_loss": train_output.training_loss,
+        "threads": threads,
     }
     history = {
-        "version": HISTORY_VERSION, "msq_hf_version": msq_hf.__version__, "argv": getattr(args, "argv", None),
+        "version": HISTORY_VERSION,
+        "msq_hf_version": msq_hf.__version__,
+        "argv": getattr(args, "argv", None),
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
-        "target_compression": args.target, "count_sign_bit": cfg.count_sign_bit, "total_steps": max_steps,
-        "msq_config": cfg.to_dict(), "bit_scheme": scheme, "numels": numels, "summary": summary,
-        "history": controller.history, "log_history": trainer.state.log_history, "baselines": [],
+        "target_compression": args.target,
+        "count_sign_bit": cfg.count_sign_bit,
+        "total_steps": max_steps,
+        "msq_config": cfg.to_dict(),
+        "bit_scheme": scheme,
+        "numels": numels,
+        "summary": summary,
+        "history": controller.history,
+        "log_history": trainer.state.log_history,
+        "baselines": [],
         "paths": {"model": str(model_dir), "export": str(export_dir), "report": str(out / "report")},
     }
     history_path = out / HISTORY_NAME
@@ -817,15 +997,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     folder_bytes = sum(p.stat().st_size for p in export_dir.iterdir() if p.is_file())
     acc = summary["test_accuracy"]
     say("")
-    say(f"MSQ done in {_duration(summary['wall_seconds'])} (training {_duration(train_seconds)}, "
-        f"{summary['steps']} steps)")
-    say(f"  accuracy    : {100 * acc:.2f}% on {len(eval_ds):,} {eval_split} images" if acc is not None
-        else "  accuracy    : n/a")
-    say(f"  compression : {summary['compression']:.2f}x (target {args.target:g}x, avg "
-        f"{result.average_bits:.2f} magnitude bits; {result.storage_compression_ratio:.2f}x with the sign bit)")
+    say(
+        f"MSQ done in {_duration(summary['wall_seconds'])} (training {_duration(train_seconds)}, "
+        f"{summary['steps']} steps)"
+    )
+    say(
+        f"  accuracy    : {100 * acc:.2f}% on {len(eval_ds):,} {eval_split} images"
+        if acc is not None
+        else "  accuracy    : n/a"
+    )
+    say(
+        f"  compression : {summary['compression']:.2f}x (target {args.target:g}x, avg "
+        f"{result.average_bits:.2f} magnitude bits; {result.storage_compression_ratio:.2f}x with the sign bit)"
+    )
     say(f"  bit scheme  : {scheme_summary(scheme, numels)}")
-    say(f"  on disk     : export weights {_human(result.weight_bytes)} vs {_human(result.float_bytes)} float32 "
-        f"({result.size_ratio:.1f}x smaller); export folder {_human(folder_bytes)}")
+    say(
+        f"  on disk     : export weights {_human(result.weight_bytes)} vs {_human(result.float_bytes)} float32 "
+        f"({result.size_ratio:.1f}x smaller); export folder {_human(folder_bytes)}"
+    )
     say(f"  export      : {export_dir}   (msq-hf inspect {export_dir})")
     say(f"  checkpoint  : {model_dir}")
     if written:

@@ -37,8 +37,10 @@ def plot_bit_scheme(manifest: dict[str, Any], path: str | Path) -> Path:
     ax.set_yticks(range(0, 9))
     ax.set_ylabel("magnitude bits")
     totals = manifest["totals"]
-    ax.set_title(f"MSQ bit scheme: {len(names)} layers, avg {totals['average_bits']:.2f} bits, "
-                 f"compression {totals['compression_ratio']:.1f}x")
+    ax.set_title(
+        f"MSQ bit scheme: {len(names)} layers, avg {totals['average_bits']:.2f} bits, "
+        f"compression {totals['compression_ratio']:.1f}x"
+    )
     if len(names) <= 60:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=90, fontsize=6)
@@ -46,8 +48,11 @@ def plot_bit_scheme(manifest: dict[str, Any], path: str | Path) -> Path:
         ax.set_xlabel("layer index (model order)")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="tab:blue", label="Conv2d"), Patch(color="tab:orange", label="Linear")],
-              loc="upper right", fontsize=7)
+    ax.legend(
+        handles=[Patch(color="tab:blue", label="Conv2d"), Patch(color="tab:orange", label="Linear")],
+        loc="upper right",
+        fontsize=7,
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, format="png")
@@ -103,7 +108,7 @@ def render_model_card(manifest: dict[str, Any], repo_id: str | None = None, plot
     lines += [
         "```",
         "",
-        "Without `import msq_hf`, transformers/timm stop with \"no file named model.safetensors\": the weights are",
+        'Without `import msq_hf`, transformers/timm stop with "no file named model.safetensors": the weights are',
         "in `msq_model.safetensors` on purpose, so the packed codes can never be mistaken for float weights.",
         "",
         "## Compression",
@@ -131,15 +136,18 @@ def render_model_card(manifest: dict[str, Any], repo_id: str | None = None, plot
     ]
     for name, info in manifest["layers"].items():
         kind = info["type"] + (" (depthwise)" if info.get("depthwise") else "")
-        lines.append(f"| `{name}` | {kind} | {'x'.join(map(str, info['shape']))} | {info['bits']} | "
-                     f"{info['stored_bits']} | {info['packed_bytes']:,} |")
+        lines.append(
+            f"| `{name}` | {kind} | {'x'.join(map(str, info['shape']))} | {info['bits']} | "
+            f"{info['stored_bits']} | {info['packed_bytes']:,} |"
+        )
     lines += [
         "",
         "## Format",
         "",
         f"`{manifest['format']}` version {manifest['format_version']}; `msq_manifest.json` lists every layer, the",
         "totals and the size + sha256 of each weight file. Written by "
-        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
+        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        + ".",
         "",
     ]
     return "\n".join(lines)

@@ -26,7 +26,8 @@ All functions here are side-effect free; none of them knows about modules or tra
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -202,7 +203,7 @@ def lsb_l1(
 
     ``R = sum_i |l_{n,k}(u_i)|`` (``units="code"``) or ``sum_i |l/2^n|`` (``units="value"``).
     Its gradient is ``dR/dW = c * sign(l) * sign(W) / S`` with ``c = 2^n`` (code) or 1 (value)
-    (Eq. 7). The layers use a fused equivalent (``msq_hf.layers``); this one is the readable
+    (Eq. 7). The layers use a fused equivalent (``msq_hf.nn.layers``); this one is the readable
     reference the tests check them against.
     """
     if wnorm == "signmag":
@@ -217,8 +218,9 @@ def lsb_l1(
     return total / weight.numel() if reduction == "mean" else total
 
 
-def compression_ratio(numels: Sequence[int] | Iterable[int], bits: Sequence[int] | Iterable[int],
-                      count_sign_bit: bool = False) -> float:
+def compression_ratio(
+    numels: Sequence[int] | Iterable[int], bits: Sequence[int] | Iterable[int], count_sign_bit: bool = False
+) -> float:
     """Parameter-weighted compression ratio ``C = 32 * sum_l N_l / sum_l b_l N_l``.
 
     ``N_l`` is the number of *weights* of quantized layer ``l`` (``weight.numel()``; biases, norms
@@ -244,8 +246,7 @@ def average_bits(numels: Sequence[int], bits: Sequence[int]) -> tuple[float, flo
     return weighted, sum(bits) / len(bits)
 
 
-def compression_of_scheme(scheme: Mapping[str, int], numels: Mapping[str, int],
-                          count_sign_bit: bool = False) -> float:
+def compression_of_scheme(scheme: Mapping[str, int], numels: Mapping[str, int], count_sign_bit: bool = False) -> float:
     """``compression_ratio`` of a ``{layer: bits}`` scheme given ``{layer: numel}``."""
     names = list(scheme)
     return compression_ratio([numels[n] for n in names], [scheme[n] for n in names], count_sign_bit)
@@ -316,4 +317,3 @@ __all__ = [
     "ste",
     "storage_bits",
 ]
-

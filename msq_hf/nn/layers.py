@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional as QF
-from .kernels import KERNELS
+from msq_hf.quant import functional as QF
+from msq_hf.quant.kernels import KERNELS
 
 REG_ATTR = "_msq_reg"
 
@@ -46,8 +46,16 @@ class MSQWeightQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, bits: int, k: int, continuous: bool, code_units: bool,
-                mean: bool, owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        weight: torch.Tensor,
+        bits: int,
+        k: int,
+        continuous: bool,
+        code_units: bool,
+        mean: bool,
+        owns_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.detach()
         if k <= 0:
             ctx.reg = False
@@ -67,9 +75,16 @@ class MSQWeightQuantize(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def msq_quantize_weight(weight: torch.Tensor, bits: int, k: int = 0, *, continuous: bool = True,
-                        code_units: bool = True, mean: bool = False,
-                        owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def msq_quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    k: int = 0,
+    *,
+    continuous: bool = True,
+    code_units: bool = True,
+    mean: bool = False,
+    owns_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional entry point of :class:`MSQWeightQuantize` (returns ``(W_q, R)``).
 
     ``owns_grad=True`` promises that ``W_q`` feeds exactly one linear/convolution op, whose backward
@@ -191,9 +206,16 @@ class MSQLayerMixin:
     bits: torch.Tensor
     k: torch.Tensor
 
-    def _init_msq(self, bits: int, *, wnorm: str = "signmag", lsb_form: str = "continuous",
-                  lsb_units: str = "code", reg_reduction: str = "sum",
-                  act_quantizer: nn.Module | None = None) -> None:
+    def _init_msq(
+        self,
+        bits: int,
+        *,
+        wnorm: str = "signmag",
+        lsb_form: str = "continuous",
+        lsb_units: str = "code",
+        reg_reduction: str = "sum",
+        act_quantizer: nn.Module | None = None,
+    ) -> None:
         QF._check_bits(bits)
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int32))
         self.register_buffer("k", torch.tensor(0, dtype=torch.int32))
@@ -233,16 +255,22 @@ class MSQLayerMixin:
         want_reg = self.training and torch.is_grad_enabled() and self.n_k > 0
         if self.wnorm == "signmag":
             wq, reg = msq_quantize_weight(
-                self.weight, bits, self.n_k if want_reg else 0,
-                continuous=self.lsb_form == "continuous", code_units=self.lsb_units == "code",
-                mean=self.reg_reduction == "mean", owns_grad=owns_grad)
+                self.weight,
+                bits,
+                self.n_k if want_reg else 0,
+                continuous=self.lsb_form == "continuous",
+                code_units=self.lsb_units == "code",
+                mean=self.reg_reduction == "mean",
+                owns_grad=owns_grad,
+            )
             return wq, (reg if want_reg else None)
         # DoReFa-affine normalization: readable autograd path (slower; an ablation option).
         wq = QF.quantize_weight(self.weight, bits, "dorefa")
         reg = None
         if want_reg:
-            reg = QF.lsb_l1(self.weight, bits, self.n_k, self.lsb_form, self.lsb_units,
-                            self.reg_reduction, wnorm="dorefa")
+            reg = QF.lsb_l1(
+                self.weight, bits, self.n_k, self.lsb_form, self.lsb_units, self.reg_reduction, wnorm="dorefa"
+            )
         return wq, reg
 
     def quantized_weight(self) -> torch.Tensor:
@@ -302,13 +330,22 @@ class MSQLayerMixin:
 class MSQLinear(MSQLayerMixin, nn.Linear):
     """``nn.Linear`` with an MSQ fake-quantized weight (and optional input quantizer)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
-                 device: Any = None, dtype: Any = None, **msq_kwargs: Any):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = 8,
+        device: Any = None,
+        dtype: Any = None,
+        **msq_kwargs: Any,
+    ):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_msq(bits, **msq_kwargs)
 
     @classmethod
-    def from_float(cls, module: nn.Linear, bits: int, **msq_kwargs: Any) -> "MSQLinear":
+    def from_float(cls, module: nn.Linear, bits: int, **msq_kwargs: Any) -> MSQLinear:
         """Wrap an existing ``nn.Linear`` (its parameters are shared, not copied)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -328,8 +365,13 @@ class MSQLinear(MSQLayerMixin, nn.Linear):
 
     def to_float(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weight."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.quantized_weight())
             if self.bias is not None:
@@ -345,22 +387,57 @@ class MSQConv2d(MSQLayerMixin, nn.Conv2d):
 
     same_pad: bool = False
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", *, bits: int = 8, device: Any = None, dtype: Any = None,
-                 **msq_kwargs: Any):
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                           groups, bias, padding_mode, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        bits: int = 8,
+        device: Any = None,
+        dtype: Any = None,
+        **msq_kwargs: Any,
+    ):
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_msq(bits, **msq_kwargs)
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, bits: int, **msq_kwargs: Any) -> "MSQConv2d":
+    def from_float(cls, module: nn.Conv2d, bits: int, **msq_kwargs: Any) -> MSQConv2d:
         """Wrap an existing ``nn.Conv2d`` (parameters shared; every conv attribute copied)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                     "transposed", "output_padding", "groups", "padding_mode",
-                     "_reversed_padding_repeated_twice"):
+        for name in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(new, name, getattr(module, name))
         new.weight = module.weight
         new.bias = module.bias
@@ -385,13 +462,31 @@ class MSQConv2d(MSQLayerMixin, nn.Conv2d):
         if self.same_pad:
             from timm.layers.conv2d_same import Conv2dSame
 
-            conv: nn.Conv2d = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                                         0, self.dilation, self.groups, self.bias is not None)
+            conv: nn.Conv2d = Conv2dSame(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                0,
+                self.dilation,
+                self.groups,
+                self.bias is not None,
+            )
             conv.to(device=self.weight.device, dtype=self.weight.dtype)
         else:
-            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                             self.padding, self.dilation, self.groups, self.bias is not None,
-                             self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+            conv = nn.Conv2d(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                self.bias is not None,
+                self.padding_mode,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
         with torch.no_grad():
             conv.weight.copy_(self.quantized_weight())
             if self.bias is not None:

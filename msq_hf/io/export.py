@@ -4,7 +4,7 @@ An export directory (format ``msq-packed``, version 1) holds
 
 * ``msq_model.safetensors`` (or ``msq_model-0000i-of-0000N.safetensors`` + ``msq_model.safetensors.index.json``):
   per quantized layer ``<module>.weight_packed`` / ``weight_scale`` / ``weight_bits`` / ``weight_shape``
-  (see ``msq_hf.packed_layers``), every other tensor at its own dtype under its own key; safetensors
+  (see ``msq_hf.nn.packed``), every other tensor at its own dtype under its own key; safetensors
   metadata ``format=pt, msq_format=packed, format_version=1``. The file is deliberately *not* called
   ``model.safetensors``: transformers or timm without ``import msq_hf`` then stop with "no file named
   model.safetensors" instead of silently building a float model with random weights.
@@ -27,19 +27,19 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import FORMAT_VERSION, MSQConfig
-from .convert import quantized_layers
-from .errors import MSQExportError, MSQFormatError
-from .functional import MAX_BITS, MIN_BITS, average_bits, compression_ratio
-from .layers import MSQLayerMixin
-from .packed_layers import (
+from msq_hf.config import FORMAT_VERSION, MSQConfig
+from msq_hf.convert import quantized_layers
+from msq_hf.errors import MSQExportError, MSQFormatError
+from msq_hf.nn.layers import MSQLayerMixin
+from msq_hf.nn.packed import (
     MSQPackedConv2d,
     MSQPackedLinear,
     MSQPackedMixin,
@@ -47,6 +47,7 @@ from .packed_layers import (
     packed_nbytes,
     stored_bits,
 )
+from msq_hf.quant.functional import MAX_BITS, MIN_BITS, average_bits, compression_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,10 @@ def packed_state_dict(model: nn.Module, verify: bool = True) -> tuple[dict[str, 
     """
     layers = quantized_layers(model, required=False)
     if not layers:
-        raise MSQExportError(f"{type(model).__name__} has no MSQ layers; call msq_hf.quantize_model(model, config) "
-                             "(and train it) before exporting")
+        raise MSQExportError(
+            f"{type(model).__name__} has no MSQ layers; call msq_hf.quantize_model(model, config) "
+            "(and train it) before exporting"
+        )
     state = model.state_dict()
     info: dict[str, dict] = {}
     for name, layer in layers.items():
@@ -121,12 +124,14 @@ def compute_totals(state: dict[str, torch.Tensor], layers: dict[str, dict]) -> d
     quantized_bytes = sum(_tensor_bytes(state[k]) for k in packed_keys if k in state)
     other = {k: v for k, v in state.items() if k not in packed_keys}
     unquantized_bytes = sum(_tensor_bytes(v) for v in other.values())
-    float_params = sum(v.numel() for k, v in other.items() if v.is_floating_point()
-                       and not k.endswith(".weight_scale"))
-    float_bytes = sum(n * torch.empty((), dtype=getattr(torch, layers[name]["dtype"])).element_size()
-                      for name, n in zip(names, numels))
-    float_bytes += sum(_tensor_bytes(v) for k, v in other.items() if not k.endswith(
-        (".weight_scale", ".weight_bits", ".weight_shape")))
+    float_params = sum(v.numel() for k, v in other.items() if v.is_floating_point() and not k.endswith(".weight_scale"))
+    float_bytes = sum(
+        n * torch.empty((), dtype=getattr(torch, layers[name]["dtype"])).element_size()
+        for name, n in zip(names, numels)
+    )
+    float_bytes += sum(
+        _tensor_bytes(v) for k, v in other.items() if not k.endswith((".weight_scale", ".weight_bits", ".weight_shape"))
+    )
     weighted, unweighted = average_bits(numels, bits)
     return {
         "quantized_layers": len(names),
@@ -153,12 +158,15 @@ def compute_totals(state: dict[str, torch.Tensor], layers: dict[str, dict]) -> d
 def _config_bits(cfg: MSQConfig) -> dict[str, int]:
     scheme = cfg.bit_scheme or {}
     if not scheme:
-        raise MSQFormatError("quantization_config.bit_scheme is empty: a packed MSQ export must list the bits of "
-                             "every quantized layer")
+        raise MSQFormatError(
+            "quantization_config.bit_scheme is empty: a packed MSQ export must list the bits of every quantized layer"
+        )
     for name, bits in scheme.items():
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            raise MSQFormatError(f"quantization_config.bit_scheme[{name!r}]={bits!r} is invalid: expected an "
-                                 f"integer in {MIN_BITS}..{MAX_BITS}")
+            raise MSQFormatError(
+                f"quantization_config.bit_scheme[{name!r}]={bits!r} is invalid: expected an "
+                f"integer in {MIN_BITS}..{MAX_BITS}"
+            )
     return dict(scheme)
 
 
@@ -169,22 +177,26 @@ def prepare_packed_model(model: nn.Module, cfg: MSQConfig, dequantize: bool = Fa
     that the layers can become plain float layers (no activation quantizers); the swap to
     ``nn.Linear``/``nn.Conv2d`` happens in :func:`finalize_packed_model`, once the codes are loaded.
     """
-    from .convert import _act_quantizer, _allowed_linear_types, _references, _same_pad_conv_types
+    from msq_hf.convert import _act_quantizer, _allowed_linear_types, _references, _same_pad_conv_types
 
     scheme = _config_bits(cfg)
     modules = dict(model.named_modules())
     unknown = sorted(n for n in scheme if n not in modules)
     if unknown:
         sample = ", ".join(n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)))[:300]
-        raise MSQFormatError(f"quantization_config.bit_scheme names layer(s) {unknown[:5]} that "
-                             f"{type(model).__name__} does not have (the export comes from a different "
-                             f"architecture or transformers version); its Linear/Conv2d layers are: {sample}")
+        raise MSQFormatError(
+            f"quantization_config.bit_scheme names layer(s) {unknown[:5]} that "
+            f"{type(model).__name__} does not have (the export comes from a different "
+            f"architecture or transformers version); its Linear/Conv2d layers are: {sample}"
+        )
     same_pad = _same_pad_conv_types()
     linear_types = _allowed_linear_types()
     order = [n for n in modules if n in scheme]
     if dequantize and cfg.act_bits is not None:
-        raise MSQFormatError(f"dequantize=True is impossible: the export quantizes layer inputs (act_bits="
-                             f"{cfg.act_bits}), which plain float layers cannot reproduce")
+        raise MSQFormatError(
+            f"dequantize=True is impossible: the export quantizes layer inputs (act_bits="
+            f"{cfg.act_bits}), which plain float layers cannot reproduce"
+        )
     refs = _references(model)
     for name in order:
         module = modules[name]
@@ -195,11 +207,14 @@ def prepare_packed_model(model: nn.Module, cfg: MSQConfig, dequantize: bool = Fa
         if type(module) in linear_types:
             new: nn.Module = MSQPackedLinear.from_linear(module, bits, cfg.wnorm, act, name)
         elif type(module) is nn.Conv2d or (same_pad and isinstance(module, same_pad)):
-            new = MSQPackedConv2d.from_conv(module, bits, cfg.wnorm, act, name,
-                                            same_pad=bool(same_pad) and isinstance(module, same_pad))
+            new = MSQPackedConv2d.from_conv(
+                module, bits, cfg.wnorm, act, name, same_pad=bool(same_pad) and isinstance(module, same_pad)
+            )
         else:
-            raise MSQFormatError(f"quantization_config.bit_scheme names {name!r}, a {type(module).__name__}; "
-                                 "only nn.Linear / nn.Conv2d layers can hold packed MSQ weights")
+            raise MSQFormatError(
+                f"quantization_config.bit_scheme names {name!r}, a {type(module).__name__}; "
+                "only nn.Linear / nn.Conv2d layers can hold packed MSQ weights"
+            )
         new.train(module.training)
         for parent, attr in refs.get(id(module), []):
             setattr(parent, attr, new)
@@ -210,7 +225,7 @@ def prepare_packed_model(model: nn.Module, cfg: MSQConfig, dequantize: bool = Fa
 def finalize_packed_model(model: nn.Module, cfg: MSQConfig) -> nn.Module:
     """After the tensors are loaded: decode every packed layer (validating it), then either keep the
     packed layers or, with ``cfg.dequantize``, swap them for plain float layers."""
-    from .convert import forget_quantization, swap_to_float
+    from msq_hf.convert import forget_quantization, swap_to_float
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MSQPackedMixin)}
     for module in layers.values():
@@ -265,8 +280,10 @@ def _model_kind(model: nn.Module) -> str:
         return "hf"
     if getattr(model, "pretrained_cfg", None) is not None and hasattr(model, "forward_features"):
         return "timm"
-    raise MSQExportError(f"cannot export a {type(model).__name__}: msq_hf.export supports transformers "
-                         "PreTrainedModel (incl. TimmWrapperForImageClassification) and timm models")
+    raise MSQExportError(
+        f"cannot export a {type(model).__name__}: msq_hf.export supports transformers "
+        "PreTrainedModel (incl. TimmWrapperForImageClassification) and timm models"
+    )
 
 
 def _model_config(model: nn.Module) -> MSQConfig:
@@ -275,8 +292,10 @@ def _model_config(model: nn.Module) -> MSQConfig:
         quantizer = getattr(model, "hf_quantizer", None)
         cfg = getattr(quantizer, "quantization_config", None)
     if not isinstance(cfg, MSQConfig):
-        raise MSQExportError(f"{type(model).__name__} carries no MSQConfig (model.msq_config); quantize it with "
-                             "msq_hf.quantize_model before exporting")
+        raise MSQExportError(
+            f"{type(model).__name__} carries no MSQConfig (model.msq_config); quantize it with "
+            "msq_hf.quantize_model before exporting"
+        )
     return cfg
 
 
@@ -293,10 +312,14 @@ def _versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    from . import __version__
+    from msq_hf import __version__
 
-    out = {"msq_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "safetensors": safetensors.__version__}
+    out = {
+        "msq_hf": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
     with contextlib.suppress(ImportError):
         import timm
 
@@ -304,8 +327,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _checkpoint_keys(model: nn.Module, kind: str, state: dict[str, torch.Tensor],
-                     layers: dict[str, dict]) -> dict[str, str | None]:
+def _checkpoint_keys(
+    model: nn.Module, kind: str, state: dict[str, torch.Tensor], layers: dict[str, dict]
+) -> dict[str, str | None]:
     """On-disk key of each layer's ``weight_packed`` (transformers renames legacy layouts on save)."""
     keys = {n: (f"{n}.weight_packed" if n else "weight_packed") for n in layers}
     if kind != "hf":
@@ -335,19 +359,23 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save_safetensors(state: dict[str, torch.Tensor], directory: Path, metadata: dict[str, str],
-                      max_shard_size: int | str | None) -> list[str]:
+def _save_safetensors(
+    state: dict[str, torch.Tensor], directory: Path, metadata: dict[str, str], max_shard_size: int | str | None
+) -> list[str]:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     state = _dedupe_shared(state)
-    split = split_torch_state_dict_into_shards(state, filename_pattern="msq_model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size or "50GB")
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="msq_model{suffix}.safetensors", max_shard_size=max_shard_size or "50GB"
+    )
     for filename, names in split.filename_to_tensors.items():
         save_file({k: state[k] for k in names}, str(directory / filename), metadata=metadata)
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(_tensor_bytes(t) for t in state.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(_tensor_bytes(t) for t in state.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sorted(split.filename_to_tensors)
 
@@ -366,18 +394,20 @@ def _rename_hf_weights(directory: Path) -> tuple[list[str], str]:
         return sorted(renames.values()), WEIGHTS_INDEX_NAME
     single = directory / "model.safetensors"
     if not single.exists():
-        raise MSQExportError(f"save_pretrained wrote no model.safetensors in {directory}: "
-                             f"{sorted(p.name for p in directory.iterdir())}")
+        raise MSQExportError(
+            f"save_pretrained wrote no model.safetensors in {directory}: {sorted(p.name for p in directory.iterdir())}"
+        )
     os.replace(single, directory / WEIGHTS_NAME)
     return [WEIGHTS_NAME], WEIGHTS_NAME
 
 
 @contextlib.contextmanager
-def _hf_packed_save(model: nn.Module, cfg: MSQConfig, state: dict[str, torch.Tensor],
-                    metadata: dict[str, str], scheme: dict[str, int]) -> Iterator[None]:
+def _hf_packed_save(
+    model: nn.Module, cfg: MSQConfig, state: dict[str, torch.Tensor], metadata: dict[str, str], scheme: dict[str, int]
+) -> Iterator[None]:
     """Make ``save_pretrained`` write the packed state dict and a packed ``quantization_config``."""
-    from .convert import attach_quantizer
-    from .quantizer import MSQQuantizer
+    from msq_hf.convert import attach_quantizer
+    from msq_hf.integrations.transformers import MSQQuantizer
 
     quantizer = getattr(model, "hf_quantizer", None)
     attached = False
@@ -419,8 +449,9 @@ def _prepare_target(save_directory: Path, overwrite: bool) -> None:
         if not save_directory.is_dir():
             raise MSQExportError(f"export target {save_directory} exists and is not a directory")
         if any(save_directory.iterdir()) and not overwrite:
-            raise MSQExportError(f"export target {save_directory} exists and is not empty; pass overwrite=True "
-                                 "to replace it")
+            raise MSQExportError(
+                f"export target {save_directory} exists and is not empty; pass overwrite=True to replace it"
+            )
 
 
 def _apply_umask_permissions(root: Path) -> None:
@@ -452,10 +483,20 @@ def _install(tmp: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def export(model: nn.Module, save_directory: str | os.PathLike, push_to_hub: bool = False, repo_id: str | None = None,
-           private: bool | None = None, token: str | bool | None = None, commit_message: str | None = None,
-           max_shard_size: int | str | None = None, *, overwrite: bool = False, processor: Any = None,
-           verify: bool = True) -> ExportResult:
+def export(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    max_shard_size: int | str | None = None,
+    *,
+    overwrite: bool = False,
+    processor: Any = None,
+    verify: bool = True,
+) -> ExportResult:
     """Write a bit-packed, self-describing export of an MSQ model and optionally push it to the Hub.
 
     Args:
@@ -501,7 +542,7 @@ def export(model: nn.Module, save_directory: str | os.PathLike, push_to_hub: boo
             config["quantization_config"] = cfg.to_dict()
             config[CONFIG_WEIGHTS_KEY] = weights_entry
         else:
-            from .timm_hub import timm_config
+            from msq_hf.integrations.timm import timm_config
 
             weight_files = _save_safetensors(state, tmp, metadata, max_shard_size)
             weights_entry = WEIGHTS_INDEX_NAME if (tmp / WEIGHTS_INDEX_NAME).exists() else WEIGHTS_NAME
@@ -527,7 +568,7 @@ def export(model: nn.Module, save_directory: str | os.PathLike, push_to_hub: boo
         manifest["totals"]["weight_file_bytes"] = sum(v["size"] for v in manifest["files"].values())
         _write_json(tmp / MANIFEST_NAME, manifest)
 
-        from .model_card import plot_bit_scheme, render_model_card
+        from msq_hf.io.card import plot_bit_scheme, render_model_card
 
         plot_bit_scheme(manifest, tmp / PLOT_NAME)
         (tmp / CARD_NAME).write_text(render_model_card(manifest, repo_id=repo_id))
@@ -551,21 +592,31 @@ def export(model: nn.Module, save_directory: str | os.PathLike, push_to_hub: boo
         manifest=manifest,
     )
     if push_to_hub:
-        result.repo_id, result.commit_url = push_export(target, repo_id, private=private, token=token,
-                                                        commit_message=commit_message)
+        result.repo_id, result.commit_url = push_export(
+            target, repo_id, private=private, token=token, commit_message=commit_message
+        )
     return result
 
 
-def push_export(directory: str | os.PathLike, repo_id: str, private: bool | None = None,
-                token: str | bool | None = None, commit_message: str | None = None) -> tuple[str, str | None]:
+def push_export(
+    directory: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+) -> tuple[str, str | None]:
     """Upload an export folder to the Hub (``create_repo(exist_ok=True)`` + ``upload_folder``)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(repo, "repo_id", None) or repo_id
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), repo_type="model",
-                             commit_message=commit_message or "Upload MSQ bit-packed export (msq_hf)")
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(directory),
+        repo_type="model",
+        commit_message=commit_message or "Upload MSQ bit-packed export (msq_hf)",
+    )
     return repo_id, getattr(info, "commit_url", None) or (str(info) if info is not None else None)
 
 

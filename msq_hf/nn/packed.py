@@ -7,7 +7,7 @@ Storage of one quantized weight ``W`` with ``n`` magnitude bits (format version 
 * ``wnorm="dorefa"``: codes ``c`` in ``[0, 2^n-1]`` in ``n`` bits, ``W_q = 2 c s - 1`` with ``s = 1/2^n``.
 
 Buffers of a packed layer (the checkpoint keys ``<module>.weight_packed`` etc.):
-``weight_packed`` (uint8 little-endian bitstream, ``msq_hf.packing``), ``weight_scale`` (float32 [1]),
+``weight_packed`` (uint8 little-endian bitstream, ``msq_hf.quant.packing``), ``weight_scale`` (float32 [1]),
 ``weight_bits`` (uint8 [1], ``n``), ``weight_shape`` (int64 [ndim]); the bias stays a float parameter.
 
 The dequantized weight is computed once after loading (``refresh``) into the non-persistent buffer
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from . import functional as QF
-from .errors import MSQFormatError
+from msq_hf.errors import MSQFormatError
+from msq_hf.quant import functional as QF
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_bits", "weight_shape")
 
@@ -38,7 +38,7 @@ def stored_bits(bits: int, wnorm: str) -> int:
 
 
 def _packing():
-    from . import packing
+    from msq_hf.quant import packing
 
     return packing
 
@@ -72,8 +72,14 @@ def layer_codes(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return QF.roundclamp_codes(u, bits).to(torch.int16), torch.tensor([1.0 / levels])
 
 
-def decode_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int, wnorm: str,
-                  shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def decode_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    wnorm: str,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Dequantize unsigned stored codes: ``(c - (2^n-1)) * s`` (signmag) or ``2 c s - 1`` (dorefa), in
     fp32, then cast to ``dtype`` (the exporter checks this reproduces the layer bit for bit)."""
     c = codes.reshape(shape).to(torch.float32)
@@ -101,9 +107,11 @@ def encode_layer(name: str, layer: Any, verify: bool = True) -> dict[str, torch.
         back = packing.unpack_codes(packed, width, codes.numel())
         deq = decode_weight(back, scale, bits, layer.wnorm, shape, layer.weight.dtype)
         if not torch.equal(deq, layer.quantized_weight()):
-            raise MSQFormatError(f"layer {name!r}: packed codes do not reproduce the fake-quantized weight "
-                                 f"(bits={bits}, wnorm={layer.wnorm}, dtype={layer.weight.dtype}); refusing to "
-                                 "write an export that would not match the model")
+            raise MSQFormatError(
+                f"layer {name!r}: packed codes do not reproduce the fake-quantized weight "
+                f"(bits={bits}, wnorm={layer.wnorm}, dtype={layer.weight.dtype}); refusing to "
+                "write an export that would not match the model"
+            )
     return {
         "weight_packed": packed.contiguous(),
         "weight_scale": scale.reshape(1).to(torch.float32).contiguous(),
@@ -125,8 +133,16 @@ class MSQPackedMixin:
     weight_bits: torch.Tensor
     weight_shape: torch.Tensor
 
-    def _init_packed(self, shape: tuple[int, ...], bits: int, wnorm: str, dtype: torch.dtype,
-                     device: Any, act_quantizer: nn.Module | None, layer_name: str) -> None:
+    def _init_packed(
+        self,
+        shape: tuple[int, ...],
+        bits: int,
+        wnorm: str,
+        dtype: torch.dtype,
+        device: Any,
+        act_quantizer: nn.Module | None,
+        layer_name: str,
+    ) -> None:
         QF._check_bits(bits)
         numel = math.prod(shape)
         self.bits = int(bits)
@@ -134,8 +150,9 @@ class MSQPackedMixin:
         self.weight_dtype = dtype
         self.layer_name = layer_name
         self.expected_shape = tuple(int(d) for d in shape)
-        self.register_buffer("weight_packed", torch.zeros(packed_nbytes(numel, bits, wnorm), dtype=torch.uint8,
-                                                          device=device))
+        self.register_buffer(
+            "weight_packed", torch.zeros(packed_nbytes(numel, bits, wnorm), dtype=torch.uint8, device=device)
+        )
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.register_buffer("weight_bits", torch.full((1,), int(bits), dtype=torch.uint8, device=device))
         self.register_buffer("weight_shape", torch.tensor(self.expected_shape, dtype=torch.int64, device=device))
@@ -160,33 +177,41 @@ class MSQPackedMixin:
         where = f"layer {self.layer_name!r}"
         bits = int(self.weight_bits.reshape(-1)[0]) if self.weight_bits.numel() == 1 else None
         if bits is None or not QF.MIN_BITS <= bits <= QF.MAX_BITS:
-            raise MSQFormatError(f"{where}: weight_bits={self.weight_bits.tolist()} is invalid: expected one "
-                                 f"integer in {QF.MIN_BITS}..{QF.MAX_BITS}")
+            raise MSQFormatError(
+                f"{where}: weight_bits={self.weight_bits.tolist()} is invalid: expected one "
+                f"integer in {QF.MIN_BITS}..{QF.MAX_BITS}"
+            )
         if bits != self.bits:
-            raise MSQFormatError(f"{where}: stored weight_bits={bits} disagrees with the bit scheme "
-                                 f"({self.bits} bits)")
+            raise MSQFormatError(f"{where}: stored weight_bits={bits} disagrees with the bit scheme ({self.bits} bits)")
         shape = tuple(int(d) for d in self.weight_shape.tolist())
         if shape != self.expected_shape:
-            raise MSQFormatError(f"{where}: stored weight_shape={list(shape)} disagrees with the model "
-                                 f"({list(self.expected_shape)})")
+            raise MSQFormatError(
+                f"{where}: stored weight_shape={list(shape)} disagrees with the model ({list(self.expected_shape)})"
+            )
         numel = math.prod(shape)
         width = self.stored_bits
         want = packed_nbytes(numel, bits, self.wnorm)
         if self.weight_packed.dtype != torch.uint8 or self.weight_packed.numel() != want:
-            raise MSQFormatError(f"{where}: weight_packed has {self.weight_packed.numel()} "
-                                 f"{self.weight_packed.dtype} elements, expected {want} uint8 for {numel} "
-                                 f"weights at {width} stored bits ({bits}-bit {self.wnorm})")
+            raise MSQFormatError(
+                f"{where}: weight_packed has {self.weight_packed.numel()} "
+                f"{self.weight_packed.dtype} elements, expected {want} uint8 for {numel} "
+                f"weights at {width} stored bits ({bits}-bit {self.wnorm})"
+            )
         scale = self.weight_scale
         if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale.reshape(-1)[0]) <= 0:
-            raise MSQFormatError(f"{where}: weight_scale={scale.tolist()} is invalid: expected one finite "
-                                 "positive number")
+            raise MSQFormatError(
+                f"{where}: weight_scale={scale.tolist()} is invalid: expected one finite positive number"
+            )
         codes = _packing().unpack_codes(self.weight_packed.reshape(-1).cpu(), width, numel)
         top = 2 ** (bits + 1) - 2 if self.wnorm == "signmag" else 2**bits - 1
         if numel and int(codes.max()) > top:
-            raise MSQFormatError(f"{where}: a stored code is {int(codes.max())}, above the largest valid "
-                                 f"{bits}-bit {self.wnorm} code {top}; the weight file is corrupt")
+            raise MSQFormatError(
+                f"{where}: a stored code is {int(codes.max())}, above the largest valid "
+                f"{bits}-bit {self.wnorm} code {top}; the weight file is corrupt"
+            )
         return decode_weight(codes, scale.cpu(), bits, self.wnorm, shape, self.weight_dtype).to(
-            self.weight_packed.device)
+            self.weight_packed.device
+        )
 
     def refresh(self) -> None:
         """Recompute the cached dequantized ``weight`` from the packed buffers (called after loading)."""
@@ -200,8 +225,10 @@ class MSQPackedMixin:
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if not self._msq_ready:
-            raise RuntimeError(f"packed layer {self.layer_name!r} was never loaded (its dequantized weight is "
-                               "not computed); load an export with msq_hf.from_pretrained")
+            raise RuntimeError(
+                f"packed layer {self.layer_name!r} was never loaded (its dequantized weight is "
+                "not computed); load an export with msq_hf.from_pretrained"
+            )
         return self.act_quant(x) if self.act_quant is not None else x
 
     def packed_extra_repr(self) -> str:
@@ -211,21 +238,40 @@ class MSQPackedMixin:
 class MSQPackedLinear(MSQPackedMixin, nn.Module):
     """Inference ``Linear`` whose weight is stored bit-packed (``F.linear`` on the dequantized weight)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int, wnorm: str = "signmag",
-                 dtype: torch.dtype = torch.float32, device: Any = None, act_quantizer: nn.Module | None = None,
-                 layer_name: str = ""):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int,
+        wnorm: str = "signmag",
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+        act_quantizer: nn.Module | None = None,
+        layer_name: str = "",
+    ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self._init_packed((out_features, in_features), bits, wnorm, dtype, device, act_quantizer, layer_name)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, module: nn.Linear, bits: int, wnorm: str, act_quantizer: nn.Module | None,
-                    layer_name: str) -> "MSQPackedLinear":
+    def from_linear(
+        cls, module: nn.Linear, bits: int, wnorm: str, act_quantizer: nn.Module | None, layer_name: str
+    ) -> MSQPackedLinear:
         """Skeleton with the shapes/dtype/device of ``module`` (its bias tensor is reused)."""
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None, bits=bits, wnorm=wnorm,
-                  dtype=module.weight.dtype, device=module.weight.device, act_quantizer=act_quantizer,
-                  layer_name=layer_name)
+        new = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            bits=bits,
+            wnorm=wnorm,
+            dtype=module.weight.dtype,
+            device=module.weight.device,
+            act_quantizer=act_quantizer,
+            layer_name=layer_name,
+        )
         if module.bias is not None:
             new.bias = module.bias
         return new
@@ -234,13 +280,20 @@ class MSQPackedLinear(MSQPackedMixin, nn.Module):
         return F.linear(self._input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"bias={self.bias is not None}, {self.packed_extra_repr()}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self.packed_extra_repr()}"
+        )
 
     def to_float(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.weight)
             if self.bias is not None:
@@ -251,10 +304,26 @@ class MSQPackedLinear(MSQPackedMixin, nn.Module):
 class MSQPackedConv2d(MSQPackedMixin, nn.Module):
     """Inference ``Conv2d`` (any groups/dilation/padding mode, timm SAME padding) with a bit-packed weight."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
-                 bits: int, wnorm: str = "signmag", dtype: torch.dtype = torch.float32, device: Any = None,
-                 act_quantizer: nn.Module | None = None, same_pad: bool = False, layer_name: str = ""):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        bits: int,
+        wnorm: str = "signmag",
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+        act_quantizer: nn.Module | None = None,
+        same_pad: bool = False,
+        layer_name: str = "",
+    ):
         nn.Module.__init__(self)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -269,13 +338,34 @@ class MSQPackedConv2d(MSQPackedMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_conv(cls, module: nn.Conv2d, bits: int, wnorm: str, act_quantizer: nn.Module | None,
-                  layer_name: str, same_pad: bool = False) -> "MSQPackedConv2d":
+    def from_conv(
+        cls,
+        module: nn.Conv2d,
+        bits: int,
+        wnorm: str,
+        act_quantizer: nn.Module | None,
+        layer_name: str,
+        same_pad: bool = False,
+    ) -> MSQPackedConv2d:
         """Skeleton with the geometry/dtype/device of ``module`` (its bias tensor is reused)."""
-        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                  module.dilation, module.groups, module.bias is not None, module.padding_mode, bits=bits,
-                  wnorm=wnorm, dtype=module.weight.dtype, device=module.weight.device,
-                  act_quantizer=act_quantizer, same_pad=same_pad, layer_name=layer_name)
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            bits=bits,
+            wnorm=wnorm,
+            dtype=module.weight.dtype,
+            device=module.weight.device,
+            act_quantizer=act_quantizer,
+            same_pad=same_pad,
+            layer_name=layer_name,
+        )
         if module.bias is not None:
             new.bias = module.bias
         return new
@@ -292,21 +382,41 @@ class MSQPackedConv2d(MSQPackedMixin, nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
-               f"groups={self.groups}, bias={self.bias is not None}, {self.packed_extra_repr()}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"groups={self.groups}, bias={self.bias is not None}, {self.packed_extra_repr()}"
+        )
 
     def to_float(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` (timm ``Conv2dSame`` for SAME padding) with the dequantized weight."""
         if self.same_pad:
             from timm.layers.conv2d_same import Conv2dSame
 
-            conv: nn.Conv2d = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, self.stride, 0,
-                                         self.dilation, self.groups, self.bias is not None)
+            conv: nn.Conv2d = Conv2dSame(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                0,
+                self.dilation,
+                self.groups,
+                self.bias is not None,
+            )
             conv.to(device=self.weight.device, dtype=self.weight.dtype)
         else:
-            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                             self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                             device=self.weight.device, dtype=self.weight.dtype)
+            conv = nn.Conv2d(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                self.bias is not None,
+                self.padding_mode,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
         with torch.no_grad():
             conv.weight.copy_(self.weight)
             if self.bias is not None:

@@ -1,0 +1,1 @@
+"""The ``msq-hf`` console script."""

@@ -1,0 +1,1 @@
+"""Modules: MSQ training layers, activation quantizers and packed (exported) inference layers."""
