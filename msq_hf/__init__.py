@@ -8,22 +8,16 @@ from __future__ import annotations
 
 from msq_hf import models  # noqa: F401  (registers resnet20/32/56_cifar with timm)
 from msq_hf.config import MSQConfig
-from msq_hf.config import register as _register
-from msq_hf.convert import (
-    bit_scheme,
-    compression_ratio,
-    dequantize_model,
-    layer_numels,
-    quantize_model,
-    set_bit_scheme,
-)
+from msq_hf.convert import bit_scheme, compression_ratio, layer_numels, set_bit_scheme
 from msq_hf.errors import MSQError, MSQExportError, MSQFormatError, MSQIntegrityError, MSQMissingFileError
 from msq_hf.integrations.transformers import MSQQuantizer
+from msq_hf.integrations.transformers import register as _register
 from msq_hf.io.export import ExportResult, export
 from msq_hf.io.inspect import InspectReport, format_report, inspect_export
 from msq_hf.io.load import from_pretrained
 from msq_hf.nn.layers import MSQConv2d, MSQLinear
 from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear
+from msq_hf.quantize import dequantize_model, quantize_model
 from msq_hf.training.controller import MSQController
 from msq_hf.training.schedule import BitPruningSchedule, PruneDecision
 from msq_hf.training.sensitivity import estimate_sensitivities, hutchinson_trace

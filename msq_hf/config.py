@@ -1,226 +1,155 @@
-"""``MSQConfig``: every hyperparameter of MSQ, as a transformers quantization config."""
+"""``MSQConfig``: every hyperparameter of MSQ, declared once, as a transformers quantization config.
+
+Each field is declared once in the class body, ``name: type = param(default, help, rule)`` (see
+:mod:`msq_hf.fields`). Everything else is derived from that declaration: the constructor (signature and
+defaults), the class docstring, the validation (:func:`validate_field` per field, :data:`CROSS_RULES`
+across fields, both run by :meth:`MSQConfig.post_init`) and the command-line flags
+(:class:`msq_hf.arguments.MSQArguments`).
+"""
 
 from __future__ import annotations
 
 import copy
-import math
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from msq_hf.quant.functional import MAX_BITS, MIN_BITS
+from msq_hf.fields import (
+    ConfigFieldError,
+    CrossRule,
+    Param,
+    Rule,
+    check_field,
+    collect_params,
+    exactly,
+    integer,
+    number,
+    param,
+)
+from msq_hf.quant.functional import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS, check_bits
 
 QUANT_METHOD = "msq"
 FORMAT_VERSION = 1
+OWNER = "MSQConfig"  # error messages read "MSQConfig.<field>=<value> is invalid: expected ..."
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "wnorm": ("signmag", "dorefa"),
-    "lsb_form": ("continuous", "discrete"),
-    "lsb_units": ("code", "value"),
-    "reg_reduction": ("sum", "mean"),
-    "sensitivity_norm": ("avg", "sum"),
-    "act_quantizer": ("auto", "pact", "lsq"),
-    "msq_format": ("fake", "packed"),
-}
+BITS = integer(MIN_BITS, MAX_BITS)
+OPEN_UNIT = number("a number in the open interval (0, 1)", lambda v: 0 < v < 1)
+
+
+def _as_list(value: Any) -> Any:
+    return (list(value) or None) if isinstance(value, (list, tuple)) else value
+
+
+def _as_dict(value: Any) -> Any:
+    return (dict(value) or None) if isinstance(value, Mapping) else value
+
+
+_PATTERNS = Rule(
+    "None or a list of glob or 're:' patterns (strings)",
+    lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
+)
+_SCHEME = Rule("None or {module_name: bits}", lambda v: v is None or isinstance(v, dict), entries=BITS)
+_VERSION = exactly(
+    FORMAT_VERSION, f"is not supported by this msq_hf (format {FORMAT_VERSION}); upgrade msq_hf to read it"
+)
 
 
 @dataclass(init=False, repr=False)
 class MSQConfig(QuantizationConfigMixin):
-    """Configuration of MSQ quantization-aware training with learned per-layer bit widths.
+    # -- bits and the schedule
+    init_bits: int = param(
+        8,
+        "starting magnitude bits of every quantized layer (8 for CNNs, 4 for ViTs starting from a 4-bit checkpoint)",
+        BITS,
+    )
+    min_bits: int = param(1, "lowest bits a layer may reach (1 bit = ternary weights)", BITS)
+    target_compression: float = param(
+        16.0,
+        "stop pruning once the compression ratio 32*sum(N)/sum(bits*N) reaches this",
+        number("a compression ratio >= 1: 1 keeps the starting bits, > 1 prunes (e.g. 16)", lambda v: v >= 1),
+        aliases=("--target",),
+    )
+    count_sign_bit: bool = param(
+        False,
+        "count the sign bit in the ratio (bits+1 per weight, what a signmag "
+        "export stores) instead of the paper's magnitude-only accounting",
+    )
+    reg_strength: float = param(
+        5e-5, "lambda of the L1 LSB regularizer (MSQ Eq. 8)", number("a finite number >= 0", lambda v: v >= 0)
+    )
+    prune_threshold: float = param(0.01, "a layer drops k LSBs when its LSB nonzero rate falls below this", OPEN_UNIT)
+    prune_interval: int = param(100, "optimizer steps between pruning steps", integer(1))
+    final_round_fraction: float = param(
+        0.7,
+        "force a final pruning round after this fraction of training if the target was not reached",
+        number("a number in (0, 1]", lambda v: 0 < v <= 1),
+    )
+    default_k: Literal[1, 2] = param(1, "LSBs pruned per step when hessian_guided is off")
+    # -- Hessian sensitivity (HAWQ-V2, Eq. 9)
+    hessian_guided: bool = param(
+        True, "choose k from Hessian-trace sensitivity (k=1 above the mean, 2 below)", negations=("--no-hessian",)
+    )
+    hessian_max_probes: int = param(
+        16, "most Hutchinson probes per sensitivity estimate", integer(1), aliases=("--hessian-probes",)
+    )
+    hessian_tol: float = param(1e-2, "relative tolerance of the Hutchinson estimate", OPEN_UNIT)
+    hessian_batch_size: int = param(64, "samples of the last training batch used by the Hessian pass", integer(1))
+    sensitivity_norm: Literal["avg", "sum"] = param("avg", "'avg' (Tr/N, HAWQ-V2) or 'sum' (Tr)")
+    # -- quantizer variants
+    wnorm: Literal["signmag", "dorefa"] = param(
+        "signmag", "weight quantizer: max-abs sign-magnitude or DoReFa tanh-affine"
+    )
+    lsb_form: Literal["continuous", "discrete"] = param(
+        "continuous", "LSB term: continuous (Eq. 5) or discrete (Eq. 3 with STE)"
+    )
+    lsb_units: Literal["code", "value"] = param("code", "LSB gradient: 'code' (2^n sign) or 'value' (sign)")
+    reg_reduction: Literal["sum", "mean"] = param(
+        "sum", "regularizer reduction over weights: 'sum' (paper) or 'mean' (rescales lambda)"
+    )
+    # -- activations (off by default)
+    act_bits: int | None = param(
+        None,
+        "bits of the inputs of quantized layers (None: float activations)",
+        integer(MIN_ACT_BITS, MAX_ACT_BITS, optional=True),
+    )
+    act_quantizer: Literal["auto", "pact", "lsq"] = param(
+        "auto", "activation quantizer ('auto': LSQ for Linear inputs, PACT for Conv inputs)"
+    )
+    act_skip_first: bool = param(True, "leave the input of the first quantized layer (the image) unquantized")
+    # -- layer selection
+    modules_to_not_convert: list[str] | None = param(
+        None,
+        "fnmatch globs or 're:<regex>' patterns of module names whose Linear/Conv2d layers stay float",
+        _PATTERNS,
+        convert=_as_list,
+    )
+    # -- serialization (written by msq_hf, not by users)
+    bit_scheme: dict[str, int] | None = param(
+        None, "{module_name: bits} at save time", _SCHEME, user=False, convert=_as_dict
+    )
+    msq_format: Literal["fake", "packed"] = param("fake", "fake-quantized or bit-packed weights", user=False)
+    dequantize: bool = param(False, "load an export as plain float layers", user=False)
+    format_version: int = param(FORMAT_VERSION, "version of the msq_hf export format", _VERSION, user=False)
 
-    Bits and the schedule:
-        init_bits: starting magnitude precision of every quantized layer (1..8; 8 for CNNs,
-            4 for ViTs starting from a 4-bit checkpoint).
-        min_bits: lowest precision a layer may reach (1..init_bits). 1 bit = ternary weights.
-        target_compression: stop pruning once ``32 * sum N_l / sum b_l N_l`` reaches this (> 1).
-        count_sign_bit: count the sign bit in ``b_l`` (``n+1`` bits, what a signmag export stores)
-            instead of the paper's magnitude-only accounting.
-        reg_strength: lambda of the L1 LSB regularizer (MSQ Eq. 8).
-        prune_threshold: a layer drops k LSBs when its LSB nonzero rate falls below this (0, 1).
-        prune_interval: optimizer steps between pruning steps (> 0).
-        final_round_fraction: fraction of training after which a final round is forced if the
-            target was not reached (0, 1].
-        default_k: k used when ``hessian_guided`` is False (1 or 2).
-    Hessian sensitivity (HAWQ-V2, Eq. 9):
-        hessian_guided: choose k from Hessian-trace sensitivity (k=1 above mean, 2 below).
-        hessian_max_probes, hessian_tol: Hutchinson probes cap and relative tolerance.
-        hessian_batch_size: samples of the last training batch used for the Hessian pass.
-        sensitivity_norm: "avg" (Tr/N, HAWQ-V2) or "sum" (Tr).
-    Quantizer variants:
-        wnorm: "signmag" (max-abs sign-magnitude, default) or "dorefa" (tanh-affine).
-        lsb_form: "continuous" (Eq. 5) or "discrete" (Eq. 3 with STE).
-        lsb_units: "code" (gradient 2^n sign) or "value" (gradient sign).
-        reg_reduction: "sum" over weights (paper) or "mean" (rescales lambda).
-    Activations (off by default):
-        act_bits: None, or 2..8 bits for the inputs of quantized layers.
-        act_quantizer: "auto" (LSQ for Linear inputs, PACT for Conv inputs), "pact" or "lsq".
-        act_skip_first: leave the input of the first quantized layer (the image) unquantized.
-    Layer selection:
-        modules_to_not_convert: glob patterns (``fnmatch``) or ``re:<regex>`` matched against
-            module names; matching Linear/Conv2d layers stay float.
-    Serialization (written by msq_hf, not by users):
-        bit_scheme: ``{module_name: bits}`` at save time; msq_format: "fake" or "packed";
-        dequantize: load an export as plain float layers.
-    """
-
-    init_bits: int
-    min_bits: int
-    target_compression: float
-    count_sign_bit: bool
-    reg_strength: float
-    prune_threshold: float
-    prune_interval: int
-    final_round_fraction: float
-    default_k: int
-    hessian_guided: bool
-    hessian_max_probes: int
-    hessian_tol: float
-    hessian_batch_size: int
-    sensitivity_norm: str
-    wnorm: str
-    lsb_form: str
-    lsb_units: str
-    reg_reduction: str
-    act_bits: int | None
-    act_quantizer: str
-    act_skip_first: bool
-    modules_to_not_convert: list[str] | None
-    bit_scheme: dict[str, int] | None
-    msq_format: str
-    dequantize: bool
-    format_version: int
-
-    def __init__(
-        self,
-        init_bits: int = 8,
-        min_bits: int = 1,
-        target_compression: float = 16.0,
-        count_sign_bit: bool = False,
-        reg_strength: float = 5e-5,
-        prune_threshold: float = 0.01,
-        prune_interval: int = 100,
-        final_round_fraction: float = 0.7,
-        default_k: int = 1,
-        hessian_guided: bool = True,
-        hessian_max_probes: int = 16,
-        hessian_tol: float = 1e-2,
-        hessian_batch_size: int = 64,
-        sensitivity_norm: str = "avg",
-        wnorm: str = "signmag",
-        lsb_form: str = "continuous",
-        lsb_units: str = "code",
-        reg_reduction: str = "sum",
-        act_bits: int | None = None,
-        act_quantizer: str = "auto",
-        act_skip_first: bool = True,
-        modules_to_not_convert: list[str] | None = None,
-        bit_scheme: dict[str, int] | None = None,
-        msq_format: str = "fake",
-        dequantize: bool = False,
-        format_version: int = FORMAT_VERSION,
-        **kwargs: Any,
-    ):
-        kwargs.pop("quant_method", None)
-        unknown = sorted(kwargs)
-        if unknown:
-            raise ValueError(f"MSQConfig got unknown field(s) {unknown}; see help(MSQConfig) for the fields")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the real signature (every field with its default) is generated from the declarations below
+        bound = _SIGNATURE.bind(self, *args, **kwargs).arguments
+        extra = dict(bound.pop("kwargs", {}))
+        extra.pop("quant_method", None)
+        if extra:
+            raise ValueError(f"MSQConfig got unknown field(s) {sorted(extra)}; see help(MSQConfig) for the fields")
         self.quant_method = QUANT_METHOD
-        self.init_bits = init_bits
-        self.min_bits = min_bits
-        self.target_compression = target_compression
-        self.count_sign_bit = count_sign_bit
-        self.reg_strength = reg_strength
-        self.prune_threshold = prune_threshold
-        self.prune_interval = prune_interval
-        self.final_round_fraction = final_round_fraction
-        self.default_k = default_k
-        self.hessian_guided = hessian_guided
-        self.hessian_max_probes = hessian_max_probes
-        self.hessian_tol = hessian_tol
-        self.hessian_batch_size = hessian_batch_size
-        self.sensitivity_norm = sensitivity_norm
-        self.wnorm = wnorm
-        self.lsb_form = lsb_form
-        self.lsb_units = lsb_units
-        self.reg_reduction = reg_reduction
-        self.act_bits = act_bits
-        self.act_quantizer = act_quantizer
-        self.act_skip_first = act_skip_first
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
-        self.bit_scheme = dict(bit_scheme) if bit_scheme else None
-        self.msq_format = msq_format
-        self.dequantize = dequantize
-        self.format_version = format_version
+        for name, spec in PARAMS.items():
+            value = bound.get(name, spec.default)
+            setattr(self, name, spec.convert(value) if spec.convert else value)
         self.post_init()
 
-    # ------------------------------------------------------------------------------------------
     def post_init(self) -> None:
-        """Validate every field; raise ``ValueError`` naming the field and its allowed range."""
-
-        def bad(field: str, allowed: str) -> ValueError:
-            return ValueError(f"MSQConfig.{field}={getattr(self, field)!r} is invalid: expected {allowed}")
-
-        for field in ("init_bits", "min_bits"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-                raise bad(field, f"an integer in {MIN_BITS}..{MAX_BITS}")
-        if self.min_bits > self.init_bits:
-            raise ValueError(
-                f"MSQConfig.min_bits={self.min_bits} is invalid: expected min_bits <= init_bits={self.init_bits}"
-            )
-        if (
-            not isinstance(self.target_compression, (int, float))
-            or isinstance(self.target_compression, bool)
-            or not math.isfinite(self.target_compression)
-            or self.target_compression < 1
-        ):
-            raise bad("target_compression", "a finite number >= 1 (32 / average bits)")
-        best = 32.0 / (self.min_bits + (1 if self.count_sign_bit else 0))
-        if self.target_compression > best + 1e-9:
-            raise bad("target_compression", f"<= {best:.2f}, the ratio when every layer is at min_bits={self.min_bits}")
-        if (
-            not isinstance(self.reg_strength, (int, float))
-            or not math.isfinite(self.reg_strength)
-            or self.reg_strength < 0
-        ):
-            raise bad("reg_strength", "a finite number >= 0")
-        for field in ("prune_threshold", "hessian_tol"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise bad(field, "a number in the open interval (0, 1)")
-        if not isinstance(self.final_round_fraction, (int, float)) or not 0 < self.final_round_fraction <= 1:
-            raise bad("final_round_fraction", "a number in (0, 1]")
-        for field in ("prune_interval", "hessian_max_probes", "hessian_batch_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(field, "a positive integer")
-        if self.default_k not in (1, 2):
-            raise bad("default_k", "1 or 2")
-        for field, allowed in _CHOICES.items():
-            if getattr(self, field) not in allowed:
-                raise bad(field, "one of " + ", ".join(repr(a) for a in allowed))
-        if self.act_bits is not None and (
-            isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 8
-        ):
-            raise bad("act_bits", "None (float activations) or an integer in 2..8")
-        if self.modules_to_not_convert is not None and not all(isinstance(p, str) for p in self.modules_to_not_convert):
-            raise bad("modules_to_not_convert", "a list of glob or 're:' patterns (strings)")
-        if self.bit_scheme is not None:
-            for name, bits in self.bit_scheme.items():
-                if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                    raise ValueError(
-                        f"MSQConfig.bit_scheme[{name!r}]={bits!r} is invalid: expected an "
-                        f"integer in {MIN_BITS}..{MAX_BITS}"
-                    )
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"MSQConfig.format_version={self.format_version!r} is not supported by this "
-                f"msq_hf (format {FORMAT_VERSION}); upgrade msq_hf to read it"
-            )
-        for flag in ("count_sign_bit", "hessian_guided", "act_skip_first", "dequantize"):
-            if not isinstance(getattr(self, flag), bool):
-                raise bad(flag, "True or False")
+        """Validate every field; raise :class:`ConfigFieldError` naming the field and its allowed values."""
+        validate_config(vars(self))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (what lands in ``config.json['quantization_config']``)."""
@@ -231,9 +160,7 @@ class MSQConfig(QuantizationConfigMixin):
 
     def copy(self, **changes: Any) -> MSQConfig:
         """A validated copy with some fields changed."""
-        data = self.to_dict()
-        data.update(changes)
-        return MSQConfig.from_dict(data)
+        return MSQConfig.from_dict({**self.to_dict(), **changes})
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
@@ -242,13 +169,100 @@ class MSQConfig(QuantizationConfigMixin):
         return (config, {}) if return_unused_kwargs else config
 
 
-def register() -> None:
-    """Register ``MSQConfig`` and ``MSQQuantizer`` with transformers under ``"msq"`` (idempotent)."""
-    from transformers.quantizers import auto
+PARAMS: dict[str, Param] = collect_params(MSQConfig)
+"""Every MSQConfig field's declaration, in declaration order."""
 
-    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        auto.register_quantization_config(QUANT_METHOD)(MSQConfig)
-    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
-        from msq_hf.integrations.transformers import MSQQuantizer
+_SIGNATURE = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [
+        inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)
+        for p in PARAMS.values()
+    ]
+    + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+)
+MSQConfig.__init__.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
+MSQConfig.__doc__ = (
+    "Configuration of MSQ quantization-aware training with learned per-layer bit widths.\n\nFields:\n"
+    + (
+        "\n".join(
+            f"    {p.name} = {p.default!r}: {p.help}; {p.rule.expected}" + ("" if p.user else " (written by msq_hf)")
+            for p in PARAMS.values()
+        )
+    )
+)
 
-        auto.register_quantizer(QUANT_METHOD)(MSQQuantizer)
+
+def user_params() -> list[Param]:
+    """The declarations of the training hyperparameters (the fields a user sets; not the serialization ones)."""
+    return [p for p in PARAMS.values() if p.user]
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+
+
+def validate_field(name: str, value: Any) -> None:
+    """Raise :class:`ConfigFieldError` unless ``value`` is valid for the MSQConfig field ``name`` on its own."""
+    check_field(OWNER, PARAMS[name], value)
+
+
+def _ratio(bits: int, values: Mapping[str, Any]) -> float:
+    """Compression when every layer has ``bits`` magnitude bits (plus the sign bit if it counts)."""
+    return 32.0 / (bits + (1 if values["count_sign_bit"] else 0))
+
+
+def _with_sign(values: Mapping[str, Any], show: Any) -> str:
+    return f" and {show('count_sign_bit')}" if values["count_sign_bit"] else ""
+
+
+CROSS_RULES: tuple[CrossRule, ...] = (
+    CrossRule(
+        "min_bits", ("init_bits",), lambda v: v["min_bits"] <= v["init_bits"], lambda v, s: f"at most {s('init_bits')}"
+    ),
+    CrossRule(
+        "target_compression",
+        ("min_bits", "count_sign_bit"),
+        lambda v: v["target_compression"] <= _ratio(v["min_bits"], v) + 1e-9,
+        lambda v, s: (
+            f"at most {_ratio(v['min_bits'], v):g}x, the ratio with every layer at {s('min_bits')}" + _with_sign(v, s)
+        ),
+    ),
+    # a run whose target is met before any pruning only does QAT: fine for the API, a mistake on a command line
+    CrossRule(
+        "target_compression",
+        ("init_bits", "count_sign_bit"),
+        lambda v: v["target_compression"] > _ratio(v["init_bits"], v),
+        lambda v, s: (
+            f"above {_ratio(v['init_bits'], v):g}x, the ratio already met at {s('init_bits')}" + _with_sign(v, s)
+        ),
+        strict=True,
+    ),
+)
+
+
+def validate_config(values: Mapping[str, Any], strict: bool = False) -> None:
+    """Validate MSQConfig field values: every field on its own, then :data:`CROSS_RULES` (``strict``: also
+    the rules for a run, which front ends apply). Raises :class:`ConfigFieldError`."""
+    for name in PARAMS:
+        validate_field(name, values[name])
+    for rule in CROSS_RULES:
+        if strict or not rule.strict:
+            rule.check(OWNER, values)
+
+
+__all__ = [
+    "BITS",
+    "CROSS_RULES",
+    "OWNER",
+    "FORMAT_VERSION",
+    "PARAMS",
+    "QUANT_METHOD",
+    "ConfigFieldError",
+    "MSQConfig",
+    "Param",
+    "Rule",
+    "check_bits",
+    "user_params",
+    "validate_config",
+    "validate_field",
+]

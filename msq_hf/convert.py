@@ -1,63 +1,118 @@
-"""``quantize_model``: swap Linear/Conv2d layers for MSQ layers, in place.
+"""The module-replacement engine (one registry, one swap routine) and the queries on converted models.
 
-Works on any ``nn.Module`` tree: HF vision models (ViT, DeiT, Swin, ResNet, MobileNetV2, ConvNext, ...),
-``TimmWrapperForImageClassification`` and raw timm models. Layers are matched by exact type
-(``nn.Linear``, ``nn.Conv2d``) plus an allow-list of subclasses whose forward is the plain
-linear/conv (timm's ``Linear``, timm's ``Conv2dSame``). Other subclasses are left in float with a
-warning, because their custom ``forward`` would bypass the quantized weight.
+Every layer swap in msq_hf goes through :func:`replace_modules` with a *kind*:
+
+* ``"msq"``: float ``nn.Linear``/timm ``Linear``/``nn.Conv2d``/timm ``Conv2dSame`` -> ``MSQLinear``/``MSQConv2d``
+  (training, :func:`swap_layers`);
+* ``"packed"``: the same float types -> ``MSQPackedLinear``/``MSQPackedConv2d`` (loading an export,
+  :func:`prepare_packed_model`);
+* ``"float"``: MSQ and packed layers -> plain float layers (:func:`swap_to_float`, dequantize);
+* ``"bsq"``, ``"csq"``, ``"dorefa"``: the float types -> the baselines' layers (registered by their modules).
+
+A kind maps *exact* source types to a factory ``factory(module, **options) -> new module``
+(:func:`register_layer`, after optimum-quanto's ``register_qmodule``). Matching is by exact type because a
+subclass of ``nn.Linear``/``nn.Conv2d`` may override ``forward`` and bypass the swapped weight; such layers
+stay float (:func:`unconvertible_layers`). The swap routine replaces a module under every parent it is
+registered with (shared blocks), keeps its train/eval mode and moves the new module to the old one's device.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import logging
+import itertools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from torch import nn
 
 from msq_hf.config import MSQConfig
-from msq_hf.nn.layers import MSQConv2d, MSQLayerMixin, MSQLinear, make_act_quantizer
-from msq_hf.nn.packed import MSQPackedMixin
-from msq_hf.quant.functional import compression_ratio as _compression_ratio
+from msq_hf.errors import MSQFormatError
+from msq_hf.nn.act import make_act_quantizer
+from msq_hf.nn.base import CONV_TYPES, LINEAR_TYPES
+from msq_hf.nn.layers import MSQConv2d, MSQLayerMixin, MSQLinear
+from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear, MSQPackedMixin
+from msq_hf.quant import functional as QF
 
-logger = logging.getLogger(__name__)
-
-
-def _allowed_linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
-    try:
-        from timm.layers import Linear as TimmLinear
-
-        types.append(TimmLinear)
-    except ImportError:  # timm is optional for pure-transformers users
-        pass
-    return tuple(types)
+LayerFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, dict[type[nn.Module], LayerFactory]] = {}
 
 
-def _same_pad_conv_types() -> tuple[type, ...]:
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
-
-        return (Conv2dSame,)
-    except ImportError:
-        return ()
+# ------------------------------------------------------------------------------------------------
+# registry and swap routine
 
 
-def _is_convertible(module: nn.Module) -> bool:
-    if isinstance(module, MSQLayerMixin):
-        return False
-    return (
-        type(module) in _allowed_linear_types() or type(module) is nn.Conv2d or type(module) in _same_pad_conv_types()
-    )
+def register_layer(kind: str, *source_types: type[nn.Module]) -> Callable[[LayerFactory], LayerFactory]:
+    """Decorator: ``factory(module, **options)`` builds the ``kind`` replacement of each of ``source_types``."""
+    if not source_types:
+        raise ValueError(f"register_layer({kind!r}) needs at least one source type")
+
+    def decorate(factory: LayerFactory) -> LayerFactory:
+        table = _REGISTRY.setdefault(kind, {})
+        for source in source_types:
+            table[source] = factory
+        return factory
+
+    return decorate
 
 
-def _is_unsupported_subclass(module: nn.Module) -> bool:
-    return (
-        isinstance(module, (nn.Linear, nn.Conv2d))
-        and not _is_convertible(module)
-        and not isinstance(module, MSQLayerMixin)
-    )
+def layer_factory(kind: str, module: nn.Module) -> LayerFactory | None:
+    """The factory registered under ``kind`` for ``type(module)`` exactly, or ``None``."""
+    if kind not in _REGISTRY:
+        raise KeyError(f"no replacement kind {kind!r} is registered (known: {sorted(_REGISTRY)})")
+    return _REGISTRY[kind].get(type(module))
+
+
+def _references(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``id(module) -> [(parent, attribute)]`` for every place a module is registered.
+
+    A module can be registered under several parents (shared blocks); all of them must see the
+    swapped layer, or the model would run half float, half quantized.
+    """
+    refs: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                refs.setdefault(id(child), []).append((parent, attr))
+    return refs
+
+
+def replace_modules(model: nn.Module, kind: str, options: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Module]:
+    """Replace each module named in ``options`` by its ``kind`` twin ``factory(module, **options[name])``.
+
+    The new module takes the old one's place under every parent, its train/eval mode and its device.
+    ``TypeError`` naming the layer (before anything is swapped) if ``kind`` has no factory for its type.
+    Returns ``{name: new module}``.
+    """
+    modules = {name: model.get_submodule(name) for name in options}
+    factories = {name: layer_factory(kind, module) for name, module in modules.items()}
+    missing = [f"{name!r} ({type(modules[name]).__name__})" for name, f in factories.items() if f is None]
+    if missing:
+        raise TypeError(f"no {kind!r} replacement is registered for layer(s) {', '.join(missing[:5])}")
+    refs = _references(model)
+    swapped: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        new = factories[name](module, **options[name])  # type: ignore[misc]
+        new.train(module.training)
+        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+        if tensor is not None:
+            new.to(tensor.device)
+        for parent, attr in refs.get(id(module), []):
+            setattr(parent, attr, new)
+        swapped[name] = new
+    return swapped
+
+
+register_layer("msq", *LINEAR_TYPES)(MSQLinear.from_float)
+register_layer("msq", *CONV_TYPES)(MSQConv2d.from_float)
+register_layer("packed", *LINEAR_TYPES)(MSQPackedLinear.from_float)
+register_layer("packed", *CONV_TYPES)(MSQPackedConv2d.from_float)
+for _cls in (MSQLinear, MSQConv2d, MSQPackedLinear, MSQPackedConv2d):
+    register_layer("float", _cls)(_cls.to_float)
+
+
+# ------------------------------------------------------------------------------------------------
+# which layers
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -84,18 +139,15 @@ def _inside_multihead_attention(model: nn.Module) -> set[str]:
     return names
 
 
-def find_convertible_layers(
-    model: nn.Module,
-    modules_to_not_convert: Iterable[str] | None = None,
-) -> list[str]:
-    """Names of the layers ``quantize_model`` would convert (after exclusions).
+def find_convertible_layers(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None) -> list[str]:
+    """Names of the float layers a conversion replaces (registered ``"msq"`` source types, after exclusions).
 
     Raises ``ValueError`` if an exclusion pattern matches no convertible layer (a typo would
     otherwise silently quantize a layer the user meant to keep).
     """
     patterns = list(modules_to_not_convert or [])
     in_mha = _inside_multihead_attention(model)
-    candidates = [n for n, m in model.named_modules() if _is_convertible(m) and n not in in_mha]
+    candidates = [n for n, m in model.named_modules() if layer_factory("msq", m) is not None and n not in in_mha]
     unused = [p for p in patterns if not any(pattern_matches(p, n) for n in candidates)]
     if unused:
         sample = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
@@ -106,106 +158,148 @@ def find_convertible_layers(
     return [n for n in candidates if not any(pattern_matches(p, n) for p in patterns)]
 
 
-def _layer_kwargs(config: MSQConfig) -> dict:
-    return dict(
-        wnorm=config.wnorm, lsb_form=config.lsb_form, lsb_units=config.lsb_units, reg_reduction=config.reg_reduction
-    )
+def unconvertible_layers(model: nn.Module) -> list[str]:
+    """Linear/Conv2d subclasses that stay float because their ``forward`` may bypass a swapped weight."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        and not isinstance(m, MSQLayerMixin)
+        and layer_factory("msq", m) is None
+    ]
 
 
-def _act_quantizer(config: MSQConfig, module: nn.Module) -> nn.Module | None:
-    if config.act_bits is None:
+def _act_quantizer(config: MSQConfig, module: nn.Module, first: bool) -> nn.Module | None:
+    if config.act_bits is None or (first and config.act_skip_first):
         return None
-    kind = config.act_quantizer
-    if kind == "auto":
-        kind = "lsq" if isinstance(module, nn.Linear) else "pact"
-    return make_act_quantizer(kind, config.act_bits)
+    return make_act_quantizer(config.act_quantizer, config.act_bits, linear=isinstance(module, nn.Linear))
 
 
-def _references(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """``id(module) -> [(parent, attribute)]`` for every place a module is registered.
-
-    A module can be registered under several parents (shared blocks); all of them must see the
-    swapped layer, or the model would run half float, half quantized.
-    """
-    refs: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for attr, child in parent._modules.items():
-            if child is not None:
-                refs.setdefault(id(child), []).append((parent, attr))
-    return refs
+# ------------------------------------------------------------------------------------------------
+# the three MSQ conversions: float -> MSQ (training), float -> packed (loading), MSQ/packed -> float
 
 
 def swap_layers(
-    model: nn.Module, config: MSQConfig, names: list[str], bit_scheme: dict[str, int] | None = None
+    model: nn.Module, config: MSQConfig, names: list[str], bit_scheme: Mapping[str, int] | None = None
 ) -> None:
-    """Replace the named Linear/Conv2d modules by MSQ layers (parameters are shared, not copied)."""
-    same_pad = _same_pad_conv_types()
-    first = names[0] if names else None
-    refs = _references(model)
-    for name in names:
-        module = model.get_submodule(name)
-        bits = (bit_scheme or {}).get(name, config.init_bits)
-        act = None if (config.act_skip_first and name == first) else _act_quantizer(config, module)
-        if isinstance(module, nn.Linear):
-            new: nn.Module = MSQLinear.from_float(module, bits, act_quantizer=act, **_layer_kwargs(config))
-        else:
-            new = MSQConv2d.from_float(module, bits, act_quantizer=act, **_layer_kwargs(config))
-            new.same_pad = bool(same_pad) and isinstance(module, same_pad)
-        if act is not None:
-            act.to(device=module.weight.device)
-        new.train(module.training)
-        for parent, attr in refs.get(id(module), []):
-            setattr(parent, attr, new)
+    """Replace the named float layers by MSQ layers at ``bit_scheme[name]`` (default ``init_bits``) bits.
 
-
-def attach_quantizer(model: nn.Module, config: MSQConfig, pre_quantized: bool = False) -> None:
-    """Attach what Trainer and ``save_pretrained`` look for on a quantized model."""
-    from msq_hf.integrations.transformers import MSQQuantizer
-
-    model.hf_quantizer = MSQQuantizer(config, pre_quantized=pre_quantized)
-    model.is_quantized = True
-    model.quantization_method = "msq"
-    model.msq_config = config
-    hf_config = getattr(model, "config", None)
-    if hf_config is not None and hasattr(hf_config, "to_dict"):
-        hf_config.quantization_config = config
-
-
-def quantize_model(model: nn.Module, config: MSQConfig | None = None, **overrides) -> nn.Module:
-    """Convert ``model`` in place to MSQ (every Linear/Conv2d weight at ``config.init_bits``) and return it.
-
-    ``overrides`` are ``MSQConfig`` fields (``quantize_model(model, init_bits=4)``). Raises
-    ``ValueError`` if the model is already MSQ-quantized, if nothing can be converted, or if a
-    ``modules_to_not_convert`` pattern matches no layer.
+    Parameters are shared, not copied. Every layer but the first gets an input quantizer when
+    ``config.act_bits`` is set (the first one too unless ``act_skip_first``).
     """
-    if config is None:
-        config = MSQConfig(**overrides)
-    elif overrides:
-        config = config.copy(**overrides)
-    if not isinstance(config, MSQConfig):
-        raise TypeError(f"config must be an msq_hf.MSQConfig, got {type(config).__name__}")
-    existing = [n for n, m in model.named_modules() if isinstance(m, MSQLayerMixin)]
-    if existing:
-        raise ValueError(
-            f"{type(model).__name__} is already MSQ-quantized ({len(existing)} MSQ layers, "
-            f"e.g. {existing[0]!r}); pass the float model"
+    scheme = bit_scheme or {}
+    layer_kwargs = {
+        "wnorm": config.wnorm,
+        "lsb_form": config.lsb_form,
+        "lsb_units": config.lsb_units,
+        "reg_reduction": config.reg_reduction,
+    }
+    options = {
+        name: {
+            "bits": scheme.get(name, config.init_bits),
+            "act_quantizer": _act_quantizer(config, model.get_submodule(name), i == 0),
+            **layer_kwargs,
+        }
+        for i, name in enumerate(names)
+    }
+    replace_modules(model, "msq", options)
+
+
+def prepare_packed_model(model: nn.Module, cfg: MSQConfig, dequantize: bool = False) -> nn.Module:
+    """Replace every layer named in ``cfg.bit_scheme`` by an empty packed layer of the right shapes.
+
+    Works on the meta device (transformers) and on real tensors (timm). ``dequantize`` only checks
+    that the layers can become plain float layers (no activation quantizers); the swap to
+    ``nn.Linear``/``nn.Conv2d`` happens in :func:`finalize_packed_model`, once the codes are loaded.
+    ``MSQFormatError`` if the bit scheme is empty or names a layer the model lacks or cannot pack.
+    """
+    scheme = dict(cfg.bit_scheme or {})
+    if not scheme:
+        raise MSQFormatError(
+            "quantization_config.bit_scheme is empty: a packed MSQ export must list the bits of every quantized layer"
         )
-    names = find_convertible_layers(model, config.modules_to_not_convert)
-    skipped = [n for n, m in model.named_modules() if _is_unsupported_subclass(m)]
-    if skipped:
-        logger.warning(
-            "msq_hf: left %d layer(s) of unsupported Linear/Conv2d subclasses in float: %s",
-            len(skipped),
-            ", ".join(skipped[:10]),
+    modules = dict(model.named_modules())
+    unknown = sorted(n for n in scheme if n not in modules)
+    if unknown:
+        sample = ", ".join(n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)))[:300]
+        raise MSQFormatError(
+            f"quantization_config.bit_scheme names layer(s) {unknown[:5]} that "
+            f"{type(model).__name__} does not have (the export comes from a different "
+            f"architecture or transformers version); its Linear/Conv2d layers are: {sample}"
         )
-    if not names:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear/nn.Conv2d layer to quantize"
-            + (" after applying modules_to_not_convert" if config.modules_to_not_convert else "")
+    for name in scheme:
+        if layer_factory("packed", modules[name]) is None:
+            raise MSQFormatError(
+                f"quantization_config.bit_scheme names {name!r}, a {type(modules[name]).__name__}; "
+                "only nn.Linear / nn.Conv2d layers can hold packed MSQ weights"
+            )
+    if dequantize and cfg.act_bits is not None:
+        raise MSQFormatError(
+            f"dequantize=True is impossible: the export quantizes layer inputs (act_bits="
+            f"{cfg.act_bits}), which plain float layers cannot reproduce"
         )
-    swap_layers(model, config, names, config.bit_scheme)
-    attach_quantizer(model, config)
+    order = [n for n in modules if n in scheme]
+    options = {
+        name: {
+            "bits": scheme[name],  # each value validated by MSQConfig
+            "wnorm": cfg.wnorm,
+            "act_quantizer": _act_quantizer(cfg, modules[name], i == 0),
+            "layer_name": name,
+        }
+        for i, name in enumerate(order)
+    }
+    replace_modules(model, "packed", options)
+    model.msq_config = cfg
     return model
+
+
+def finalize_packed_model(model: nn.Module, cfg: MSQConfig) -> nn.Module:
+    """After the tensors are loaded: decode every packed layer (validating it), then either keep the
+    packed layers or, with ``cfg.dequantize``, swap them for plain float layers."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MSQPackedMixin)}
+    for module in layers.values():
+        module.refresh()
+    if cfg.dequantize:
+        swap_to_float(model, layers)
+        forget_quantization(model)
+    else:
+        model.msq_config = cfg
+    return model
+
+
+def swap_to_float(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+    """Replace each of ``layers`` (MSQ or packed) by its plain float twin wherever it is registered."""
+    replace_modules(model, "float", {name: {} for name in layers})
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Remove the MSQ attributes a conversion or load put on ``model`` (it is plain float again)."""
+    for attr in ("hf_quantizer", "msq_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.is_quantized = False
+    model.quantization_method = None
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every MSQ layer by a plain ``nn.Linear``/``nn.Conv2d`` with the dequantized weight."""
+    layers = dict(iter_msq_layers(model))
+    for name, layer in layers.items():
+        if getattr(layer, "act_quant", None) is not None:
+            raise ValueError(
+                f"layer {name!r} quantizes its inputs (act_bits); a plain float layer cannot "
+                "reproduce it, so dequantize is refused"
+            )
+    swap_to_float(model, layers)
+    forget_quantization(model)
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# queries
 
 
 def iter_msq_layers(model: nn.Module) -> Iterator[tuple[str, MSQLayerMixin]]:
@@ -259,12 +353,11 @@ def compression_ratio(model: nn.Module, count_sign_bit: bool | None = None) -> f
     if count_sign_bit is None:
         cfg = getattr(model, "msq_config", None)
         count_sign_bit = bool(cfg.count_sign_bit) if cfg is not None else False
-    return _compression_ratio(
-        [m.weight.numel() for m in layers.values()], [m.n_bits for m in layers.values()], count_sign_bit
-    )
+    numels = [m.weight.numel() for m in layers.values()]
+    return QF.compression_ratio(numels, [m.n_bits for m in layers.values()], count_sign_bit)
 
 
-def set_bit_scheme(model: nn.Module, scheme: dict[str, int]) -> None:
+def set_bit_scheme(model: nn.Module, scheme: Mapping[str, int]) -> None:
     """Set bits per layer from ``{name: bits}``; unknown names raise ``KeyError`` naming them."""
     layers = msq_layers(model)
     unknown = sorted(set(scheme) - set(layers))
@@ -274,56 +367,25 @@ def set_bit_scheme(model: nn.Module, scheme: dict[str, int]) -> None:
         layers[name].set_bits(int(bits))
 
 
-def swap_to_float(model: nn.Module, layers: dict[str, nn.Module]) -> None:
-    """Replace each of ``layers`` by its plain ``to_float()`` twin wherever it is registered."""
-    refs = _references(model)
-    for layer in layers.values():
-        plain = layer.to_float()
-        plain.train(layer.training)
-        for parent, attr in refs.get(id(layer), []):
-            setattr(parent, attr, plain)
-
-
-def forget_quantization(model: nn.Module) -> None:
-    """Remove what :func:`attach_quantizer` put on ``model`` (the model is plain float again)."""
-    for attr in ("hf_quantizer", "msq_config"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    model.is_quantized = False
-    model.quantization_method = None
-
-
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every MSQ layer by a plain ``nn.Linear``/``nn.Conv2d`` with the dequantized weight."""
-    layers = dict(iter_msq_layers(model))
-    for name, layer in layers.items():
-        if getattr(layer, "act_quant", None) is not None:
-            raise ValueError(
-                f"layer {name!r} quantizes its inputs (act_bits); a plain float layer cannot "
-                "reproduce it, so dequantize is refused"
-            )
-    swap_to_float(model, layers)
-    forget_quantization(model)
-    hf_config = getattr(model, "config", None)
-    if hf_config is not None and hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config
-    return model
-
-
 __all__ = [
-    "attach_quantizer",
+    "LayerFactory",
     "bit_scheme",
     "compression_ratio",
     "dequantize_model",
+    "finalize_packed_model",
     "find_convertible_layers",
     "forget_quantization",
     "iter_msq_layers",
+    "layer_factory",
     "layer_numels",
     "msq_layers",
     "pattern_matches",
-    "quantize_model",
+    "prepare_packed_model",
     "quantized_layers",
+    "register_layer",
+    "replace_modules",
     "set_bit_scheme",
     "swap_layers",
     "swap_to_float",
+    "unconvertible_layers",
 ]

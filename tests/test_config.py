@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import json
+import typing
 
 import pytest
+import torch
+from transformers import HfArgumentParser
 
 import msq_hf
-from msq_hf import MSQConfig, MSQQuantizer
-from msq_hf.config import register
+from msq_hf import BitPruningSchedule, MSQConfig, MSQQuantizer
+from msq_hf.arguments import MSQArguments, config_from_args, make_msq_arguments
+from msq_hf.commands.main import main
+from msq_hf.config import PARAMS, ConfigFieldError, check_bits, user_params, validate_config, validate_field
+from msq_hf.fields import Param
+from msq_hf.integrations.transformers import register
 
 INVALID = [
     # (field named in the message, kwargs)
@@ -174,3 +183,194 @@ def test_import_and_register_twice_is_fine() -> None:
     register()
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["msq"] is MSQConfig
     assert AUTO_QUANTIZER_MAPPING["msq"] is MSQQuantizer
+
+
+# ------------------------------------------------------------------------------------------------
+# one declaration: MSQConfig's fields -> constructor, docs, validation API, CLI arguments
+
+
+def test_constructor_signature_comes_from_the_declarations() -> None:
+    signature = inspect.signature(MSQConfig)
+    for name, spec in PARAMS.items():
+        assert signature.parameters[name].default == spec.default, name
+    assert list(signature.parameters)[: len(PARAMS)] == list(PARAMS)
+    assert MSQConfig(6, 2, 10.0).to_dict() == MSQConfig(init_bits=6, min_bits=2, target_compression=10.0).to_dict()
+    assert {name: getattr(MSQConfig(), name) for name in PARAMS} == {n: s.default for n, s in PARAMS.items()}
+    for name in PARAMS:
+        assert f"    {name} = " in MSQConfig.__doc__, name
+
+
+def test_serialization_fields_are_not_user_facing() -> None:
+    assert {s.name for s in PARAMS.values() if not s.user} == {
+        "bit_scheme",
+        "msq_format",
+        "dequantize",
+        "format_version",
+    }
+    assert [s.name for s in user_params()] == [n for n, s in PARAMS.items() if s.user]
+
+
+def test_validation_api() -> None:
+    validate_field("init_bits", 4)
+    with pytest.raises(ConfigFieldError, match=r"MSQConfig\.init_bits=9 is invalid: expected an integer in 1\.\.8"):
+        validate_field("init_bits", 9)
+    with pytest.raises(ConfigFieldError) as info:
+        MSQConfig(init_bits=2, min_bits=3)
+    assert (info.value.field, info.value.value, info.value.related) == ("min_bits", 3, {"init_bits": 2})
+    assert info.value.expected(lambda name: name.upper()) == "at most INIT_BITS"
+    # strict rules are for front ends: a target already met at init_bits is a valid config, not a useful run
+    validate_config(MSQConfig(target_compression=2.0).to_dict())
+    with pytest.raises(ConfigFieldError, match="target_compression"):
+        validate_config(MSQConfig(target_compression=2.0).to_dict(), strict=True)
+    # the one bit-width check (quant.functional, re-exported by config)
+    assert check_bits(3, "x") == 3 and check_bits(torch.tensor(4), "x") == 4
+    for bad in (0, 9, True, 4.0, "4"):
+        with pytest.raises(ValueError, match=r"layer\.bits=.* is invalid: expected an integer in 1\.\.8"):
+            check_bits(bad, "layer.bits")
+
+
+SCHEDULE_FIELDS = {
+    "target_compression": [0.5, 1, 1.0, 16.0, 32.0, float("inf"), float("nan"), True, "16"],
+    "prune_threshold": [0.0, 0.01, 0.5, 0.999, 1.0, -0.1, True],
+    "min_bits": [0, 1, 4, 8, 9, 2.0, True],
+    "final_round_fraction": [0.0, 0.1, 1.0, 1.5, True],
+    "default_k": [0, 1, 2, 3, True, 1.0],
+}
+
+
+@pytest.mark.parametrize("field", sorted(SCHEDULE_FIELDS))
+def test_schedule_accepts_what_the_config_accepts(field: str) -> None:
+    """BitPruningSchedule keeps a torch-free copy of these ranges (it is loaded standalone); they must agree."""
+    for value in SCHEDULE_FIELDS[field]:
+        try:
+            validate_field(field, value)
+            config_ok = True
+        except ValueError:
+            config_ok = False
+        kwargs = {"target_compression": 16.0, "prune_threshold": 0.05, field: value}
+        try:
+            BitPruningSchedule(**kwargs)
+            schedule_ok = True
+        except ValueError as exc:
+            assert field in str(exc)
+            schedule_ok = False
+        assert schedule_ok == config_ok, f"{field}={value!r}: schedule {schedule_ok}, config {config_ok}"
+
+
+@pytest.mark.parametrize("spec", user_params(), ids=lambda s: s.name)
+def test_every_user_field_is_an_argument(spec: Param) -> None:
+    field = {f.name: f for f in dataclasses.fields(MSQArguments)}[spec.name]
+    # the annotation, not field.type: HfArgumentParser narrows field.type of Optional fields in place
+    assert field.default == spec.default and typing.get_type_hints(MSQArguments)[spec.name] == spec.type
+    help_text = field.metadata["help"].replace("%%", "%")
+    assert spec.help in help_text and spec.rule.expected in help_text
+    assert spec.default is None or "(default: %(default)s)" in help_text
+    assert list(field.metadata.get("aliases", [])) == list(spec.aliases)
+
+
+def test_arguments_hold_only_user_fields_and_negations() -> None:
+    names = {f.name for f in dataclasses.fields(MSQArguments)}
+    assert names == {s.name for s in user_params()} | set(MSQArguments.NEGATIONS)
+    assert MSQArguments.NEGATIONS == {"no_hessian": "hessian_guided"}
+    assert MSQArguments().to_config().to_dict() == MSQConfig().to_dict()
+
+
+def parse(*argv: str, cls: type = MSQArguments) -> tuple[HfArgumentParser, object]:
+    parser = HfArgumentParser(cls, prog="msq-test")
+    (args,) = parser.parse_args_into_dataclasses(list(argv), args_file_flag=None)
+    return parser, args
+
+
+def test_generated_parser_flags_and_aliases() -> None:
+    parser, args = parse(
+        "--target", "10", "--init-bits", "6", "--min_bits", "2", "--hessian-probes", "3", "--no-hessian",
+        "--wnorm", "dorefa", "--default-k", "2", "--act-bits", "4", "--no-act-skip-first",
+        "--modules-to-not-convert", "head", "re:.*fc",
+    )  # fmt: skip
+    cfg = config_from_args(parser, args)
+    assert (cfg.target_compression, cfg.init_bits, cfg.min_bits, cfg.hessian_max_probes) == (10.0, 6, 2, 3)
+    assert cfg.hessian_guided is False and cfg.act_skip_first is False
+    assert (cfg.wnorm, cfg.default_k, cfg.act_bits) == ("dorefa", 2, 4)
+    assert cfg.modules_to_not_convert == ["head", "re:.*fc"]
+    assert config_from_args(*parse("--hessian_guided", "false")).hessian_guided is False
+    assert config_from_args(*parse()).hessian_guided is True
+    assert config_from_args(parser, args, act_bits=None).act_bits is None  # overrides win
+
+
+OUT_OF_RANGE = [
+    (["--init-bits", "9"], "--init-bits 9", "1..8"),
+    (["--min-bits", "0"], "--min-bits 0", "1..8"),
+    (["--target", "0.5"], "--target 0.5", "> 1"),
+    (["--target_compression", "nan"], "--target nan", ">= 1"),
+    (["--reg-strength", "-1"], "--reg-strength -1", ">= 0"),
+    (["--prune-threshold", "1.5"], "--prune-threshold 1.5", "(0, 1)"),
+    (["--prune-interval", "0"], "--prune-interval 0", "positive integer"),
+    (["--final-round-fraction", "0"], "--final-round-fraction 0", "(0, 1]"),
+    (["--hessian-probes", "0"], "--hessian-probes 0", "positive integer"),
+    (["--hessian-tol", "2"], "--hessian-tol 2", "(0, 1)"),
+    (["--hessian-batch-size", "-1"], "--hessian-batch-size -1", "positive integer"),
+    (["--act-bits", "1"], "--act-bits 1", "2..8"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, allowed", OUT_OF_RANGE, ids=[a[0] for a, _, _ in OUT_OF_RANGE])
+def test_generated_parser_rejects_out_of_range_values(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, allowed: str
+) -> None:
+    parser, args = parse(*argv)
+    with pytest.raises(SystemExit) as info:
+        config_from_args(parser, args)
+    assert info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("msq-test: error: ") and flag in line and allowed in line, line
+
+
+def test_every_range_rule_is_exercised() -> None:
+    """OUT_OF_RANGE covers every user field whose values are a range (the others are choices or flags)."""
+    ranged = {s.name for s in user_params() if not s.rule.expected.startswith(("one of", "True or", "None or a list"))}
+    covered = {cli_flag_to_field[a[0]] for a, _, _ in OUT_OF_RANGE}
+    assert ranged == covered
+
+
+cli_flag_to_field = {
+    **{f"--{s.name.replace('_', '-')}": s.name for s in PARAMS.values()},
+    **{f"--{s.name}": s.name for s in PARAMS.values()},
+    **{a: s.name for s in PARAMS.values() for a in s.aliases},
+}
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--min-bits", "5", "--init-bits", "4"], ["--min-bits 5", "--init-bits 4"]),
+        (["--target", "40"], ["--target 40", "32x", "--min-bits 1"]),
+        (["--target", "17", "--count-sign-bit"], ["--target 17", "16x", "--count-sign-bit True"]),
+        (["--target", "3", "--init-bits", "8"], ["--target 3", "--init-bits 8"]),
+    ],
+)
+def test_generated_parser_names_every_flag_of_a_bad_combination(argv: list[str], needles: list[str]) -> None:
+    parser, args = parse(*argv)
+    with pytest.raises(ValueError) as info:
+        config_from_args(parser, args)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_other_defaults_for_a_front_end() -> None:
+    demo = make_msq_arguments({"prune_interval": 10, "modules_to_not_convert": ["head"]}, name="DemoArguments")
+    assert demo.__name__ == "DemoArguments"
+    assert demo().prune_interval == 10 and demo().to_config().modules_to_not_convert == ["head"]
+    assert demo().modules_to_not_convert is not demo().modules_to_not_convert  # no shared mutable default
+    help_text = HfArgumentParser(demo).format_help()
+    assert "(default: 10)" in " ".join(help_text.split())
+    with pytest.raises(ValueError, match="prune_interval"):
+        make_msq_arguments({"prune_interval": 0})
+    with pytest.raises(ValueError, match="bit_scheme"):
+        make_msq_arguments({"bit_scheme": {"fc": 4}})
+
+
+def test_msq_hf_train_help_lists_every_user_field(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for spec in user_params():
+        assert f"--{spec.name.replace('_', '-')}" in out, spec.name

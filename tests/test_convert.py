@@ -220,3 +220,106 @@ def test_shared_module_is_swapped_everywhere() -> None:
 def test_quantize_model_rejects_non_config() -> None:
     with pytest.raises(TypeError, match="MSQConfig"):
         quantize_model(nn.Linear(2, 2), config={"init_bits": 4})  # type: ignore[arg-type]
+
+
+# -- the replacement registry -------------------------------------------------------------------------
+
+
+def _registry_table() -> list[tuple[str, str, type, dict]]:
+    """(kind, source, expected type, factory options) for every registered (kind, source type) pair."""
+    from timm.layers import Conv2dSame
+    from timm.layers import Linear as TimmLinear
+
+    from msq_hf.baselines import bsq, csq, dorefa
+    from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear
+
+    linears, convs = (
+        {"nn.Linear": nn.Linear, "timm.Linear": TimmLinear},
+        {"nn.Conv2d": nn.Conv2d, "Conv2dSame": Conv2dSame},
+    )
+    targets = {
+        "msq": (MSQLinear, MSQConv2d, {"bits": 4}),
+        "packed": (MSQPackedLinear, MSQPackedConv2d, {"bits": 4, "layer_name": "a"}),
+        "bsq": (bsq.BSQLayer, bsq.BSQLayer, {"bits": 4}),
+        "csq": (csq.CSQLayer, csq.CSQLayer, {"bits": 4, "target_bits": 2.0}),
+        "dorefa": (dorefa.DoReFaLayer, dorefa.DoReFaLayer, {"bits": 4}),
+    }
+    rows = []
+    for kind, (lin, conv, options) in targets.items():
+        rows += [(kind, src, lin, options) for src in linears] + [(kind, src, conv, options) for src in convs]
+    rows += [("float", src, nn.Linear, {}) for src in ("MSQLinear", "MSQPackedLinear")]
+    rows += [("float", src, nn.Conv2d, {}) for src in ("MSQConv2d", "MSQPackedConv2d")]
+    rows += [("float", "MSQConv2d(same)", Conv2dSame, {}), ("float", "MSQPackedConv2d(same)", Conv2dSame, {})]
+    return rows
+
+
+def _make_source(source: str) -> nn.Module:
+    from timm.layers import Conv2dSame
+    from timm.layers import Linear as TimmLinear
+
+    from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear
+
+    same = source.endswith("(same)")
+    makers = {
+        "nn.Linear": lambda: nn.Linear(6, 5),
+        "timm.Linear": lambda: TimmLinear(6, 5),
+        "nn.Conv2d": lambda: nn.Conv2d(3, 4, 3, padding=1),
+        "Conv2dSame": lambda: Conv2dSame(3, 4, 3, stride=2),
+        "MSQLinear": lambda: MSQLinear(6, 5, bits=3),
+        "MSQConv2d": lambda: MSQConv2d.from_float(Conv2dSame(3, 4, 3, stride=2) if same else nn.Conv2d(3, 4, 3), 3),
+        "MSQPackedLinear": lambda: MSQPackedLinear.from_float(nn.Linear(6, 5), 3),
+        "MSQPackedConv2d": lambda: MSQPackedConv2d.from_float(
+            Conv2dSame(3, 4, 3, stride=2) if same else nn.Conv2d(3, 4, 3), 3
+        ),
+    }
+    layer = makers[source.removesuffix("(same)")]()
+    if hasattr(layer, "refresh"):
+        layer.refresh()  # decode the (all-default) packed buffers, as loading does
+    return layer
+
+
+@pytest.mark.parametrize("kind, source, expected, options", _registry_table())
+def test_registry_swaps_every_registered_type_in_every_parent(kind, source, expected, options) -> None:
+    """Each registered (kind, source type) builds the expected class, in every parent, keeping mode and geometry."""
+    from msq_hf.convert import layer_factory, replace_modules
+
+    layer = _make_source(source).eval()
+    model = nn.Module()
+    model.a = layer
+    model.b = nn.Sequential(nn.Identity(), layer)  # the same layer registered under a second parent
+    assert layer_factory(kind, layer) is not None
+    swapped = replace_modules(model, kind, {"a": options})
+    assert type(model.a) is expected and model.b[1] is model.a is swapped["a"]
+    assert not model.a.training  # the mode of the replaced layer
+    if kind == "packed":
+        return  # an empty skeleton until an export's tensors are loaded into it
+    x = torch.randn(2, 6) if "Linear" in source else torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        out, ref = model.a(x), layer(x)
+    assert out.shape == ref.shape
+    if kind == "float":
+        assert torch.equal(out, ref)  # the float twin computes exactly what the quantized layer computed
+
+
+def test_registry_moves_the_new_layer_to_the_old_layers_device() -> None:
+    """Built on the meta device (how transformers instantiates models), every new buffer stays there."""
+    from msq_hf.convert import replace_modules
+    from msq_hf.nn.act import LSQActQuantizer
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    replace_modules(model, "msq", {"1": {"bits": 4, "act_quantizer": LSQActQuantizer(8)}})
+    assert {t.device.type for t in model[1].state_dict().values()} == {"meta"}
+    replace_modules(model, "packed", {"0": {"bits": 4, "layer_name": "0"}})
+    assert {t.device.type for t in model[0].state_dict().values()} == {"meta"}
+
+
+def test_registry_refuses_unregistered_types_before_swapping_anything() -> None:
+    from msq_hf.convert import replace_modules
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(TypeError, match=r"'msq'.*'1' \(LayerNorm\)"):
+        replace_modules(model, "msq", {"0": {"bits": 4}, "1": {"bits": 4}})
+    assert type(model[0]) is nn.Linear  # nothing half-swapped
+    with pytest.raises(KeyError, match="no replacement kind 'nope'"):
+        replace_modules(model, "nope", {"0": {}})

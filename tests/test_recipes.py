@@ -8,6 +8,7 @@ must end with identical bit schemes. The compiled MSQ kernels are switched off
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -22,6 +23,9 @@ import pytest
 import torch
 
 import msq_hf
+from msq_hf.pipeline import ModelArguments, logits_of, make_msq_config
+from msq_hf.pipeline.outputs import SUMMARY_KEYS
+from msq_hf.report import HISTORY_VERSION, RunHistory, find_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = ROOT / "recipes"
@@ -54,7 +58,7 @@ def _common() -> ModuleType:
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return _common().logits_of(model, x)
+        return logits_of(model, x)
 
 
 def _check_export(export_dir: Path) -> dict:
@@ -126,11 +130,14 @@ PAPER = {
 @pytest.mark.parametrize("name", RECIPES)
 def test_paper_defaults(name: str, tmp_path: Path) -> None:
     recipe = load_recipe(name)
-    training, model_args, data_args, msq_args = _common().parse_args(recipe.RECIPE, ["--output_dir", str(tmp_path)])
+    training, model_args, data_args, msq_args, run_args, recipe_args = _common().parse_args(
+        recipe.RECIPE, ["--output_dir", str(tmp_path)]
+    )
     parsed = {
         **vars(model_args),
         **vars(data_args),
         **vars(msq_args),
+        **vars(run_args),
         **{
             k: getattr(training, k)
             for k in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay")
@@ -139,28 +146,35 @@ def test_paper_defaults(name: str, tmp_path: Path) -> None:
     }
     for key, expected in PAPER[name].items():
         assert parsed[key] == expected, f"{name}: {key}={parsed[key]!r}, paper setting {expected!r}"
-    assert msq_args.smoke_test is False and training.remove_unused_columns is False
+    assert recipe_args.smoke_test is False and training.remove_unused_columns is False
     # the paper configuration is a valid MSQConfig
-    cfg = _common().make_msq_config(msq_args, steps_in_epoch=100)
+    cfg = make_msq_config(msq_args, run_args, steps_in_epoch=100)
     assert cfg.init_bits == PAPER[name]["init_bits"] and cfg.prune_interval >= 100
 
 
 def test_command_line_beats_smoke_and_recipe_defaults(tmp_path: Path) -> None:
     common = _common()
     recipe = load_recipe("deit_tiny").RECIPE
-    training, model_args, _, msq_args = common.parse_args(
+    training, model_args, _, msq_args, run_args, recipe_args = common.parse_args(
         recipe, ["--smoke_test", "--max_steps", "3", "--act_bits", "6", "--output_dir", str(tmp_path)]
     )
-    assert training.max_steps == 3 and msq_args.act_bits == 6 and msq_args.smoke_test
+    assert training.max_steps == 3 and msq_args.act_bits == 6 and recipe_args.smoke_test
     assert model_args.model_name_or_path == "deit_tiny_patch16_224" and model_args.pretrained is False
     bad = common.Recipe(name="typo", description="", defaults={"target_compresion": 3.0}, smoke={})
     with pytest.raises(ValueError, match="target_compresion"):
         common.build_parser(bad)
     with pytest.raises(ValueError, match="model_kwargs"):
-        common.build_model(common.ModelArguments("resnet18", pretrained=False, model_kwargs="[1]"), 10)
+        ModelArguments("resnet18", pretrained=False, model_kwargs="[1]")
     # a model given on the command line does not inherit the smoke model's kwargs
-    _, model_args, _, _ = common.parse_args(recipe, ["--smoke_test", "--model_name_or_path", "resnet18"])
+    _, model_args, _, _, _, _ = common.parse_args(recipe, ["--smoke_test", "--model_name_or_path", "resnet18"])
     assert model_args.model_kwargs is None
+    # the short aliases work in the recipes too, and --prune_interval beats the recipe's interval in epochs
+    _, model_args, data_args, msq_args, run_args, _ = common.parse_args(
+        load_recipe("resnet20_cifar10").RECIPE,
+        ["--model", "resnet32_cifar", "--train-limit", "9", "--prune_interval", "7"],
+    )
+    assert model_args.model_name_or_path == "resnet32_cifar" and data_args.max_train_samples == 9
+    assert run_args.prune_interval_epochs is None and make_msq_config(msq_args, run_args, 100).prune_interval == 7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,14 +188,14 @@ def test_smoke_run_exports_and_reloads_identically(name: str, tmp_path: Path) ->
     result = recipe.main(["--smoke_test", "--output_dir", str(tmp_path), "--write_report", str(report).lower()])
     res = result.results
     smoke = {**_common().SMOKE_DEFAULTS, **recipe.RECIPE.smoke}
-    assert res["global_steps"] == smoke["max_steps"]
-    assert res["pruning_steps"] >= 2 and res["phase"] == "qat"
+    assert res["steps"] == smoke["max_steps"]
+    assert res["pruning_steps"] >= 1 and res["phase"] == "qat"
     # pruning reached the target; bits fell below the start
     init_bits = PAPER[name]["init_bits"]
     scheme = msq_hf.bit_scheme(result.model)
     assert res["compression"] >= smoke["target_compression"] - 1e-9
     assert min(scheme.values()) < init_bits <= max(scheme.values()) + 2
-    assert 0.0 <= res["eval_accuracy"] <= 1.0
+    assert 0.0 <= res["test_accuracy"] <= 1.0
     if PAPER[name].get("act_bits"):  # the ViT smoke runs keep the paper's 8-bit LSQ activations
         assert res["msq_config"]["act_bits"] == 8 and res["msq_config"]["act_quantizer"] == "lsq"
     # the export reloads with the same bits and bit-identical logits (on inputs the recipe never saw)
@@ -194,12 +208,39 @@ def test_smoke_run_exports_and_reloads_identically(name: str, tmp_path: Path) ->
     assert got.shape == (3, res["num_classes"]) and torch.isfinite(got).all()
     assert torch.equal(expected, got)
     history = json.loads((tmp_path / "msq_history.json").read_text())
-    assert history["bit_scheme"] == scheme and len(history["history"]) == res["pruning_steps"]
+    assert history["bit_scheme"] == scheme and history["summary"] == {k: res[k] for k in SUMMARY_KEYS}
+    assert len([h for h in history["history"] if h["step"] > 0]) == res["pruning_steps"]
     if report:
         for png in ("bits_per_layer.png", "bits_timeline.png", "accuracy_vs_compression.png"):
             assert (tmp_path / "report" / png).stat().st_size > 1000
         report_md = (tmp_path / "report" / "report.md").read_text()
         assert "## Bits over training" in report_md and "layer3.2.conv2" in report_md
+
+
+def test_cli_and_recipe_write_one_history_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``msq-hf train`` and a recipe go through the same pipeline: the same msq_history.json keys and version."""
+    from msq_hf.commands.main import main
+
+    recipe_out, cli_out = tmp_path / "recipe", tmp_path / "cli"
+    load_recipe("resnet20_cifar10").main(["--smoke_test", "--output_dir", str(recipe_out), "--write_report", "false"])
+    code = main(
+        ["train", "--dataset", "digits", "--train-limit", "64", "--eval-limit", "32", "--max-steps", "2"]
+        + ["--batch-size", "16", "--prune-interval", "1", "--target", "5", "--hessian-probes", "1"]
+        + ["--hessian-batch-size", "4", "--evals", "0", "--threads", "1", "--no-progress", "--no-report"]
+        + ["--output", str(cli_out)]
+    )
+    assert code == 0, capsys.readouterr().err
+    histories = [json.loads((out / "msq_history.json").read_text()) for out in (recipe_out, cli_out)]
+    keys = [f.name for f in dataclasses.fields(RunHistory)]
+    for history in histories:
+        assert sorted(history) == sorted(keys) and history["version"] == HISTORY_VERSION
+        assert list(history["summary"]) == list(SUMMARY_KEYS)
+        assert {"model", "data", "msq", "run", "training"} <= set(history["args"])
+    assert histories[0]["run"] == "resnet20_cifar10" and histories[1]["run"] == "msq-hf train"
+    assert histories[1]["args"]["msq"]["target_compression"] == 5.0 and histories[1]["argv"][0] == "train"
+    for out in (recipe_out, cli_out):  # both readable by the report
+        data = find_run_data(out)
+        assert data.history and data.scheme and data.summary["compression"] >= 5.0 - 1e-9
 
 
 def test_offline_local_model_folder_and_image_folder(tmp_path: Path) -> None:
@@ -237,7 +278,7 @@ def test_offline_local_model_folder_and_image_folder(tmp_path: Path) -> None:
         ]
     )
     res = result.results
-    assert res["num_classes"] == 2 and res["train_samples"] == 16 and res["model_kind"] == "timm"
+    assert res["num_classes"] == 2 and res["train_images"] == 16 and res["model_kind"] == "timm"
     # the pretrained local weights were loaded (the classifier was re-initialised for 2 classes)
     assert result.model.conv1.weight.shape == source.conv1.weight.shape
     assert res["export_logits_equal"] is True
@@ -378,7 +419,7 @@ def test_two_processes_take_identical_pruning_decisions(tmp_path: Path) -> None:
     assert ranks[0]["bit_scheme"] == ranks[1]["bit_scheme"]
     res = json.loads((tmp_path / "results.json").read_text())
     # DDP really split the data: 48 samples / (8 per device x 2 ranks) = 3 steps per epoch, 6 steps = 2 epochs
-    assert res["world_size"] == 2 and res["global_steps"] == 6
+    assert res["world_size"] == 2 and res["steps"] == 6
     assert res["export_logits_equal"] is True and min(ranks[0]["bit_scheme"].values()) < 8
     manifest = _check_export(tmp_path / "export")
     assert {n: i["bits"] for n, i in manifest["layers"].items()} == ranks[0]["bit_scheme"]

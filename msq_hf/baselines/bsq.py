@@ -31,7 +31,6 @@ from torch import nn
 
 from msq_hf.baselines.common import (
     QuantLayerBase,
-    check_bits,
     exponent_vector,
     iter_layers,
     layers_compression,
@@ -40,7 +39,9 @@ from msq_hf.baselines.common import (
     split_bits,
     trainable_parameters,
 )
-from msq_hf.quant.functional import ste
+from msq_hf.convert import register_layer
+from msq_hf.nn.base import CONV_TYPES, LINEAR_TYPES
+from msq_hf.quant.functional import check_bits, signed_codes, ste
 
 #: BSQ's ``quant(maxbit=8)``: re-quantization never grows a layer beyond this
 DEFAULT_MAX_BITS = 8
@@ -48,9 +49,7 @@ DEFAULT_MAX_BITS = 8
 
 def bit_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
     """BSQ's ``bit_STE`` forward (no gradient): ``sign(w~) round(|w~|(2^N-1))/(2^N-1)``, ``w~ = clamp(w,-1,1)``."""
-    levels = 2**bits - 1
-    w = w.detach().clamp(-1.0, 1.0)
-    return torch.sign(w) * torch.round(w.abs() * levels) / levels
+    return signed_codes(w.detach().clamp(-1.0, 1.0), bits, 1.0, nested=False) / (2**bits - 1)
 
 
 class BSQLayer(QuantLayerBase):
@@ -58,9 +57,9 @@ class BSQLayer(QuantLayerBase):
 
     method = "bsq"
 
-    def __init__(self, module: nn.Module, bits: int):
+    def __init__(self, module: nn.Module, bits: int, act_quantizer: nn.Module | None = None):
         super().__init__()
-        self._init_geometry(module)
+        self._init_geometry(module, act_quantizer)
         bits = check_bits(bits, "bsq init_bits")
         w = module.weight.detach()
         shape = (*w.shape, bits)
@@ -95,11 +94,9 @@ class BSQLayer(QuantLayerBase):
             self.nweight.zero_()
             self.scale.fill_(1.0)
             return
-        levels = 2**n_bits - 1
-        r_pos = torch.round(weight.clamp_min(0) * levels / s)
-        r_neg = torch.round((-weight).clamp_min(0) * levels / s)
-        self.pweight.copy_(split_bits(r_pos, n_bits))
-        self.nweight.copy_(split_bits(r_neg, n_bits))
+        codes = signed_codes(weight, n_bits, s, nested=False)
+        self.pweight.copy_(split_bits(codes.clamp_min(0), n_bits))
+        self.nweight.copy_(split_bits((-codes).clamp_min(0), n_bits))
         self.scale.fill_(float(s))
 
     def latent(self) -> torch.Tensor:
@@ -155,8 +152,8 @@ class BSQLayer(QuantLayerBase):
         n_bits = self._bits
         w = self.latent()
         levels = 2**n_bits - 1
-        r_pos = torch.round(w.clamp_min(0) * levels)
-        r_neg = torch.round((-w).clamp_min(0) * levels)
+        codes = signed_codes(w, n_bits, 1.0, nested=False)
+        r_pos, r_neg = codes.clamp_min(0), (-codes).clamp_min(0)
         if float(torch.maximum(r_pos.max(), r_neg.max())) > levels and n_bits < max_bits:
             n_bits += 1
             self.scale.mul_((2**n_bits - 1) / levels)
@@ -229,10 +226,11 @@ def convert(
     the first. Raises ``ValueError`` if nothing was converted.
     """
     check_bits(init_bits, "bsq init_bits")
-    replace_layers(
-        model, lambda name, m: BSQLayer(m, init_bits), "bsq", modules_to_not_convert, act_bits, act_skip_first
-    )
+    replace_layers(model, "bsq", modules_to_not_convert, act_bits, act_skip_first, bits=init_bits)
     return model
+
+
+register_layer("bsq", *LINEAR_TYPES, *CONV_TYPES)(BSQLayer)
 
 
 def bsq_layers(model: nn.Module) -> dict[str, BSQLayer]:

@@ -1,12 +1,14 @@
 """Machinery shared by the BSQ, CSQ and DoReFa baselines.
 
-* :class:`QuantLayerBase` -- a module that remembers the geometry of the ``nn.Linear`` /
-  ``nn.Conv2d`` it replaces (including grouped / depthwise convs, padding modes and timm's
-  ``Conv2dSame``) and applies the plain linear / conv op with whatever weight its subclass builds.
-* :class:`PACT` -- the PACT activation clip + uniform quantizer (Choi et al. 2018) used on layer
-  inputs when a method is converted with ``act_bits``.
-* :func:`replace_layers` -- in-place swap of every convertible layer (all references of a shared
-  module are swapped, so a model can never run half float, half quantized).
+* :class:`QuantLayerBase` -- a module that keeps the geometry of the ``nn.Linear`` / ``nn.Conv2d`` it
+  replaces (:func:`msq_hf.nn.base.copy_geometry`: grouped / depthwise convs, padding modes, timm's
+  ``Conv2dSame``) and applies the same op (:func:`msq_hf.nn.base.conv_forward`) with whatever weight
+  its subclass builds.
+* :data:`PACT` -- the activation quantizer used on layer inputs when a method is converted with
+  ``act_bits``: the same class the MSQ layers use (:class:`msq_hf.nn.act.PACTActQuantizer`), so every
+  method is compared with one activation quantizer.
+* :func:`replace_layers` -- in-place conversion through the replacement engine
+  (:func:`msq_hf.convert.replace_modules`; each method registers its layer class as a replacement kind).
 * accounting helpers: :func:`trainable_parameters`, :func:`layers_compression`.
 
 None of this is used by the MSQ path; the baselines only exist for benchmarks and comparisons.
@@ -14,18 +16,21 @@ None of this is used by the MSQ path; the baselines only exist for benchmarks an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msq_hf.convert import _references, _same_pad_conv_types, find_convertible_layers
-from msq_hf.quant.functional import compression_ratio, ste
+from msq_hf.convert import find_convertible_layers, replace_modules
+from msq_hf.nn.act import MAX_ACT_BITS, MIN_ACT_BITS, PACTActQuantizer
+from msq_hf.nn.base import conv_forward, copy_geometry
+from msq_hf.quant.functional import check_bits, compression_ratio
 
-#: bits a PACT input quantizer accepts
-PACT_BITS = range(2, 9)
+#: the PACT input quantizer of the baselines (one implementation with the MSQ layers')
+PACT = PACTActQuantizer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,31 +51,14 @@ class QuantLayerBase(nn.Module):
     #: short method name used in error messages ("bsq", "csq", "dorefa")
     method: str = "baseline"
 
-    def _init_geometry(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            self.kind = "linear"
-            self.in_features, self.out_features = module.in_features, module.out_features
-        elif isinstance(module, nn.Conv2d):
-            self.kind = "conv"
-            for name in (
-                "in_channels",
-                "out_channels",
-                "kernel_size",
-                "stride",
-                "padding",
-                "dilation",
-                "groups",
-                "padding_mode",
-                "_reversed_padding_repeated_twice",
-            ):
-                setattr(self, name, getattr(module, name))
-            same = _same_pad_conv_types()
-            self.same_pad = bool(same) and isinstance(module, same)
-        else:
+    def _init_geometry(self, module: nn.Module, act_quantizer: nn.Module | None = None) -> None:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{type(module).__name__} is neither nn.Linear nor nn.Conv2d")
+        self.kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        copy_geometry(self, module)
         self.weight_shape = tuple(module.weight.shape)
         self.bias = module.bias  # shared Parameter (or None)
-        self.act_quant: nn.Module | None = None
+        self.act_quant = act_quantizer
 
     @property
     def n_bits(self) -> int:  # pragma: no cover - overridden
@@ -79,10 +67,7 @@ class QuantLayerBase(nn.Module):
     @property
     def numel(self) -> int:
         """Number of weights (what the compression ratio counts)."""
-        n = 1
-        for s in self.weight_shape:
-            n *= s
-        return n
+        return math.prod(self.weight_shape)
 
     def quantized_weight(self) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -92,15 +77,7 @@ class QuantLayerBase(nn.Module):
             x = self.act_quant(x)
         if self.kind == "linear":
             return F.linear(x, weight, self.bias)
-        padding: Any = self.padding
-        if self.same_pad:
-            from timm.layers.padding import pad_same
-
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return conv_forward(self, x, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._op(x, self.quantized_weight())
@@ -115,71 +92,6 @@ class QuantLayerBase(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# PACT activation quantizer
-
-
-class _PACTClip(torch.autograd.Function):
-    """``y = clip(x, lo, alpha)`` with the PACT gradients.
-
-    Unsigned (``lo = 0``): ``dy/dx = 1[0 <= x <= alpha]``, ``dL/dalpha = sum g * 1[x >= alpha]``.
-    Signed (``lo = -alpha``): ``dy/dx = 1[|x| <= alpha]``,
-    ``dL/dalpha = sum g * 1[x >= alpha] - sum g * 1[x <= -alpha]``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, signed: bool) -> torch.Tensor:
-        ctx.save_for_backward(x, alpha)
-        ctx.signed = signed
-        a = alpha.to(x.dtype)
-        lo = -a if signed else torch.zeros_like(a)
-        return torch.minimum(torch.maximum(x, lo), a)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
-        x, alpha = ctx.saved_tensors
-        a = alpha.to(x.dtype)
-        lo = -a if ctx.signed else torch.zeros_like(a)
-        grad_x = g * ((x >= lo) & (x <= a)).to(g.dtype)
-        grad_alpha = (g * (x >= a).to(g.dtype)).sum()
-        if ctx.signed:
-            grad_alpha = grad_alpha - (g * (x <= -a).to(g.dtype)).sum()
-        return grad_x, grad_alpha.to(alpha.dtype).reshape(alpha.shape), None
-
-
-class PACT(nn.Module):
-    """PACT input quantizer: learnable clip ``alpha`` (init 10.0) + uniform ``bits``-bit grid.
-
-    ``y = clip(x, 0, alpha)`` (or ``clip(x, -alpha, alpha)`` for signed inputs, e.g. after a
-    LayerNorm; the mode is fixed by the first batch and stored in the ``signed`` buffer), then
-    ``y_q = round(y / s) * s`` with ``s = alpha / (2^b - 1)`` (unsigned) or
-    ``alpha / (2^(b-1) - 1)`` (signed). The rounding is straight-through and ``s`` is detached,
-    so ``alpha`` gets exactly PACT's gradient ``sum dL/dy_q * 1[x >= alpha]``.
-    """
-
-    def __init__(self, bits: int, init_alpha: float = 10.0):
-        super().__init__()
-        if int(bits) not in PACT_BITS:
-            raise ValueError(f"PACT act_bits={bits} is outside {PACT_BITS.start}..{PACT_BITS.stop - 1}")
-        if init_alpha <= 0:
-            raise ValueError(f"PACT init_alpha={init_alpha} must be > 0")
-        self.bits = int(bits)
-        self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
-        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int(self.signed) < 0:  # first batch decides: post-ReLU inputs stay unsigned
-            self.signed.fill_(int(bool((x.detach() < 0).any())))
-        signed = bool(int(self.signed))
-        y = _PACTClip.apply(x, self.alpha, signed)
-        levels = 2 ** (self.bits - 1) - 1 if signed else 2**self.bits - 1
-        step = (self.alpha.detach().abs() / levels).clamp_min(1e-12).to(x.dtype)
-        return ste(torch.round(y.detach() / step) * step, y)
-
-
-# ------------------------------------------------------------------------------------------------
 # conversion
 
 
@@ -188,17 +100,18 @@ L = TypeVar("L", bound=QuantLayerBase)
 
 def replace_layers(
     model: nn.Module,
-    factory: Callable[[str, nn.Module], QuantLayerBase],
     method: str,
     modules_to_not_convert: Sequence[str] | None = None,
     act_bits: int | None = None,
     act_skip_first: bool = True,
     act_init_alpha: float = 10.0,
+    **options: Any,
 ) -> list[str]:
-    """Swap every ``nn.Linear``/``nn.Conv2d`` (and timm's ``Linear``/``Conv2dSame``) in place.
+    """Swap every ``nn.Linear``/``nn.Conv2d`` (and timm's ``Linear``/``Conv2dSame``) for ``method``'s layer.
 
-    ``factory(name, float_module)`` builds the replacement. With ``act_bits`` each replaced layer
-    (except the first one when ``act_skip_first``) gets a :class:`PACT` input quantizer.
+    ``method`` is the replacement kind the method's module registered (``"bsq"``, ``"csq"``, ``"dorefa"``);
+    its layer class is built as ``cls(float_module, **options, act_quantizer=...)``. With ``act_bits``
+    each replaced layer (except the first one when ``act_skip_first``) gets a :data:`PACT` input quantizer.
     Raises ``ValueError`` naming the model if it already holds baseline layers or if nothing was
     converted. Returns the converted layer names.
     """
@@ -214,20 +127,16 @@ def replace_layers(
             f"{method}.convert: {type(model).__name__} has no nn.Linear/nn.Conv2d layer to convert"
             + (" after modules_to_not_convert" if modules_to_not_convert else "")
         )
-    if act_bits is not None and int(act_bits) not in PACT_BITS:
-        raise ValueError(
-            f"{method}.convert: act_bits={act_bits} is outside "
-            f"{PACT_BITS.start}..{PACT_BITS.stop - 1} (None keeps activations float)"
-        )
-    refs = _references(model)
-    for i, name in enumerate(names):
-        module = model.get_submodule(name)
-        new = factory(name, module)
-        if act_bits is not None and not (act_skip_first and i == 0):
-            new.act_quant = PACT(int(act_bits), act_init_alpha).to(module.weight.device)
-        new.train(module.training)
-        for parent, attr in refs.get(id(module), []):
-            setattr(parent, attr, new)
+    if act_bits is not None:
+        act_bits = check_bits(act_bits, f"{method}.convert act_bits", MIN_ACT_BITS, MAX_ACT_BITS)
+
+    def act_quantizer(first: bool) -> nn.Module | None:
+        if act_bits is None or (first and act_skip_first):
+            return None
+        return PACT(act_bits, act_init_alpha)
+
+    plan = {name: {**options, "act_quantizer": act_quantizer(i == 0)} for i, name in enumerate(names)}
+    replace_modules(model, method, plan)
     return names
 
 
@@ -281,17 +190,9 @@ def split_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bitwise_and(torch.bitwise_right_shift(codes.to(torch.int64).unsqueeze(-1), shifts), 1)
 
 
-def check_bits(bits: int, what: str, lo: int = 1, hi: int = 8) -> int:
-    """Validate an integer bit width, naming the option at fault."""
-    if isinstance(bits, bool) or int(bits) != bits or not lo <= int(bits) <= hi:
-        raise ValueError(f"{what}={bits!r} must be an integer in {lo}..{hi}")
-    return int(bits)
-
-
 __all__ = [
     "PACT",
     "QuantLayerBase",
-    "check_bits",
     "exponent_vector",
     "iter_layers",
     "layers_of",

@@ -35,7 +35,6 @@ from torch import nn
 
 from msq_hf.baselines.common import (
     QuantLayerBase,
-    check_bits,
     exponent_vector,
     layers_compression,
     layers_of,
@@ -43,6 +42,9 @@ from msq_hf.baselines.common import (
     split_bits,
     trainable_parameters,
 )
+from msq_hf.convert import register_layer
+from msq_hf.nn.base import CONV_TYPES, LINEAR_TYPES
+from msq_hf.quant.functional import check_bits, signed_codes
 
 BitInit = Literal["signed", "code"]
 
@@ -63,9 +65,10 @@ class CSQLayer(QuantLayerBase):
         mask_init: float = 0.0,
         bit_init: BitInit = "signed",
         init_logit: float = 1.0,
+        act_quantizer: nn.Module | None = None,
     ):
         super().__init__()
-        self._init_geometry(module)
+        self._init_geometry(module, act_quantizer)
         bits = check_bits(bits, "csq init_bits")
         if bit_init not in ("signed", "code"):
             raise ValueError(f"csq bit_init={bit_init!r} is not one of 'signed', 'code'")
@@ -109,14 +112,12 @@ class CSQLayer(QuantLayerBase):
         n_bits = self._bits
         s = weight.abs().max()
         if s == 0:
-            r_pos = r_neg = torch.zeros_like(weight)
+            codes = torch.zeros_like(weight)
             s = torch.ones_like(s)  # a zero scale would freeze the layer
         else:
-            levels = 2**n_bits - 1
-            r_pos = torch.round(weight.clamp_min(0) * levels / s)
-            r_neg = torch.round((-weight).clamp_min(0) * levels / s)
-        dp = split_bits(r_pos, n_bits).to(weight.dtype)
-        dn = split_bits(r_neg, n_bits).to(weight.dtype)
+            codes = signed_codes(weight, n_bits, s, nested=False)
+        dp = split_bits(codes.clamp_min(0), n_bits).to(weight.dtype)
+        dn = split_bits((-codes).clamp_min(0), n_bits).to(weight.dtype)
         if self.bit_init == "signed":
             dp, dn = (2 * dp - 1) * self.init_logit, (2 * dn - 1) * self.init_logit
         self.pweight.copy_(dp)
@@ -178,13 +179,20 @@ def convert(
         raise ValueError(f"csq target_bits={target_bits} must be in (0, init_bits={init_bits}]")
     replace_layers(
         model,
-        lambda name, m: CSQLayer(m, init_bits, target_bits, mask_init, bit_init, init_logit),
         "csq",
         modules_to_not_convert,
         act_bits,
         act_skip_first,
+        bits=init_bits,
+        target_bits=target_bits,
+        mask_init=mask_init,
+        bit_init=bit_init,
+        init_logit=init_logit,
     )
     return model
+
+
+register_layer("csq", *LINEAR_TYPES, *CONV_TYPES)(CSQLayer)
 
 
 def csq_layers(model: nn.Module) -> dict[str, CSQLayer]:

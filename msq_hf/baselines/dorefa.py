@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from msq_hf.baselines.common import QuantLayerBase, layers_compression, layers_of, replace_layers, trainable_parameters
+from msq_hf.convert import register_layer
+from msq_hf.nn.base import CONV_TYPES, LINEAR_TYPES
 from msq_hf.quant.functional import dorefa_quantize
 
 #: weight bit widths DoReFa accepts here (32 = float)
@@ -37,9 +39,9 @@ class DoReFaLayer(QuantLayerBase):
 
     method = "dorefa"
 
-    def __init__(self, module: nn.Module, bits: int):
+    def __init__(self, module: nn.Module, bits: int, act_quantizer: nn.Module | None = None):
         super().__init__()
-        self._init_geometry(module)
+        self._init_geometry(module, act_quantizer)
         self.weight = module.weight  # shared Parameter: the latent float weight
         self._bits = _check_weight_bits(bits)
 
@@ -75,16 +77,11 @@ def convert(
     if bits is not None and bits != init_bits and init_bits != 8:
         raise ValueError(f"dorefa.convert got init_bits={init_bits} and bits={bits}; pass only one")
     weight_bits = _check_weight_bits(init_bits if bits is None else bits)
-    replace_layers(
-        model,
-        lambda name, m: DoReFaLayer(m, weight_bits),
-        "dorefa",
-        modules_to_not_convert,
-        act_bits,
-        act_skip_first,
-        act_init_alpha,
-    )
+    replace_layers(model, "dorefa", modules_to_not_convert, act_bits, act_skip_first, act_init_alpha, bits=weight_bits)
     return model
+
+
+register_layer("dorefa", *LINEAR_TYPES, *CONV_TYPES)(DoReFaLayer)
 
 
 def dorefa_layers(model: nn.Module) -> dict[str, DoReFaLayer]:

@@ -1,1 +1,3 @@
-"""The ``msq-hf`` console script."""
+"""The ``msq-hf`` console script: :mod:`~msq_hf.commands.main` (parser, entry point, errors) and one module
+per command (:mod:`~msq_hf.commands.train`, :mod:`~msq_hf.commands.inspect`, :mod:`~msq_hf.commands.export`,
+:mod:`~msq_hf.commands.report`), sharing :mod:`~msq_hf.commands.common`."""

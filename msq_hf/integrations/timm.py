@@ -1,11 +1,11 @@
 """Raw timm models in msq_hf exports: the ``config.json`` that describes them and the rebuild on load.
 
-An export of a raw timm model stores timm's own ``config.json`` fields (``architecture``,
-``num_classes``, ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg`` -- the layout of
-``timm.models.save_for_hf``) plus ``quantization_config`` and ``msq_weights``. Loading rebuilds the
-float skeleton with ``timm.create_model(architecture, pretrained=False, **model_args)``, swaps the
-layers of the bit scheme for packed layers and loads the safetensors tensors with ``strict=True``
-(missing or unexpected keys are errors, unlike ``PyTorchModelHubMixin``'s default ``strict=False``).
+An export of a raw timm model stores timm's own ``config.json`` (written by ``timm.models._hub.save_config_for_hf``:
+``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``) plus
+``quantization_config`` and ``msq_weights``. Loading rebuilds the float skeleton with
+``timm.create_model(architecture, pretrained=False, **model_args)``, swaps the layers of the bit scheme for packed
+layers and loads the safetensors tensors with ``strict=True`` (missing or unexpected keys are errors, unlike
+``PyTorchModelHubMixin``'s default ``strict=False``).
 
 Why not a ``PyTorchModelHubMixin`` subclass: the mixin captures the constructor arguments once
 (a bit scheme changed during training would be written stale), wraps the timm model in another
@@ -16,73 +16,57 @@ and ``msq_hf.from_pretrained(repo_id)`` give the same Hub round trip without tho
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_file
+from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from msq_hf.config import MSQConfig
+from msq_hf.convert import finalize_packed_model, prepare_packed_model
 from msq_hf.errors import MSQExportError, MSQFormatError
+from msq_hf.integrations.transformers import attach_quantizer
+from msq_hf.io.format import CONFIG_WEIGHTS_KEY
 
 
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
+def save_timm_config(
+    model: nn.Module,
+    path: str | os.PathLike,
+    quantization_config: MSQConfig,
+    weights_entry: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``config.json`` for a raw timm model with timm's own writer; return what was written.
 
-
-def timm_model_info(model: nn.Module) -> dict[str, Any]:
-    """``architecture``, ``model_args`` and ``num_classes`` needed to rebuild a timm model."""
-    import timm
-
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    arch = pretrained_cfg.get("architecture")
+    timm records the architecture, ``model_args`` (what ``create_model`` was called with, updated by
+    ``model_args``) and the preprocessing ``pretrained_cfg``; msq_hf adds ``quantization_config`` and, for an
+    export, the weight file name (``msq_weights``). ``MSQExportError`` if timm cannot describe the model.
+    """
+    arch = dict(getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not arch or not timm.is_model(arch):
         raise MSQExportError(
             f"cannot tell which timm architecture this {type(model).__name__} is "
             f"(pretrained_cfg['architecture']={arch!r}); build it with timm.create_model"
         )
-    model_args = dict(timm.models.get_model_args(model) or {})
-    bad = sorted(k for k, v in model_args.items() if not _jsonable(v))
-    if bad:
+    extra: dict[str, Any] = {"quantization_config": quantization_config.to_dict()}
+    if weights_entry is not None:
+        extra[CONFIG_WEIGHTS_KEY] = weights_entry
+    try:
+        save_config_for_hf(model, str(path), model_config=extra, model_args=model_args)
+    except ValueError as exc:  # timm refuses model_args it cannot write as JSON
         raise MSQExportError(
-            f"timm model_args {bad} of {arch} are not JSON-serialisable, so the export could "
-            "not rebuild the model; pass plain values (ints, strings, lists) to create_model"
-        )
-    num_classes = int(getattr(model, "num_classes", model_args.get("num_classes", 0)) or 0)
-    model_args.setdefault("num_classes", num_classes)
-    return {"architecture": arch, "model_args": json.loads(json.dumps(model_args)), "num_classes": num_classes}
-
-
-def timm_config(model: nn.Module, cfg: MSQConfig, weights_entry: str) -> dict[str, Any]:
-    """The ``config.json`` of a raw timm export."""
-    info = timm_model_info(model)
-    pretrained_cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items() if _jsonable(v)}
-    pretrained_cfg["num_classes"] = info["num_classes"]
-    return {
-        "architecture": info["architecture"],
-        "num_classes": info["num_classes"],
-        "num_features": int(getattr(model, "num_features", 0) or 0),
-        "global_pool": getattr(model, "global_pool", None)
-        if isinstance(getattr(model, "global_pool", None), str)
-        else info["model_args"].get("global_pool"),
-        "model_args": info["model_args"],
-        "pretrained_cfg": pretrained_cfg,
-        "quantization_config": cfg.to_dict(),
-        "msq_weights": weights_entry,
-        "msq_model_kind": "timm",
-    }
+            f"timm could not describe {arch} ({exc}); pass plain values (ints, strings, lists) to "
+            "create_model so the model can be rebuilt"
+        ) from exc
+    return json.loads(Path(path).read_text())
 
 
 def build_timm_skeleton(config: dict[str, Any], msq_config: MSQConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The float timm model of ``config.json`` with the bit scheme's layers replaced by packed layers."""
-    import timm
-
-    from msq_hf.io.export import prepare_packed_model
-
     arch = config.get("architecture")
     if not isinstance(arch, str) or not timm.is_model(arch):
         raise MSQFormatError(f"config.json architecture={arch!r} is not a timm model known to timm {timm.__version__}")
@@ -109,11 +93,6 @@ def load_timm_export(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Rebuild a raw timm export: skeleton, packed layers, strict safetensors load, decode."""
-    from safetensors.torch import load_file
-
-    from msq_hf.convert import attach_quantizer
-    from msq_hf.io.export import finalize_packed_model
-
     model = build_timm_skeleton(config, msq_config, dtype)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files:
@@ -142,4 +121,4 @@ def load_timm_export(
     return model
 
 
-__all__ = ["build_timm_skeleton", "load_timm_export", "timm_config", "timm_model_info"]
+__all__ = ["build_timm_skeleton", "load_timm_export", "save_timm_config"]

@@ -3,27 +3,44 @@
 It makes ``from_pretrained`` rebuild MSQ models and ``save_pretrained`` write the bit scheme:
 
 * before weights load (on the meta device) it swaps Linear/Conv2d for MSQ layers with the
-  precisions of ``quantization_config.bit_scheme`` (or ``init_bits`` for a fresh float checkpoint);
+  precisions of ``quantization_config.bit_scheme`` (or ``init_bits`` for a fresh float checkpoint),
+  or for packed layers when the checkpoint is an msq_hf export;
 * after loading it re-initialises every buffer the checkpoint did not provide (transformers fills
   missing buffers with ``torch.empty_like`` garbage) and validates the loaded bit widths;
-* on save it records the current bit scheme in ``config.json['quantization_config']``.
+* on save it hands transformers the state dict to write and a *copy* of the config carrying the current
+  bit scheme for ``config.json`` (the user's ``MSQConfig`` is never modified).
+
+:func:`register` puts ``MSQConfig``/``MSQQuantizer`` into transformers' AUTO mappings; ``import msq_hf`` calls it.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.quantizers import auto
 from transformers.quantizers.base import HfQuantizer
 
-from msq_hf.config import MSQConfig
+from msq_hf.config import QUANT_METHOD, MSQConfig
+from msq_hf.convert import (
+    bit_scheme,
+    dequantize_model,
+    finalize_packed_model,
+    find_convertible_layers,
+    iter_msq_layers,
+    prepare_packed_model,
+    swap_layers,
+)
+from msq_hf.io.format import CONFIG_WEIGHTS_KEY, check_weights_entry, packed_metadata, packed_state_dict
+from msq_hf.nn.packed import MSQPackedMixin
 from msq_hf.quant.functional import MAX_BITS, MIN_BITS
 
 
 class MSQQuantizer(HfQuantizer):
-    """HF quantizer for MSQ fake-quant (training) checkpoints."""
+    """HF quantizer for MSQ checkpoints: fake-quant training checkpoints and bit-packed exports."""
 
     requires_calibration = False
 
@@ -32,8 +49,12 @@ class MSQQuantizer(HfQuantizer):
             quantization_config = MSQConfig.from_dict(quantization_config)
         super().__init__(quantization_config, **kwargs)
         self._expected_bits: dict[str, int] = {}
-        # set by msq_hf.export around save_pretrained: (packed state dict, metadata, bit scheme)
-        self._msq_export_payload: tuple[dict[str, torch.Tensor], dict[str, str], dict[str, int]] | None = None
+        self._export: tuple[dict[str, torch.Tensor], MSQConfig] | None = None  # see exporting()
+
+    @property
+    def packed(self) -> bool:
+        """True when loading an msq_hf export (bit-packed weights)."""
+        return self.pre_quantized and self.quantization_config.msq_format == "packed"
 
     # -- capabilities ---------------------------------------------------------------------------
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -48,47 +69,29 @@ class MSQQuantizer(HfQuantizer):
         return True
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if self.quantization_config.msq_format == "packed" and self.pre_quantized:
-            from msq_hf.io import export  # noqa: F401  (packed exports need the export module)
+        """Nothing to check: MSQ runs wherever torch runs."""
 
     def update_attn_implementation(self, config: Any) -> Any:
-        """Point transformers at the packed weight file of an msq_hf export before it resolves files.
+        """Name the export's weight file for ``AutoModel*.from_pretrained(export)`` (after ``import msq_hf``).
 
-        Exports name their weights ``msq_model.safetensors`` (recorded as ``config.msq_weights``) so that
-        transformers *without* ``import msq_hf`` fails with "no file named model.safetensors" instead of
-        loading random weights; with msq_hf imported this hook (called from ``get_hf_quantizer``, before
-        the checkpoint files are resolved) sets ``config.transformers_weights`` to that name.
+        transformers 5 reads the checkpoint file name from ``config.transformers_weights`` and gives a
+        quantizer exactly one look at the model config before it resolves files: this call
+        (``get_hf_quantizer``, quantizers/auto.py). Exports cannot store ``transformers_weights`` in
+        ``config.json`` themselves: transformers *without* msq_hf would then load the packed file as a float
+        model with random weights, where the missing ``model.safetensors`` now stops it. So the name lives
+        under ``msq_weights`` and only msq_hf turns it into ``transformers_weights``. ``msq_hf.from_pretrained``
+        sets it explicitly and does not rely on this. The attention implementation is left as it is.
         """
         config = super().update_attn_implementation(config)
-        weights = getattr(config, "msq_weights", None)
-        if (
-            self.pre_quantized
-            and self.quantization_config.msq_format == "packed"
-            and weights
-            and getattr(config, "transformers_weights", None) is None
-        ):
-            if (
-                not isinstance(weights, str)
-                or os.path.basename(weights) != weights
-                or not weights.endswith((".safetensors", ".safetensors.index.json"))
-            ):
-                from msq_hf.errors import MSQFormatError
-
-                raise MSQFormatError(
-                    f"config.json msq_weights={weights!r} is invalid: expected a safetensors "
-                    "file name (or index) inside the export directory"
-                )
-            config.transformers_weights = weights
+        weights = getattr(config, CONFIG_WEIGHTS_KEY, None)
+        if self.packed and weights and getattr(config, "transformers_weights", None) is None:
+            config.transformers_weights = check_weights_entry(weights, "config.json")
         return config
 
     # -- loading --------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from msq_hf.convert import find_convertible_layers, swap_layers
-
         cfg: MSQConfig = self.quantization_config
-        if self.pre_quantized and cfg.msq_format == "packed":
-            from msq_hf.io.export import prepare_packed_model
-
+        if self.packed:
             return prepare_packed_model(model, cfg, dequantize=cfg.dequantize)
         names = find_convertible_layers(model, cfg.modules_to_not_convert)
         scheme = cfg.bit_scheme or {}
@@ -105,12 +108,12 @@ class MSQQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from msq_hf.convert import iter_msq_layers
-
         cfg: MSQConfig = self.quantization_config
-        if self.pre_quantized and cfg.msq_format == "packed":
-            from msq_hf.io.export import finalize_packed_model
-
+        if self.packed:
+            for attr in ("transformers_weights", CONFIG_WEIGHTS_KEY):
+                # load-time redirection only: a later save_pretrained writes model.safetensors
+                with contextlib.suppress(AttributeError):
+                    delattr(model.config, attr)
             return finalize_packed_model(model, cfg)
         for name, layer in iter_msq_layers(model):
             expected = self._expected_bits.get(name, cfg.init_bits)
@@ -128,43 +131,69 @@ class MSQQuantizer(HfQuantizer):
                     )
                 if not 0 <= int(layer.k) < bits:
                     layer.k.fill_(0)
-            for sub in (getattr(layer, "act_quant", None),):
-                if sub is not None and hasattr(sub, "signed") and int(sub.signed) not in (-1, 0, 1):
-                    sub.signed.fill_(-1)
+            sub = getattr(layer, "act_quant", None)
+            if sub is not None and hasattr(sub, "signed") and int(sub.signed) not in (-1, 0, 1):
+                sub.signed.fill_(-1)
         model.msq_config = cfg
         return model
 
     # -- saving ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def exporting(self, state: dict[str, torch.Tensor], config: MSQConfig) -> Iterator[None]:
+        """Inside this block ``save_pretrained`` writes ``state`` (a packed state dict) and ``config`` (what
+        ``msq_hf.export`` does) instead of the model's own tensors and bit scheme."""
+        self._export = (state, config)
+        try:
+            yield
+        finally:
+            self._export = None
+
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
-        """Record the current bit scheme in the config before ``config.json`` is written.
+        """The state dict to save and the ``quantization_config`` that goes to ``config.json``.
 
         A plain ``save_pretrained`` writes a training checkpoint (``msq_format="fake"``: float latent
-        weights + ``bits``/``k``, resumable). Inside ``msq_hf.export`` (or for a model loaded from an
-        export, whose layers hold only packed codes) it returns the bit-packed state dict instead.
+        weights + ``bits``/``k``, resumable). Inside :meth:`exporting`, or for a model loaded from an
+        export (whose layers hold only packed codes), it writes the bit-packed state dict instead.
+        transformers serialises ``model.config.quantization_config`` right after this call, so that
+        attribute gets a copy describing this checkpoint; ``self.quantization_config`` (the user's
+        ``MSQConfig``, also ``model.msq_config``) stays as it is.
         """
-        from msq_hf.convert import bit_scheme, quantized_layers
-        from msq_hf.io.export import packed_state_dict
-
-        if self._msq_export_payload is not None:
-            state, metadata, scheme = self._msq_export_payload
-            self.quantization_config.bit_scheme = dict(scheme)
-            self.quantization_config.msq_format = "packed"
-            return state, dict(metadata)
-        from msq_hf.nn.packed import MSQPackedMixin
-
-        if any(isinstance(m, MSQPackedMixin) for m in quantized_layers(model, required=False).values()):
+        if self._export is not None:
+            state, saved = self._export
+            metadata = packed_metadata()
+        elif any(isinstance(m, MSQPackedMixin) for m in model.modules()):
             state, layers = packed_state_dict(model)
-            self.quantization_config.bit_scheme = {n: i["bits"] for n, i in layers.items()}
-            self.quantization_config.msq_format = "packed"
-            self.quantization_config.dequantize = False
-            from msq_hf.config import FORMAT_VERSION
-
-            return state, {"msq_format": "packed", "format_version": str(FORMAT_VERSION)}
-        self.quantization_config.bit_scheme = bit_scheme(model)
-        self.quantization_config.msq_format = "fake"
-        return None, {"msq_format": "fake"}
+            scheme = {n: i["bits"] for n, i in layers.items()}
+            saved = self.quantization_config.copy(bit_scheme=scheme, msq_format="packed", dequantize=False)
+            metadata = packed_metadata()
+        else:
+            state, metadata = None, {"msq_format": "fake"}
+            saved = self.quantization_config.copy(bit_scheme=bit_scheme(model), msq_format="fake")
+        model.config.quantization_config = saved
+        return state, metadata
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        from msq_hf.convert import dequantize_model
-
         return dequantize_model(model)
+
+
+def attach_quantizer(model: nn.Module, config: MSQConfig, pre_quantized: bool = False) -> None:
+    """Attach what Trainer and ``save_pretrained`` look for on a quantized model (the inverse of
+    :func:`msq_hf.convert.forget_quantization`)."""
+    model.hf_quantizer = MSQQuantizer(config, pre_quantized=pre_quantized)
+    model.is_quantized = True
+    model.quantization_method = "msq"
+    model.msq_config = config
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_dict"):
+        hf_config.quantization_config = config
+
+
+def register() -> None:
+    """Register ``MSQConfig`` and ``MSQQuantizer`` with transformers under ``"msq"`` (idempotent)."""
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        auto.register_quantization_config(QUANT_METHOD)(MSQConfig)
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        auto.register_quantizer(QUANT_METHOD)(MSQQuantizer)
+
+
+__all__ = ["MSQQuantizer", "attach_quantizer", "register"]

@@ -1,13 +1,70 @@
-"""Model card (``README.md``) and bit-scheme plot (``bit_scheme.png``) of an msq_hf export.
+"""Model card (``README.md``, a ``huggingface_hub.ModelCard``) and bit-scheme plot (``bit_scheme.png``) of an export.
 
-Both are rendered from the manifest alone, so ``msq-hf inspect``/re-rendering needs no model.
-The plot uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change).
+Both are rendered from the manifest alone, so ``msq-hf inspect``/re-rendering needs no model. The card's YAML
+metadata follows the Hub's conventions (``ModelCardData``): ``library_name`` is the library that owns the
+architecture (``transformers`` or ``timm``), tags ``msq``/``quantized``/``mixed-precision``, and ``base_model`` with
+``base_model_relation: quantized`` when the manifest knows where the weights came from. The plot uses matplotlib's
+object API with the Agg canvas (no pyplot, no global backend change).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from msq_hf.io.format import MANIFEST_NAME, PLOT_NAME, WEIGHTS_NAME
+
+TAGS = ["msq", "quantized", "mixed-precision", "bit-packed", "image-classification"]
+
+# Rendered by ModelCard.from_template (jinja2); every number arrives pre-formatted.
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# MSQ mixed-precision export of {{ what }}
+
+Weights were trained with MSQ (LSB-sparsity regularized quantization-aware training with learned
+per-layer bit widths) and are stored **bit-packed**: each quantized layer keeps `n+1`-bit
+sign-magnitude codes (`weight_packed`), one fp32 scale, its bit width and shape; everything else
+(biases, norms, unquantized layers) is stored at its own dtype.
+{% if base_model %}
+Quantized from [`{{ base_model }}`](https://huggingface.co/{{ base_model }}).
+{% endif %}
+## How to load
+
+```python
+import msq_hf  # required: registers the 'msq' quantization method
+model = msq_hf.from_pretrained("{{ where }}")                    # verifies sha256, packed layers
+model = msq_hf.from_pretrained("{{ where }}", dequantize=True)   # plain nn.Linear / nn.Conv2d
+{% if kind == "hf" %}# or, after `import msq_hf`:
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained("{{ where }}")
+{% endif %}```
+
+Without `import msq_hf`, transformers/timm stop with "no file named model.safetensors": the weights are
+in `{{ weights_name }}` on purpose, so the packed codes can never be mistaken for float weights.
+
+## Compression
+
+| quantity | value |
+|---|---|
+{% for label, value in totals %}| {{ label }} | {{ value }} |
+{% endfor %}
+![bits per layer]({{ plot_name }})
+
+## Bit scheme
+
+| layer | type | shape | bits | stored bits | packed bytes |
+|---|---|---|---|---|---|
+{% for row in layers %}| `{{ row[0] }}` | {{ row[1] }} | {{ row[2] }} | {{ row[3] }} | {{ row[4] }} | {{ row[5] }} |
+{% endfor %}
+## Format
+
+`{{ format }}` version {{ format_version }}; `{{ manifest_name }}` lists every layer, the
+totals and the size + sha256 of each weight file. Written by {{ versions }}.
+"""
 
 
 def human_bytes(n: float, digits: int = 2) -> str:
@@ -20,9 +77,10 @@ def human_bytes(n: float, digits: int = 2) -> str:
 
 
 def plot_bit_scheme(manifest: dict[str, Any], path: str | Path) -> Path:
-    """Bar plot of magnitude bits per quantized layer (bar width ~ nothing, colour ~ layer type)."""
+    """Bar plot of magnitude bits per quantized layer (colour ~ layer type)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     layers = manifest["layers"]
     names = list(layers)
@@ -46,8 +104,6 @@ def plot_bit_scheme(manifest: dict[str, Any], path: str | Path) -> Path:
         ax.set_xticklabels(names, rotation=90, fontsize=6)
     else:
         ax.set_xlabel("layer index (model order)")
-    from matplotlib.patches import Patch
-
     ax.legend(
         handles=[Patch(color="tab:blue", label="Conv2d"), Patch(color="tab:orange", label="Linear")],
         loc="upper right",
@@ -59,98 +115,73 @@ def plot_bit_scheme(manifest: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def render_model_card(manifest: dict[str, Any], repo_id: str | None = None, plot_name: str = "bit_scheme.png") -> str:
-    """README.md text: YAML front matter, how to load, sizes, the bit table and the plot."""
+def card_data(manifest: dict[str, Any]) -> ModelCardData:
+    """The card's YAML metadata (Hub conventions) from ``manifest["model"]``."""
     model = manifest["model"]
-    totals = manifest["totals"]
-    versions = manifest.get("versions", {})
-    where = repo_id or "path/to/this/folder"
+    base_model = model.get("base_model")
+    return ModelCardData(
+        library_name="transformers" if model["kind"] == "hf" else "timm",
+        pipeline_tag="image-classification",
+        tags=TAGS + (["timm"] if model["kind"] == "timm" else []),
+        base_model=base_model,
+        base_model_relation="quantized" if base_model else None,
+        license=model.get("license"),
+        datasets=model.get("datasets"),
+    )
+
+
+def _totals_rows(totals: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("quantized layers", f"{totals['quantized_layers']}"),
+        ("quantized weights", f"{totals['quantized_params']:,}"),
+        ("other parameters/buffers (float)", f"{totals['unquantized_params']:,}"),
+        (
+            "average magnitude bits (weighted / per layer)",
+            f"{totals['average_bits']:.3f} / {totals['average_bits_unweighted']:.3f}",
+        ),
+        ("compression ratio (paper: 32 / magnitude bits)", f"{totals['compression_ratio']:.2f}x"),
+        ("storage compression (incl. sign bit)", f"{totals['storage_compression_ratio']:.2f}x"),
+        ("packed weight bytes", human_bytes(totals["quantized_bytes"])),
+        ("other tensor bytes", human_bytes(totals["unquantized_bytes"])),
+        ("weight file(s) on disk", human_bytes(totals.get("weight_file_bytes", 0))),
+        ("same tensors unquantized", human_bytes(totals["float_bytes"])),
+    ]
+
+
+def build_model_card(manifest: dict[str, Any], repo_id: str | None = None) -> ModelCard:
+    """The export's ``README.md``: Hub metadata, how to load, sizes, the plot and the bit table."""
+    model = manifest["model"]
     if model["kind"] == "hf":
         what = f"`{model.get('class')}` (transformers, model_type `{model.get('model_type')}`)"
     else:
         what = f"timm `{model.get('architecture')}` ({model.get('num_classes')} classes)"
-    lines = [
-        "---",
-        "library_name: msq_hf",
-        "pipeline_tag: image-classification",
-        "tags:",
-        "- msq",
-        "- quantization",
-        "- mixed-precision",
-        "- bit-packed",
-        "- image-classification",
-    ]
-    if model["kind"] == "timm":
-        lines.append("- timm")
-    lines += [
-        "---",
-        "",
-        f"# MSQ mixed-precision export of {what}",
-        "",
-        "Weights were trained with MSQ (LSB-sparsity regularized quantization-aware training with learned",
-        "per-layer bit widths) and are stored **bit-packed**: each quantized layer keeps `n+1`-bit",
-        "sign-magnitude codes (`weight_packed`), one fp32 scale, its bit width and shape; everything else",
-        "(biases, norms, unquantized layers) is stored at its own dtype.",
-        "",
-        "## How to load",
-        "",
-        "```python",
-        "import msq_hf  # required: registers the 'msq' quantization method",
-        f'model = msq_hf.from_pretrained("{where}")                    # verifies sha256, packed layers',
-        f'model = msq_hf.from_pretrained("{where}", dequantize=True)   # plain nn.Linear / nn.Conv2d',
-    ]
-    if model["kind"] == "hf":
-        lines += [
-            "# or, after `import msq_hf`:",
-            "from transformers import AutoModelForImageClassification",
-            f'model = AutoModelForImageClassification.from_pretrained("{where}")',
-        ]
-    lines += [
-        "```",
-        "",
-        'Without `import msq_hf`, transformers/timm stop with "no file named model.safetensors": the weights are',
-        "in `msq_model.safetensors` on purpose, so the packed codes can never be mistaken for float weights.",
-        "",
-        "## Compression",
-        "",
-        "| quantity | value |",
-        "|---|---|",
-        f"| quantized layers | {totals['quantized_layers']} |",
-        f"| quantized weights | {totals['quantized_params']:,} |",
-        f"| other parameters/buffers (float) | {totals['unquantized_params']:,} |",
-        f"| average magnitude bits (weighted / per layer) | {totals['average_bits']:.3f} / "
-        f"{totals['average_bits_unweighted']:.3f} |",
-        f"| compression ratio (paper: 32 / magnitude bits) | {totals['compression_ratio']:.2f}x |",
-        f"| storage compression (incl. sign bit) | {totals['storage_compression_ratio']:.2f}x |",
-        f"| packed weight bytes | {human_bytes(totals['quantized_bytes'])} |",
-        f"| other tensor bytes | {human_bytes(totals['unquantized_bytes'])} |",
-        f"| weight file(s) on disk | {human_bytes(totals.get('weight_file_bytes', 0))} |",
-        f"| same tensors unquantized | {human_bytes(totals['float_bytes'])} |",
-        "",
-        f"![bits per layer]({plot_name})",
-        "",
-        "## Bit scheme",
-        "",
-        "| layer | type | shape | bits | stored bits | packed bytes |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, info in manifest["layers"].items():
-        kind = info["type"] + (" (depthwise)" if info.get("depthwise") else "")
-        lines.append(
-            f"| `{name}` | {kind} | {'x'.join(map(str, info['shape']))} | {info['bits']} | "
-            f"{info['stored_bits']} | {info['packed_bytes']:,} |"
+    layers = [
+        (
+            name,
+            info["type"] + (" (depthwise)" if info.get("depthwise") else ""),
+            "x".join(map(str, info["shape"])),
+            info["bits"],
+            info["stored_bits"],
+            f"{info['packed_bytes']:,}",
         )
-    lines += [
-        "",
-        "## Format",
-        "",
-        f"`{manifest['format']}` version {manifest['format_version']}; `msq_manifest.json` lists every layer, the",
-        "totals and the size + sha256 of each weight file. Written by "
-        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
-        + ".",
-        "",
+        for name, info in manifest["layers"].items()
     ]
-    return "\n".join(lines)
+    return ModelCard.from_template(
+        card_data(manifest),
+        template_str=CARD_TEMPLATE,
+        what=what,
+        kind=model["kind"],
+        where=repo_id or "path/to/this/folder",
+        base_model=model.get("base_model"),
+        weights_name=WEIGHTS_NAME,
+        totals=_totals_rows(manifest["totals"]),
+        plot_name=PLOT_NAME,
+        layers=layers,
+        format=manifest["format"],
+        format_version=manifest["format_version"],
+        manifest_name=MANIFEST_NAME,
+        versions=", ".join(f"{k} {v}" for k, v in sorted(manifest.get("versions", {}).items())),
+    )
 
 
-__all__ = ["plot_bit_scheme", "render_model_card"]
+__all__ = ["CARD_TEMPLATE", "TAGS", "build_model_card", "card_data", "human_bytes", "plot_bit_scheme"]

@@ -1,23 +1,21 @@
 """``inspect_export``: read an msq_hf export without building the model, and report on it.
 
 ``inspect_export(path_or_repo_id)`` returns an :class:`InspectReport` (bit scheme, compression,
-parameter counts, bytes on disk, integrity result); ``format_report`` renders it as text;
-``main_inspect(argv)`` is the ``msq-hf inspect`` entry point (exit code 0 = export OK,
-1 = the export failed a check, 2 = nothing readable at that path).
+parameter counts, bytes on disk, integrity result); ``format_report`` renders it as text.
+``msq-hf inspect`` (``msq_hf.commands.inspect``) prints it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from msq_hf.errors import MSQError
 from msq_hf.io.card import human_bytes
-from msq_hf.io.export import CONFIG_NAME, MANIFEST_NAME
+from msq_hf.io.format import CONFIG_NAME, MANIFEST_NAME
+from msq_hf.io.load import read_export, resolve_export_dir
 
 
 @dataclass
@@ -61,8 +59,6 @@ def inspect_export(
 ) -> InspectReport:
     """Inspect an export folder or Hub repo. Problems are collected in ``report.errors``, not raised
     (only an unreachable path/repo raises ``MSQMissingFileError``)."""
-    from msq_hf.io.load import read_export, resolve_export_dir
-
     directory = resolve_export_dir(path_or_repo_id, revision, cache_dir, token, local_files_only)
     report = InspectReport(path=str(directory), ok=True, verified_sha256=verify)
     report.files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
@@ -147,44 +143,4 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
     return "\n".join(out)
 
 
-def main_inspect(argv: Sequence[str] | None = None) -> int:
-    """``msq-hf inspect PATH_OR_REPO [--no-verify] [--json] [--max-layers N]``.
-
-    Prints the report; returns 0 if the export is intact, 1 if a check failed, 2 if nothing readable
-    exists at that path/repo (one-line reason on stderr).
-    """
-    import sys
-
-    parser = argparse.ArgumentParser(prog="msq-hf inspect", description="Inspect an msq_hf bit-packed export.")
-    parser.add_argument("path", help="export directory or Hub repo id (owner/name)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weight files")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--max-layers", type=int, default=None, help="show at most N layers in the table")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--local-files-only", action="store_true")
-    try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as exc:  # argparse already printed the usage line
-        return int(exc.code or 0) if exc.code in (0, None) else 2
-    try:
-        report = inspect_export(
-            args.path,
-            verify=not args.no_verify,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-            local_files_only=args.local_files_only or None,
-        )
-    except (MSQError, OSError) as exc:
-        print(f"msq-hf inspect: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(
-        json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else format_report(report, args.max_layers)
-    )
-    if not report.ok:
-        print(f"msq-hf inspect: {report.errors[0].splitlines()[0]}", file=sys.stderr)
-        return 1
-    return 0
-
-
-__all__ = ["InspectReport", "format_report", "inspect_export", "main_inspect"]
+__all__ = ["InspectReport", "format_report", "inspect_export"]

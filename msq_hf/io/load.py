@@ -13,26 +13,32 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from huggingface_hub import snapshot_download
 from torch import nn
+from transformers import AutoConfig
 
 from msq_hf.config import FORMAT_VERSION, MSQConfig
 from msq_hf.errors import MSQFormatError, MSQIntegrityError, MSQMissingFileError
-from msq_hf.io.export import (
+from msq_hf.integrations.timm import load_timm_export
+from msq_hf.integrations.transformers import register
+from msq_hf.io.format import (
     CONFIG_NAME,
     CONFIG_WEIGHTS_KEY,
     FORMAT_NAME,
     MANIFEST_NAME,
     WEIGHTS_INDEX_NAME,
+    check_weights_entry,
+    read_safetensors_header,
     sha256_file,
 )
 from msq_hf.nn.packed import packed_nbytes, stored_bits
-from msq_hf.quant.functional import MAX_BITS, MIN_BITS
+from msq_hf.quant.functional import check_bits
 
 
 @dataclass
@@ -68,8 +74,6 @@ def resolve_export_dir(
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
     if looks_local:
         raise MSQMissingFileError(f"export directory {text} does not exist")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(
             snapshot_download(
@@ -104,7 +108,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _check_int(value: Any, lo: int, hi: int) -> bool:
+def _is_int_in(value: Any, lo: int, hi: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
@@ -154,10 +158,12 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
         if not isinstance(info, dict):
             raise MSQFormatError(f"{where} must be an object")
         bits = info.get("bits")
-        if not _check_int(bits, MIN_BITS, MAX_BITS):
-            raise MSQFormatError(f"{where}: bits={bits!r} is invalid: expected an integer in {MIN_BITS}..{MAX_BITS}")
+        try:
+            check_bits(bits, f"{where}: bits")
+        except ValueError as exc:
+            raise MSQFormatError(str(exc)) from None
         shape = info.get("shape")
-        if not isinstance(shape, list) or not all(_check_int(d, 1, 2**40) for d in shape):
+        if not isinstance(shape, list) or not all(_is_int_in(d, 1, 2**40) for d in shape):
             raise MSQFormatError(f"{where}: shape={shape!r} is invalid: expected a list of positive integers")
         numel = math.prod(shape)
         want = {
@@ -194,6 +200,7 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
             f"{config_path}: {CONFIG_WEIGHTS_KEY}={weights_entry!r} disagrees with "
             f"{manifest_path} weights={manifest.get('weights')!r}"
         )
+    check_weights_entry(weights_entry, str(config_path))
     weight_files = []
     for name, meta in files.items():
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
@@ -220,24 +227,6 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
         raise MSQMissingFileError(f"{directory / WEIGHTS_INDEX_NAME} is missing (named by {config_path})")
     _check_headers(weight_files, layers)
     return ExportContents(directory, config, manifest, msq_config, weight_files, kind)
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (no tensor data is read)."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise MSQIntegrityError(f"weight file {path} is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(path.stat().st_size - 8, 100 * 2**20):
-            raise MSQIntegrityError(f"weight file {path} has a corrupt safetensors header (length {length})")
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MSQIntegrityError(f"weight file {path} has a corrupt safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise MSQIntegrityError(f"weight file {path} has a corrupt safetensors header")
-    return header
 
 
 def _check_headers(weight_files: list[Path], layers: dict[str, dict]) -> None:
@@ -271,12 +260,7 @@ def _check_headers(weight_files: list[Path], layers: dict[str, dict]) -> None:
 
 
 def _load_hf(contents: ExportContents, dequantize: bool, **kwargs: Any) -> nn.Module:
-    import transformers
-    from transformers import AutoConfig
-
-    from msq_hf import config as _cfg
-
-    _cfg.register()
+    register()  # idempotent; `import msq_hf` already did it unless the mappings were reset
     class_name = contents.manifest["model"].get("class")
     cls = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
     if cls is None or not hasattr(cls, "from_pretrained"):
@@ -289,6 +273,8 @@ def _load_hf(contents: ExportContents, dequantize: bool, **kwargs: Any) -> nn.Mo
     qc = dict(qc) if isinstance(qc, dict) else qc.to_dict()
     qc["dequantize"] = bool(dequantize)
     hf_config.quantization_config = qc
+    # the weight file is named explicitly; transformers never keeps this attribute in a saved config.json
+    hf_config.transformers_weights = contents.manifest["weights"]
     try:
         model, info = cls.from_pretrained(
             contents.directory, config=hf_config, output_loading_info=True, use_safetensors=True, **kwargs
@@ -341,8 +327,6 @@ def from_pretrained(
     contents = read_export(directory, verify=verify)
     if contents.kind == "hf":
         return _load_hf(contents, dequantize, **kwargs)
-    from msq_hf.integrations.timm import load_timm_export
-
     dtype = kwargs.pop("dtype", None) or getattr(torch, contents.manifest["model"].get("dtype", "float32"))
     if kwargs:
         raise TypeError(
@@ -352,4 +336,4 @@ def from_pretrained(
     return load_timm_export(directory, contents.config, msq_config, contents.weight_files, dtype)
 
 
-__all__ = ["ExportContents", "from_pretrained", "read_export", "read_safetensors_header", "resolve_export_dir"]
+__all__ = ["ExportContents", "from_pretrained", "read_export", "resolve_export_dir"]

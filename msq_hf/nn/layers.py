@@ -1,4 +1,4 @@
-"""MSQ layers: ``MSQLinear`` and ``MSQConv2d`` plus the activation quantizers.
+"""MSQ training layers: ``MSQLinear`` and ``MSQConv2d`` (activation quantizers: ``msq_hf.nn.act``).
 
 Each layer keeps its float latent weight (a normal ``Parameter``: the optimizer and the
 trainable-parameter count are those of the float model) and two persistent integer buffers:
@@ -17,13 +17,13 @@ loss (lambda, gradient accumulation, AMP loss scaling) exactly like any other lo
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msq_hf.nn.base import conv_forward, copy_geometry, float_twin
 from msq_hf.quant import functional as QF
 from msq_hf.quant.kernels import KERNELS
 
@@ -96,106 +96,6 @@ def msq_quantize_weight(
 
 
 # --------------------------------------------------------------------------------------------
-# activation quantizers
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return g
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return _RoundSTE.apply(x)
-
-
-class PACTActQuantizer(nn.Module):
-    """PACT-style uniform activation quantizer for CNNs (2..8 bits).
-
-    ``y = clip(x, lo, alpha)`` with a learnable clipping level ``alpha`` (``lo = 0`` for
-    non-negative inputs such as post-ReLU activations, ``-alpha`` otherwise), then
-    ``y_q = round(y / s) * s`` with ``s = alpha / (2^b - 1)`` (unsigned) or ``alpha / (2^(b-1) - 1)``
-    (signed). Gradients: STE inside the clip range; ``dL/dalpha = sum dL/dy * 1[x >= alpha]``
-    (PACT) plus the step-size term, via autograd.
-    The sign mode is fixed at the first training batch (``signed`` buffer: -1 unset, 0, 1).
-    """
-
-    def __init__(self, bits: int = 4, init_alpha: float = 10.0):
-        super().__init__()
-        if not 2 <= bits <= 8:
-            raise ValueError(f"PACT act_bits={bits} is outside 2..8")
-        self.bits = bits
-        self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
-        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int(self.signed) < 0:
-            self.signed.fill_(int(bool((x.detach() < 0).any())))
-        alpha = self.alpha.abs() + 1e-8
-        if int(self.signed):
-            levels = 2 ** (self.bits - 1) - 1
-            y = torch.maximum(torch.minimum(x, alpha), -alpha)
-        else:
-            levels = 2**self.bits - 1
-            y = torch.minimum(F.relu(x), alpha)
-        step = alpha / levels
-        return _round_ste(y / step) * step
-
-
-class LSQActQuantizer(nn.Module):
-    """LSQ activation quantizer (8-bit default, for ViTs), per tensor.
-
-    ``y_q = clamp(round(x / s), Qn, Qp) * s`` with a learnable step ``s`` initialised at the first
-    training batch to ``2 mean|x| / sqrt(Qp)`` and a gradient scale ``1/sqrt(Qp * numel)`` (Esser
-    et al.). Signed range ``[-2^(b-1), 2^(b-1)-1]`` unless the first batch is non-negative.
-    """
-
-    def __init__(self, bits: int = 8):
-        super().__init__()
-        if not 2 <= bits <= 8:
-            raise ValueError(f"LSQ act_bits={bits} is outside 2..8")
-        self.bits = bits
-        self.step = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
-
-    def _range(self) -> tuple[int, int]:
-        if int(self.signed):
-            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return 0, 2**self.bits - 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int(self.signed) < 0:
-            with torch.no_grad():
-                self.signed.fill_(int(bool((x < 0).any())))
-                _, qp = self._range()
-                self.step.fill_(float(2 * x.abs().mean() / math.sqrt(qp)) + 1e-8)
-        qn, qp = self._range()
-        grad_scale = 1.0 / math.sqrt(qp * max(x.numel() // max(x.shape[0], 1), 1))
-        step = self.step.abs() + 1e-8
-        step = (step - step * grad_scale).detach() + step * grad_scale
-        return _round_ste(torch.clamp(x / step, qn, qp)) * step
-
-
-def make_act_quantizer(kind: str, bits: int) -> nn.Module:
-    """Build the activation quantizer named by the config (``"pact"`` or ``"lsq"``)."""
-    if kind == "pact":
-        return PACTActQuantizer(bits)
-    if kind == "lsq":
-        return LSQActQuantizer(bits)
-    raise ValueError(f"act_quantizer={kind!r} is not one of 'pact', 'lsq'")
-
-
-# --------------------------------------------------------------------------------------------
 # weight-quantized layers
 
 
@@ -216,7 +116,7 @@ class MSQLayerMixin:
         reg_reduction: str = "sum",
         act_quantizer: nn.Module | None = None,
     ) -> None:
-        QF._check_bits(bits)
+        QF.check_bits(bits)
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int32))
         self.register_buffer("k", torch.tensor(0, dtype=torch.int32))
         self.wnorm = wnorm
@@ -225,6 +125,23 @@ class MSQLayerMixin:
         self.reg_reduction = reg_reduction
         self.act_quant = act_quantizer
         setattr(self, REG_ATTR, None)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits: int, **msq_kwargs: Any) -> Any:
+        """Wrap an existing float layer (its parameters are shared, not copied; its geometry is copied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        copy_geometry(new, module)
+        new.weight = module.weight
+        new.bias = module.bias
+        new._init_msq(bits, **msq_kwargs)
+        new.bits = new.bits.to(module.weight.device)
+        new.k = new.k.to(module.weight.device)
+        return new
+
+    def to_float(self) -> nn.Module:
+        """A plain ``nn.Linear`` / ``nn.Conv2d`` (timm ``Conv2dSame`` if SAME-padded) with the dequantized weight."""
+        return float_twin(self, self.quantized_weight())
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -239,7 +156,7 @@ class MSQLayerMixin:
 
     def set_bits(self, bits: int, k: int | None = None) -> None:
         """Set the precision (and optionally k); ``k`` is capped so that ``bits - k >= 1``."""
-        QF._check_bits(bits)
+        QF.check_bits(bits)
         # fix (tests): validate k before touching any buffer, so a rejected call leaves the layer unchanged
         if k is not None and (k < 0 or (k > 0 and bits - k < 1)):
             raise ValueError(f"k={k} is invalid for bits={bits} (need 0 <= k < bits)")
@@ -298,14 +215,14 @@ class MSQLayerMixin:
 
         signmag: ``W_q = codes * scale`` with ``scale = S/2^n`` and codes in ``[-(2^n-1), 2^n-1]``.
         dorefa : ``W_q = 2*codes*scale - 1`` with ``scale = 1/2^n`` and codes in ``[0, 2^n-1]``.
+        Computed in the weight's dtype, like ``quantized_weight`` (a bf16 weight rounds in bf16).
         """
         with torch.no_grad():
             bits = self.n_bits
             if self.wnorm == "signmag":
                 s = QF.max_abs_scale(self.weight)
-                codes = QF.signed_codes(self.weight.float(), bits, s)
-                return codes.to(torch.int16), (s / 2**bits).reshape(1).float()
-            u = QF.dorefa_affine_normalize(self.weight.float())
+                return QF.signed_codes(self.weight, bits, s).to(torch.int16), (s / 2**bits).reshape(1).float()
+            u = QF.dorefa_affine_normalize(self.weight.detach())
             return QF.roundclamp_codes(u, bits).to(torch.int16), torch.tensor([1.0 / 2**bits])
 
     def pop_regularization(self) -> torch.Tensor | None:
@@ -344,39 +261,11 @@ class MSQLinear(MSQLayerMixin, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_msq(bits, **msq_kwargs)
 
-    @classmethod
-    def from_float(cls, module: nn.Linear, bits: int, **msq_kwargs: Any) -> MSQLinear:
-        """Wrap an existing ``nn.Linear`` (its parameters are shared, not copied)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = module.in_features, module.out_features
-        new.weight = module.weight
-        new.bias = module.bias
-        new._init_msq(bits, **msq_kwargs)
-        new.bits = new.bits.to(module.weight.device)
-        new.k = new.k.to(module.weight.device)
-        return new
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._msq_input(x), self._msq_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self.msq_extra_repr()}"
-
-    def to_float(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the dequantized weight."""
-        lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.quantized_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
 
 
 class MSQConv2d(MSQLayerMixin, nn.Conv2d):
@@ -420,96 +309,11 @@ class MSQConv2d(MSQLayerMixin, nn.Conv2d):
         )
         self._init_msq(bits, **msq_kwargs)
 
-    @classmethod
-    def from_float(cls, module: nn.Conv2d, bits: int, **msq_kwargs: Any) -> MSQConv2d:
-        """Wrap an existing ``nn.Conv2d`` (parameters shared; every conv attribute copied)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name in (
-            "in_channels",
-            "out_channels",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "transposed",
-            "output_padding",
-            "groups",
-            "padding_mode",
-            "_reversed_padding_repeated_twice",
-        ):
-            setattr(new, name, getattr(module, name))
-        new.weight = module.weight
-        new.bias = module.bias
-        new._init_msq(bits, **msq_kwargs)
-        new.bits = new.bits.to(module.weight.device)
-        new.k = new.k.to(module.weight.device)
-        return new
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._msq_input(x)
-        if self.same_pad:
-            from timm.layers.padding import pad_same
-
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(x, self._msq_weight(), self.bias)
+        return conv_forward(self, self._msq_input(x), self._msq_weight())
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self.msq_extra_repr()}"
 
-    def to_float(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding the dequantized weight."""
-        if self.same_pad:
-            from timm.layers.conv2d_same import Conv2dSame
 
-            conv: nn.Conv2d = Conv2dSame(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                self.stride,
-                0,
-                self.dilation,
-                self.groups,
-                self.bias is not None,
-            )
-            conv.to(device=self.weight.device, dtype=self.weight.dtype)
-        else:
-            conv = nn.Conv2d(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                self.bias is not None,
-                self.padding_mode,
-                device=self.weight.device,
-                dtype=self.weight.dtype,
-            )
-        with torch.no_grad():
-            conv.weight.copy_(self.quantized_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
-
-MSQ_LAYER_TYPES = (MSQLinear, MSQConv2d)
-
-
-def is_msq_layer(module: nn.Module) -> bool:
-    """True for MSQ weight-quantized layers."""
-    return isinstance(module, MSQLayerMixin)
-
-
-__all__ = [
-    "LSQActQuantizer",
-    "MSQConv2d",
-    "MSQLayerMixin",
-    "MSQLinear",
-    "MSQWeightQuantize",
-    "PACTActQuantizer",
-    "is_msq_layer",
-    "make_act_quantizer",
-    "msq_quantize_weight",
-]
+__all__ = ["MSQConv2d", "MSQLayerMixin", "MSQLinear", "MSQWeightQuantize", "msq_quantize_weight"]

@@ -27,9 +27,9 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from msq_hf.errors import MSQFormatError
+from msq_hf.nn.base import conv_forward, copy_geometry, float_twin
 from msq_hf.quant import functional as QF
-
-PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_bits", "weight_shape")
+from msq_hf.quant import packing
 
 
 def stored_bits(bits: int, wnorm: str) -> int:
@@ -37,39 +37,13 @@ def stored_bits(bits: int, wnorm: str) -> int:
     return QF.storage_bits(int(bits), wnorm)  # type: ignore[arg-type]
 
 
-def _packing():
-    from msq_hf.quant import packing
-
-    return packing
-
-
 def packed_nbytes(numel: int, bits: int, wnorm: str) -> int:
     """Bytes of the ``weight_packed`` tensor of a layer with ``numel`` weights at ``bits`` magnitude bits."""
-    return int(_packing().packed_nbytes(int(numel), stored_bits(bits, wnorm)))
+    return int(packing.packed_nbytes(int(numel), stored_bits(bits, wnorm)))
 
 
 # ------------------------------------------------------------------------------------------------
 # codec
-
-
-def layer_codes(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(unsigned codes, fp32 scale [1])`` of an MSQ layer, computed with the layer's own float ops.
-
-    Mirrors ``MSQLayerMixin.quantized_weight`` in the weight's dtype (for fp32 weights this equals
-    ``layer.integer_codes()``; for bf16/fp16 the division must happen in that dtype to pick the
-    same rounding), then shifts sign-magnitude codes to ``[0, 2^(n+1) - 2]``.
-    """
-    bits = layer.n_bits
-    levels = 2**bits
-    with torch.no_grad():
-        w = layer.weight.detach()
-        if layer.wnorm == "signmag":
-            s = QF.max_abs_scale(w)
-            step = (s / levels).to(w.dtype)
-            codes = torch.div(w, step).round_().clamp_(-(levels - 1), levels - 1)
-            return (codes.to(torch.int16) + (levels - 1)), (s / levels).reshape(1).float()
-        u = QF.dorefa_affine_normalize(w)
-        return QF.roundclamp_codes(u, bits).to(torch.int16), torch.tensor([1.0 / levels])
 
 
 def decode_weight(
@@ -97,10 +71,11 @@ def encode_layer(name: str, layer: Any, verify: bool = True) -> dict[str, torch.
     With ``verify`` the codes are unpacked and dequantized again and compared with
     ``layer.quantized_weight()`` using ``torch.equal``; a difference raises ``MSQFormatError``.
     """
-    packing = _packing()
     bits = layer.n_bits
     width = stored_bits(bits, layer.wnorm)
-    codes, scale = layer_codes(layer)
+    codes, scale = layer.integer_codes()
+    if layer.wnorm == "signmag":  # stored as offset codes c + (2^n - 1) >= 0
+        codes = codes + (2**bits - 1)
     packed = packing.pack_codes(codes.reshape(-1), width)
     shape = tuple(layer.weight.shape)
     if verify:
@@ -143,7 +118,7 @@ class MSQPackedMixin:
         act_quantizer: nn.Module | None,
         layer_name: str,
     ) -> None:
-        QF._check_bits(bits)
+        QF.check_bits(bits)
         numel = math.prod(shape)
         self.bits = int(bits)
         self.wnorm = wnorm
@@ -161,6 +136,28 @@ class MSQPackedMixin:
         self.act_quant = act_quantizer
         self._msq_ready = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())  # type: ignore[arg-type]
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        bits: int,
+        wnorm: str = "signmag",
+        act_quantizer: nn.Module | None = None,
+        layer_name: str = "",
+    ) -> Any:
+        """Empty packed twin of float layer ``module``: its geometry, dtype and device (its bias tensor is reused)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        copy_geometry(new, module)
+        weight = module.weight
+        new._init_packed(tuple(weight.shape), bits, wnorm, weight.dtype, weight.device, act_quantizer, layer_name)
+        new.bias = module.bias
+        return new
+
+    def to_float(self) -> nn.Module:
+        """A plain ``nn.Linear`` / ``nn.Conv2d`` (timm ``Conv2dSame`` if SAME-padded) with the dequantized weight."""
+        return float_twin(self, self.weight)
 
     @property
     def n_bits(self) -> int:
@@ -202,7 +199,7 @@ class MSQPackedMixin:
             raise MSQFormatError(
                 f"{where}: weight_scale={scale.tolist()} is invalid: expected one finite positive number"
             )
-        codes = _packing().unpack_codes(self.weight_packed.reshape(-1).cpu(), width, numel)
+        codes = packing.unpack_codes(self.weight_packed.reshape(-1).cpu(), width, numel)
         top = 2 ** (bits + 1) - 2 if self.wnorm == "signmag" else 2**bits - 1
         if numel and int(codes.max()) > top:
             raise MSQFormatError(
@@ -256,26 +253,6 @@ class MSQPackedLinear(MSQPackedMixin, nn.Module):
         self._init_packed((out_features, in_features), bits, wnorm, dtype, device, act_quantizer, layer_name)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
-    @classmethod
-    def from_linear(
-        cls, module: nn.Linear, bits: int, wnorm: str, act_quantizer: nn.Module | None, layer_name: str
-    ) -> MSQPackedLinear:
-        """Skeleton with the shapes/dtype/device of ``module`` (its bias tensor is reused)."""
-        new = cls(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            bits=bits,
-            wnorm=wnorm,
-            dtype=module.weight.dtype,
-            device=module.weight.device,
-            act_quantizer=act_quantizer,
-            layer_name=layer_name,
-        )
-        if module.bias is not None:
-            new.bias = module.bias
-        return new
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._input(x), self.weight, self.bias)
 
@@ -284,21 +261,6 @@ class MSQPackedLinear(MSQPackedMixin, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, {self.packed_extra_repr()}"
         )
-
-    def to_float(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the dequantized weight."""
-        lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.weight)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
 
 
 class MSQPackedConv2d(MSQPackedMixin, nn.Module):
@@ -337,49 +299,8 @@ class MSQPackedConv2d(MSQPackedMixin, nn.Module):
         self._init_packed(shape, bits, wnorm, dtype, device, act_quantizer, layer_name)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
-    @classmethod
-    def from_conv(
-        cls,
-        module: nn.Conv2d,
-        bits: int,
-        wnorm: str,
-        act_quantizer: nn.Module | None,
-        layer_name: str,
-        same_pad: bool = False,
-    ) -> MSQPackedConv2d:
-        """Skeleton with the geometry/dtype/device of ``module`` (its bias tensor is reused)."""
-        new = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
-            module.bias is not None,
-            module.padding_mode,
-            bits=bits,
-            wnorm=wnorm,
-            dtype=module.weight.dtype,
-            device=module.weight.device,
-            act_quantizer=act_quantizer,
-            same_pad=same_pad,
-            layer_name=layer_name,
-        )
-        if module.bias is not None:
-            new.bias = module.bias
-        return new
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._input(x)
-        if self.same_pad:
-            from timm.layers.padding import pad_same
-
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, self.weight, self.bias, self.stride, _pair(0), self.dilation, self.groups)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv_forward(self, self._input(x), self.weight)
 
     def extra_repr(self) -> str:
         return (
@@ -387,57 +308,13 @@ class MSQPackedConv2d(MSQPackedMixin, nn.Module):
             f"groups={self.groups}, bias={self.bias is not None}, {self.packed_extra_repr()}"
         )
 
-    def to_float(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` (timm ``Conv2dSame`` for SAME padding) with the dequantized weight."""
-        if self.same_pad:
-            from timm.layers.conv2d_same import Conv2dSame
-
-            conv: nn.Conv2d = Conv2dSame(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                self.stride,
-                0,
-                self.dilation,
-                self.groups,
-                self.bias is not None,
-            )
-            conv.to(device=self.weight.device, dtype=self.weight.dtype)
-        else:
-            conv = nn.Conv2d(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                self.bias is not None,
-                self.padding_mode,
-                device=self.weight.device,
-                dtype=self.weight.dtype,
-            )
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
-
-def is_packed_layer(module: nn.Module) -> bool:
-    """True for ``MSQPackedLinear`` / ``MSQPackedConv2d``."""
-    return isinstance(module, MSQPackedMixin)
-
 
 __all__ = [
     "MSQPackedConv2d",
     "MSQPackedLinear",
     "MSQPackedMixin",
-    "PACKED_SUFFIXES",
     "decode_weight",
     "encode_layer",
-    "is_packed_layer",
-    "layer_codes",
     "packed_nbytes",
     "stored_bits",
 ]

@@ -26,7 +26,8 @@ All functions here are side-effect free; none of them knows about modules or tra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -35,15 +36,27 @@ WeightNorm = Literal["signmag", "dorefa"]
 LSBForm = Literal["continuous", "discrete"]
 LSBUnits = Literal["code", "value"]
 
+# The supported precisions, declared once: MSQConfig, the layers, the packing codec and the baselines
+# validate against these through check_bits. Activations: no 1-bit quantizer (PACT/LSQ need 2+ levels).
 MIN_BITS = 1
 MAX_BITS = 8
+MIN_ACT_BITS = 2
+MAX_ACT_BITS = 8
 
 
-def _check_bits(bits: int, name: str = "bits") -> int:
-    bits = int(bits)
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{name}={bits} is outside the supported range {MIN_BITS}..{MAX_BITS}")
-    return bits
+def check_bits(bits: int, what: str = "bits", lo: int = MIN_BITS, hi: int = MAX_BITS) -> int:
+    """The one bit-width check: ``bits`` as a Python int, or ``ValueError`` naming ``what`` and the range.
+
+    Accepts ints and integer scalars (numpy, 0-d integer tensors: anything with ``__index__``); rejects
+    bools, floats and strings.
+    """
+    try:
+        value = None if isinstance(bits, bool) else operator.index(bits)
+    except TypeError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ValueError(f"{what}={bits!r} is invalid: expected an integer in {lo}..{hi}")
+    return value
 
 
 def max_abs_scale(weight: torch.Tensor) -> torch.Tensor:
@@ -62,7 +75,7 @@ def roundclamp_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
 
     Returned as a float tensor holding integers (use ``.to(torch.uint8)`` to store them).
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     levels = 2**bits
     return torch.clamp(torch.round(u * levels), 0, levels - 1)
 
@@ -80,31 +93,40 @@ def ste(x_quantized: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x + (x_quantized - x).detach()
 
 
-def signed_codes(weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Signed integer codes ``sign(W) * RC_n(|W|/S)``, in ``[-(2^n-1), 2^n-1]`` (float tensor)."""
-    bits = _check_bits(bits)
+def signed_codes(
+    weight: torch.Tensor, bits: int, scale: torch.Tensor | float | None = None, *, nested: bool = True
+) -> torch.Tensor:
+    """Sign-magnitude integer codes ``sign(W) * round(|W| L / S)`` (float tensor, no gradient): the one code formula.
+
+    * ``nested=True`` (MSQ's RoundClamp): ``L = 2^n``, clamped to ``[-(2^n-1), 2^n-1]``; nested grids.
+    * ``nested=False`` (the bit-plane baselines BSQ/CSQ): ``L = 2^n - 1``, not clamped, so a
+      re-quantization can see codes that overflow ``n`` bits.
+
+    ``S`` defaults to :func:`max_abs_scale`. For ``L = 2^n`` the code is computed as ``W / step`` with
+    ``step = S/2^n`` cast to the weight's dtype: dividing by a power-of-two multiple of ``S`` rounds
+    exactly like ``W 2^n / S`` in one pass fewer, and ``codes * step`` then reproduces
+    :func:`fake_quantize_signmag` bit for bit in any dtype. For ``L = 2^n - 1`` the step is not exact,
+    so the textbook order ``(W L) / S`` is kept.
+    """
+    bits = check_bits(bits)
     scale = max_abs_scale(weight) if scale is None else scale
+    w = weight.detach()
+    if not nested:
+        levels = 2**bits - 1
+        s = scale.to(w.dtype) if isinstance(scale, torch.Tensor) else scale
+        return torch.mul(w, levels).div_(s).round_()
     levels = 2**bits
-    # same arithmetic as fake_quantize_signmag (division by the power-of-two step), so that
-    # codes * step reproduces the fake-quantized weight bit for bit
-    step = (scale / levels).to(weight.dtype)
-    return torch.div(weight.detach(), step).round_().clamp_(-(levels - 1), levels - 1)
+    step = (scale / levels).to(w.dtype) if isinstance(scale, torch.Tensor) else scale / levels
+    return torch.div(w, step).round_().clamp_(-(levels - 1), levels - 1)
 
 
 def fake_quantize_signmag(weight: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
     """Sign-magnitude RoundClamp fake quantization, no gradient (``S * sign(W) * v_n(|W|/S)``).
 
-    Computed as ``clamp(round(W / step), -(2^n-1), 2^n-1) * step`` with ``step = S/2^n``: dividing
-    by a power-of-two multiple of ``S`` rounds exactly like ``round(2^n * (|W|/S))``, so the result
-    is bit-identical to the textbook formula, in four in-place passes (measured ~4x faster than
-    ``torch.fake_quantize_per_tensor_affine`` on CPU).
+    ``signed_codes(W, n, S) * S/2^n``: bit-identical to the textbook formula, in four in-place passes
+    (measured ~4x faster than ``torch.fake_quantize_per_tensor_affine`` on CPU).
     """
-    bits = _check_bits(bits)
-    levels = 2**bits
-    step = (scale / levels).to(weight.dtype)
-    x = torch.div(weight.detach(), step)
-    x.round_().clamp_(-(levels - 1), levels - 1)
-    return x.mul_(step)
+    return signed_codes(weight, bits, scale).mul_((scale / 2 ** check_bits(bits)).to(weight.dtype))
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, wnorm: WeightNorm = "signmag") -> torch.Tensor:
@@ -128,32 +150,6 @@ def dorefa_affine_normalize(weight: torch.Tensor) -> torch.Tensor:
     t = torch.tanh(weight)
     denom = 2 * t.detach().abs().max().clamp_min(1e-12)
     return t / denom + 0.5
-
-
-def lsb_signed_residual(
-    weight: torch.Tensor,
-    bits: int,
-    k: int,
-    scale: torch.Tensor,
-    form: LSBForm = "continuous",
-) -> torch.Tensor:
-    """Signed LSB ``sign(W) * l_{n,k}`` in n-bit code units, without gradient.
-
-    * continuous (MSQ Eq. 5): ``l = 2^n u - 2^k RC_{n-k}(u)`` -- distance (in n-bit steps) to the
-      nearest (n-k)-bit level; real-valued, slope ``2^n`` in ``u``.
-    * discrete (Eq. 3): ``d = RC_n(u) - 2^k RC_{n-k}(u)`` -- the integer value of the k-LSB field
-      relative to the nearest (n-k)-bit level; zero exactly when the k LSBs of the code are zero.
-
-    Multiplying by ``sign(W)`` keeps the formula odd-symmetric so it can be computed on the
-    signed weight directly. ``k`` must satisfy ``1 <= k < n``.
-    """
-    bits = _check_bits(bits)
-    if not 1 <= k < bits:
-        raise ValueError(f"k={k} must satisfy 1 <= k < bits={bits}")
-    w = weight.detach()
-    low = fake_quantize_signmag(w, bits - k, scale)
-    top = fake_quantize_signmag(w, bits, scale) if form == "discrete" else w
-    return (top - low) * (2**bits / scale)
 
 
 def lsb_continuous(u: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -181,7 +177,7 @@ def lsb_nonzero_rate(weight: torch.Tensor, bits: int, k: int, wnorm: WeightNorm 
     ``rho = mean[ RC_n(u) mod 2^k != 0 ]``. A layer with ``rho == 0`` can drop k bits without
     changing a single quantized value.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     with torch.no_grad():
         if wnorm == "signmag":
             codes = signed_codes(weight, bits).abs()
@@ -246,12 +242,6 @@ def average_bits(numels: Sequence[int], bits: Sequence[int]) -> tuple[float, flo
     return weighted, sum(bits) / len(bits)
 
 
-def compression_of_scheme(scheme: Mapping[str, int], numels: Mapping[str, int], count_sign_bit: bool = False) -> float:
-    """``compression_ratio`` of a ``{layer: bits}`` scheme given ``{layer: numel}``."""
-    names = list(scheme)
-    return compression_ratio([numels[n] for n in names], [scheme[n] for n in names], count_sign_bit)
-
-
 def dorefa_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """DoReFa weight quantizer (for contrast and the uniform baseline), with STE on the round.
 
@@ -269,38 +259,20 @@ def dorefa_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return 2 * q - 1
 
 
-def dorefa_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """DoReFa integer codes ``round((2^n - 1) u)`` on ``u`` in [0, 1] (grids are *not* nested)."""
-    return torch.round(u * (2**bits - 1))
-
-
-def dorefa_lsb_continuous(u: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """The LSB construction applied to DoReFa: ``(2^n-1) u - 2^k round((2^{n-k}-1) u)``.
-
-    Shown for contrast: its sign is biased positive (about 79 % of uniform u for n=3, k=1), so an L1
-    penalty mostly pushes weights down -- the failure MSQ's RoundClamp fixes.
-    """
-    return (2**bits - 1) * u - 2**k * torch.round((2 ** (bits - k) - 1) * u)
-
-
 def storage_bits(bits: int, wnorm: WeightNorm = "signmag") -> int:
     """Bits per weight actually stored on disk: sign + magnitude for signmag, ``n`` for dorefa."""
     return bits + 1 if wnorm == "signmag" else bits
 
 
-def bits_for_ratio(target: float, count_sign_bit: bool = False) -> float:
-    """Average magnitude bits that realise a compression ``target`` (``32/target``, minus sign)."""
-    return 32.0 / target - (1 if count_sign_bit else 0)
-
-
 __all__ = [
+    "MAX_ACT_BITS",
+    "MAX_BITS",
+    "MIN_ACT_BITS",
+    "MIN_BITS",
     "average_bits",
-    "bits_for_ratio",
-    "compression_of_scheme",
+    "check_bits",
     "compression_ratio",
     "dorefa_affine_normalize",
-    "dorefa_codes",
-    "dorefa_lsb_continuous",
     "dorefa_quantize",
     "fake_quantize_signmag",
     "lsb_continuous",
@@ -308,7 +280,6 @@ __all__ = [
     "lsb_field",
     "lsb_l1",
     "lsb_nonzero_rate",
-    "lsb_signed_residual",
     "max_abs_scale",
     "quantize_weight",
     "roundclamp_codes",

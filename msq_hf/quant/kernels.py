@@ -39,6 +39,8 @@ def fused_forward_eager(
     ``S = max|W|``, ``x = W / (S/2^n)``, ``W_q = clamp(round(x), +-(2^n-1)) * S/2^n``,
     ``l = (x or round-clamped x) - 2^k clamp(round(x 2^-k), +-(2^(n-k)-1))`` (code units),
     ``R = reg_mult * sum|l|``, ``c = coef_mult / S`` (so that ``dR/dW = c sign(l)``).
+    ``W_q`` is :func:`msq_hf.quant.functional.signed_codes` times the step, fused with the LSB term into
+    one pass over ``x`` (``tests/test_layers.py`` checks the two agree bit for bit).
     """
     lo, hi = torch.aminmax(w)
     scale = torch.maximum(-lo, hi)

@@ -14,158 +14,32 @@ The controller ties the pieces of MSQ Algorithm 1 together for one model:
   ``k`` is 0: the regularizer stops and training continues as plain QAT.
 
 It works in a hand-written loop (see ``docs/training.md``) and is what :class:`msq_hf.MSQTrainer`
-drives from its callback.
+drives from its callback. What is measured on a batch (task loss, Hessian slice, probe seeds) lives in
+:mod:`msq_hf.training.measure`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from msq_hf.config import MSQConfig
 from msq_hf.convert import msq_layers
-from msq_hf.quant.functional import compression_ratio as _compression_ratio
+from msq_hf.quant.functional import compression_ratio
+from msq_hf.training.measure import Batch, LossFn, fp32_default_loss, hutchinson_seed, layer_sensitivities
+from msq_hf.training.schedule import BitPruningSchedule, PruneDecision, make_state
+from msq_hf.training.sensitivity import reduce_across_ranks
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 PHASE_CODES: dict[str, int] = {"regularize": 0, "final": 1, "qat": 2}
 """Numeric code of each phase, logged as ``msq/phase`` (loggers such as TensorBoard want numbers)."""
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-Batch = Any
-
-
-# --------------------------------------------------------------------------------------------
-# batches and the default task loss
-# --------------------------------------------------------------------------------------------
-
-
-def detach_batch(batch: Batch) -> Batch:
-    """A structural copy of ``batch`` whose tensors are detached (the storage is shared, not copied)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.detach()
-    if isinstance(batch, Mapping):
-        return {key: detach_batch(value) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return (
-            type(batch)(detach_batch(value) for value in batch)
-            if isinstance(batch, list)
-            else tuple(detach_batch(value) for value in batch)
-        )
-    return batch
-
-
-def batch_size(batch: Batch) -> int | None:
-    """Leading dimension of the first tensor found in ``batch`` (``None`` if there is no tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for value in values:
-        size = batch_size(value)
-        if size is not None:
-            return size
-    return None
-
-
-def slice_batch(batch: Batch, n: int) -> Batch:
-    """The first ``n`` samples of ``batch``: tensors whose leading dimension is the batch size are sliced."""
-    size = batch_size(batch)
-    if size is None or size <= n:
-        return batch
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value[:n] if value.dim() > 0 and value.shape[0] == size else value
-        if isinstance(value, Mapping):
-            return {key: cut(v) for key, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(cut(v) for v in value) if isinstance(value, list) else tuple(cut(v) for v in value)
-        return value
-
-    return cut(batch)
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, Mapping):
-        logits = outputs.get("logits")
-    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
-        logits = outputs[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            f"cannot find logits in a model output of type {type(outputs).__name__}; "
-            "pass loss_fn=... to the MSQController"
-        )
-    return logits
-
-
-def forward_takes_kwargs(forward: Callable[..., Any]) -> bool:
-    """True if ``forward`` is called with keyword inputs (HF style ``pixel_values=``, ``**kwargs``)."""
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "pixel_values" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def default_loss(model: nn.Module, batch: Batch, forward: Callable[..., Any] | None = None) -> torch.Tensor:
-    """Task loss of ``model`` on ``batch`` (no regularizer), as MSQ's Hessian pass needs it.
-
-    * ``(x, y)`` tuples/lists: ``cross_entropy(model(x), y)``;
-    * dicts, HF-style models (forward takes ``pixel_values=`` or ``**kwargs``): ``model(**batch).loss``,
-      or cross entropy on ``.logits`` against ``batch["labels"]`` when the model returns no loss;
-    * dicts, plain models (timm, ``forward(x)``): ``cross_entropy(model(batch["pixel_values"]), batch["labels"])``.
-
-    ``forward`` replaces ``model.__call__`` (e.g. accelerate's ``model._original_forward``, the fp32 forward).
-    """
-    fwd = forward if forward is not None else model
-    if isinstance(batch, (tuple, list)):
-        if len(batch) < 2:
-            raise ValueError(f"a tuple batch must be (inputs, labels), got {len(batch)} element(s)")
-        return F.cross_entropy(_logits(fwd(batch[0])).float(), batch[1])
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"batch must be a dict (pixel_values/labels) or an (inputs, labels) tuple, got {type(batch).__name__}"
-        )
-    if "labels" not in batch:
-        raise KeyError(f"the batch has no 'labels' key (keys: {sorted(batch)}); pass loss_fn=... to the controller")
-    if forward_takes_kwargs(getattr(model, "forward", fwd)):
-        outputs = fwd(**batch)
-        loss = getattr(outputs, "loss", None)
-        if loss is None and isinstance(outputs, Mapping):
-            loss = outputs.get("loss")
-        if isinstance(loss, torch.Tensor):
-            return loss
-        return F.cross_entropy(_logits(outputs).float(), batch["labels"])
-    if "pixel_values" not in batch:
-        raise KeyError(
-            f"the batch has no 'pixel_values' key (keys: {sorted(batch)}); pass loss_fn=... to the controller"
-        )
-    return F.cross_entropy(_logits(fwd(batch["pixel_values"])).float(), batch["labels"])
-
-
-def hutchinson_seed(seed: int, global_step: int) -> int:
-    """Probe seed for a pruning step: a pure function of ``(seed, global_step)``.
-
-    A resumed run therefore draws the same Rademacher probes as an uninterrupted one, whatever
-    other random numbers were consumed in between.
-    """
-    return (int(seed) * 1_000_003 + int(global_step) * 7_919 + 17) % (2**63 - 1)
-
-
-# --------------------------------------------------------------------------------------------
-# the controller
-# --------------------------------------------------------------------------------------------
 
 
 class MSQController:
@@ -178,7 +52,8 @@ class MSQController:
             ``config.final_round_fraction``); can be set later through :attr:`total_steps`.
         seed: base seed of the Hutchinson probes (a pruning step at ``global_step`` uses a seed derived
             from ``(seed, global_step)`` only).
-        loss_fn: ``loss_fn(model, batch) -> loss`` for the Hessian pass; default :func:`default_loss`.
+        loss_fn: ``loss_fn(model, batch) -> loss`` for the Hessian pass; default
+            :func:`msq_hf.training.measure.default_loss` (through the fp32 forward under mixed precision).
 
     Typical loop::
 
@@ -222,46 +97,15 @@ class MSQController:
         self._last_rates: dict[str, float] = {}
         self._last_sens: dict[str, float] = {}
         self._last_reg = 0.0
-        self._schedule = self._make_schedule()
-        self.total_steps = total_steps
-
-    # -- schedule adapter (the only place that knows the BitPruningSchedule API) ----------------
-    def _make_schedule(self) -> Any:
-        from msq_hf.training.schedule import BitPruningSchedule
-
-        cfg = self.config
-        return BitPruningSchedule(
-            cfg.target_compression,
-            cfg.prune_threshold,
-            min_bits=cfg.min_bits,
-            count_sign_bit=cfg.count_sign_bit,
-            final_round_fraction=cfg.final_round_fraction,
-            default_k=cfg.default_k,
+        self._schedule = BitPruningSchedule(
+            config.target_compression,
+            config.prune_threshold,
+            min_bits=config.min_bits,
+            count_sign_bit=config.count_sign_bit,
+            final_round_fraction=config.final_round_fraction,
+            default_k=config.default_k,
         )
-
-    def _layer_states(self) -> Any:
-        from msq_hf.training.schedule import make_state
-
-        return make_state(self.bits, self.ks, self.numels)
-
-    def _schedule_check_reachable(self) -> None:
-        self._schedule.check_reachable(self.numels)
-
-    def _schedule_assign_k(self, bits: Mapping[str, int], sens: Mapping[str, float] | None) -> dict[str, int]:
-        return dict(self._schedule.assign_k(dict(bits), None if sens is None else dict(sens)))
-
-    def _schedule_step(self, rates: dict[str, float], sens: dict[str, float] | None, global_step: int) -> Any:
-        decision = self._schedule.step(self._layer_states(), rates, sens, global_step)
-        self._apply(decision.bits, decision.k)
-        self._finalized = bool(decision.finalized)
-        self._record(global_step, rates, sens, "final" if self._finalized else "regularize", decision.pruned)
-        return decision
-
-    def _schedule_state_dict(self) -> Any:
-        return self._schedule.state_dict()
-
-    def _schedule_load_state_dict(self, state: Any) -> None:
-        self._schedule.load_state_dict(state)
+        self.total_steps = total_steps
 
     # -- read-only views --------------------------------------------------------------------------
     @property
@@ -274,8 +118,7 @@ class MSQController:
         if value is not None and (isinstance(value, bool) or int(value) < 1):
             raise ValueError(f"total_steps={value!r} is invalid: expected a positive integer or None")
         self._total_steps = None if value is None else int(value)
-        if hasattr(self._schedule, "total_steps"):
-            self._schedule.total_steps = self._total_steps
+        self._schedule.total_steps = self._total_steps
 
     @property
     def started(self) -> bool:
@@ -306,7 +149,7 @@ class MSQController:
     def compression(self) -> float:
         """``32 * sum N_l / sum b_l N_l`` of the current bits (sign bit counted per the config)."""
         return float(
-            _compression_ratio(
+            compression_ratio(
                 [self.numels[n] for n in self.names],
                 [self.layers[n].n_bits for n in self.names],
                 self.config.count_sign_bit,
@@ -363,53 +206,22 @@ class MSQController:
         with torch.no_grad():
             return {name: float(layer.lsb_nonzero_rate()) for name, layer in self.layers.items()}
 
-    def _loss_for_hessian(self, loss_fn: LossFn | None) -> Callable[[nn.Module, Any], torch.Tensor]:
-        if loss_fn is not None:
-            return loss_fn
-        if self.loss_fn is not None:
-            return self.loss_fn
-
-        def loss(model: nn.Module, batch: Any) -> torch.Tensor:
-            # accelerate's mixed-precision wrapper keeps the fp32 forward here (hf-integration §2.4)
-            forward = getattr(model, "_original_forward", None)
-            return default_loss(model, batch, forward)
-
-        return loss
-
     def sensitivities(self, batch: Batch, global_step: int = 0, loss_fn: LossFn | None = None) -> dict[str, float]:
         """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``hessian_batch_size`` samples of ``batch``.
 
-        Runs in eval mode and fp32 inside :func:`msq_hf.training.sensitivity.hessian_safe`; uses
-        ``torch.autograd.grad`` only, so ``.grad``, the optimizer and BatchNorm running statistics are
-        untouched. Probes are seeded by :func:`hutchinson_seed` ``(seed, global_step)``. Not reduced
-        across ranks (see :meth:`maybe_step`).
+        See :func:`msq_hf.training.measure.layer_sensitivities`; probes are seeded by
+        :func:`~msq_hf.training.measure.hutchinson_seed` ``(seed, global_step)``. Not reduced across
+        ranks (see :meth:`maybe_step`).
         """
-        from msq_hf.training.sensitivity import estimate_sensitivities
-
-        sub = slice_batch(batch, self.config.hessian_batch_size)
-        cfg = self.config
-        sens, _estimate = estimate_sensitivities(
-            self.model,
-            self.layers,
-            sub,
-            self._loss_for_hessian(loss_fn),
-            max_probes=cfg.hessian_max_probes,
-            tol=cfg.hessian_tol,
-            normalize=cfg.sensitivity_norm,
-            seed=hutchinson_seed(self.seed, global_step),
-            min_probes=min(4, cfg.hessian_max_probes),
+        loss_fn = loss_fn or self.loss_fn or fp32_default_loss
+        return layer_sensitivities(
+            self.model, self.layers, batch, self.config, hutchinson_seed(self.seed, global_step), loss_fn
         )
-        return dict(sens)
-
-    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        from msq_hf.training.sensitivity import reduce_across_ranks
-
-        return dict(reduce_across_ranks(values))
 
     def _measure(
         self, batch: Batch | None, global_step: int, loss_fn: LossFn | None, need_sens: bool
     ) -> tuple[dict[str, float], dict[str, float] | None]:
-        rates = self._reduce(self.nonzero_rates())
+        rates = reduce_across_ranks(self.nonzero_rates())
         sens = None
         if need_sens and self.config.hessian_guided:
             if batch is None:
@@ -417,7 +229,7 @@ class MSQController:
                     "hessian_guided=True needs a batch for the sensitivity pass; pass batch=... "
                     "(or set MSQConfig.hessian_guided=False)"
                 )
-            sens = self._reduce(self.sensitivities(batch, global_step, loss_fn))
+            sens = reduce_across_ranks(self.sensitivities(batch, global_step, loss_fn))
         return rates, sens
 
     # -- pruning ----------------------------------------------------------------------------------
@@ -451,9 +263,9 @@ class MSQController:
         Raises ``ValueError`` before any training if ``config.target_compression`` cannot be reached
         (checked by the schedule), naming the target and what is reachable.
         """
-        self._schedule_check_reachable()
+        self._schedule.check_reachable(self.numels)
         rates, sens = self._measure(batch, 0, loss_fn, need_sens=True)
-        ks = self._schedule_assign_k(self.bits, sens)
+        ks = self._schedule.assign_k(self.bits, sens)
         self._apply(self.bits, ks)
         self._started = True
         self._record(0, self.nonzero_rates(), sens, "regularize", [])
@@ -476,7 +288,9 @@ class MSQController:
             return None
         return max(1, math.ceil(self.config.final_round_fraction * self._total_steps))
 
-    def maybe_step(self, global_step: int, batch: Batch | None = None, loss_fn: LossFn | None = None) -> Any:
+    def maybe_step(
+        self, global_step: int, batch: Batch | None = None, loss_fn: LossFn | None = None
+    ) -> PruneDecision | None:
         """Run a pruning step if ``global_step`` (optimizer steps done) is one; else return ``None``.
 
         Measures nonzero rates and (``hessian_guided``) sensitivities, reduces them across ranks, lets
@@ -487,7 +301,10 @@ class MSQController:
         if not self.is_pruning_step(global_step):
             return None
         rates, sens = self._measure(batch, global_step, loss_fn, need_sens=True)
-        decision = self._schedule_step(rates, sens, global_step)
+        decision = self._schedule.step(make_state(self.bits, self.ks, self.numels), rates, sens, global_step)
+        self._apply(decision.bits, decision.k)
+        self._finalized = bool(decision.finalized)
+        self._record(global_step, rates, sens, "final" if self._finalized else "regularize", decision.pruned)
         return decision
 
     # -- logging ----------------------------------------------------------------------------------
@@ -527,7 +344,7 @@ class MSQController:
             "last_rates": dict(self._last_rates),
             "last_sensitivities": dict(self._last_sens),
             "history": self.history,
-            "schedule": self._schedule_state_dict(),
+            "schedule": self._schedule.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -548,4 +365,7 @@ class MSQController:
         self._last_rates = {k: float(v) for k, v in state.get("last_rates", {}).items()}
         self._last_sens = {k: float(v) for k, v in state.get("last_sensitivities", {}).items()}
         self._history = [dict(h) for h in state.get("history", [])]
-        self._schedule_load_state_dict(state["schedule"])
+        self._schedule.load_state_dict(state["schedule"])
+
+
+__all__ = ["PHASE_CODES", "STATE_VERSION", "MSQController"]

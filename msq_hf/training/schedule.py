@@ -23,20 +23,31 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = [
-    "BitPruningSchedule",
-    "LayerState",
-    "PruneDecision",
-    "compression",
-    "make_state",
-]
+__all__ = ["BitPruningSchedule", "LayerState", "PruneDecision", "compression", "make_state"]
 
 STATE_VERSION = 1
-PHASES = ("regularize", "final", "qat")
 _SUPPORTED_BITS = (1, 8)  # same range as msq_hf.quant.functional.MIN_BITS..MAX_BITS (kept torch-free here)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# These fields are declared and validated in MSQConfig (msq_hf/config.py) and the controller passes validated
+# values; this module must stay importable without torch and msq_hf (it is loaded standalone), so direct users
+# get this minimal check of the same ranges (tests/test_config.py checks that both accept the same values).
+_RULES = {
+    "target_compression": (lambda v: _real(v) and v >= 1, "a finite number >= 1"),
+    "prune_threshold": (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
+    "min_bits": (lambda v: type(v) is int and _SUPPORTED_BITS[0] <= v <= _SUPPORTED_BITS[1], "an integer in 1..8"),
+    "final_round_fraction": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "default_k": (lambda v: type(v) is int and v in (1, 2), "1 or 2"),
+}
+# hyperparameters recorded in state_dict (a resume with other values warns) and shown by repr
+_HYPERPARAMETERS = (*_RULES, "count_sign_bit")
 
 
 def compression(bits: Mapping[str, int], numels: Mapping[str, int], count_sign_bit: bool = False) -> float:
@@ -74,53 +85,21 @@ def make_state(bits: Mapping[str, int], k: Mapping[str, int], numels: Mapping[st
 
 @dataclass(frozen=True)
 class PruneDecision:
-    """What one pruning step decided.
+    """What one pruning step decided (JSON round trip: ``PruneDecision(**decision.to_dict())``)."""
 
-    Attributes:
-        bits: precision of every layer after this step.
-        k: LSBs to regularize (and test for pruning) until the next step; 0 = not regularized.
-        pruned: layers whose bits were lowered in this step, in the order they were pruned.
-        phase: ``"regularize"`` (ordinary step), ``"final"`` (this step was the final round) or
-            ``"qat"`` (already finalized; nothing changes any more).
-        compression: compression ratio of ``bits``.
-        finalized: True from the final round on (regularizer and pruning are off).
-        reason: one human-readable sentence explaining the decision (for logs).
-        step: the ``global_step`` the decision was taken at.
-    """
-
-    bits: dict[str, int]
-    k: dict[str, int]
-    pruned: list[str]
+    bits: dict[str, int]  # precision of every layer after this step
+    k: dict[str, int]  # LSBs to regularize (and test for pruning) until the next step; 0 = not regularized
+    pruned: list[str]  # layers whose bits were lowered in this step, in the order they were pruned
+    # "regularize" (ordinary step), "final" (this step was the final round), "qat" (finalized before: no change)
     phase: str
-    compression: float
-    finalized: bool
-    reason: str
-    step: int = 0
+    compression: float  # compression ratio of ``bits``
+    finalized: bool  # True from the final round on (regularizer and pruning are off)
+    reason: str  # one human-readable sentence explaining the decision (for logs)
+    step: int = 0  # the ``global_step`` the decision was taken at
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PruneDecision:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            bits={n: int(b) for n, b in d["bits"].items()},
-            k={n: int(v) for n, v in d["k"].items()},
-            pruned=list(d["pruned"]),
-            phase=str(d["phase"]),
-            compression=float(d["compression"]),
-            finalized=bool(d["finalized"]),
-            reason=str(d["reason"]),
-            step=int(d.get("step", 0)),
-        )
-
-
-@dataclass
-class _Memory:
-    finalized: bool = False
-    finalized_step: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class BitPruningSchedule:
@@ -148,30 +127,10 @@ class BitPruningSchedule:
         total_steps: int | None = None,
         default_k: int = 1,
     ):
-        if (
-            isinstance(target_compression, bool)
-            or not isinstance(target_compression, (int, float))
-            or not math.isfinite(target_compression)
-            or target_compression < 1
-        ):
-            raise ValueError(f"target_compression={target_compression!r} is invalid: expected a finite number >= 1")
-        if (
-            isinstance(prune_threshold, bool)
-            or not isinstance(prune_threshold, (int, float))
-            or not 0 < prune_threshold < 1
-        ):
-            raise ValueError(f"prune_threshold={prune_threshold!r} is invalid: expected a number in (0, 1)")
-        lo, hi = _SUPPORTED_BITS
-        if isinstance(min_bits, bool) or not isinstance(min_bits, int) or not lo <= min_bits <= hi:
-            raise ValueError(f"min_bits={min_bits!r} is invalid: expected an integer in {lo}..{hi}")
-        if (
-            isinstance(final_round_fraction, bool)
-            or not isinstance(final_round_fraction, (int, float))
-            or not 0 < final_round_fraction <= 1
-        ):
-            raise ValueError(f"final_round_fraction={final_round_fraction!r} is invalid: expected a number in (0, 1]")
-        if default_k not in (1, 2) or isinstance(default_k, bool):
-            raise ValueError(f"default_k={default_k!r} is invalid: expected 1 or 2")
+        given = {name: value for name, value in locals().items() if name in _RULES}  # the checked arguments
+        for name, (ok, expected) in _RULES.items():
+            if not ok(given[name]):
+                raise ValueError(f"{name}={given[name]!r} is invalid: expected {expected}")
         self.target_compression = float(target_compression)
         self.prune_threshold = float(prune_threshold)
         self.min_bits = int(min_bits)
@@ -179,7 +138,8 @@ class BitPruningSchedule:
         self.final_round_fraction = float(final_round_fraction)
         self.default_k = int(default_k)
         self.total_steps = total_steps
-        self._mem = _Memory()
+        self._finalized_step: int | None = None  # set by the final round
+        self._history: list[dict[str, Any]] = []
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -196,12 +156,12 @@ class BitPruningSchedule:
     @property
     def finalized(self) -> bool:
         """True once the final round happened (every later :meth:`step` is a no-op)."""
-        return self._mem.finalized
+        return self._finalized_step is not None
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """Every decision taken so far, as dicts (see :meth:`PruneDecision.to_dict`)."""
-        return [dict(h) for h in self._mem.history]
+        return [dict(h) for h in self._history]
 
     def forced_round_due(self, global_step: int) -> bool:
         """Whether ``global_step`` is at or past the forced-final-round cut-off."""
@@ -224,8 +184,9 @@ class BitPruningSchedule:
         bad = [name for name, n in numels.items() if int(n) < 0]
         if bad:
             raise ValueError(f"check_reachable: layer(s) {bad[:5]} have a negative numel")
-        best = self.compression({name: self.min_bits for name in numels}, numels)
-        if not self._reached({name: self.min_bits for name in numels}, numels):
+        floor = dict.fromkeys(numels, self.min_bits)
+        if not self._reached(floor, numels):
+            best = self.compression(floor, numels)
             sign = " (sign bit counted)" if self.count_sign_bit else ""
             raise ValueError(
                 f"target_compression={self.target_compression:g} is unreachable: with every quantized layer at "
@@ -264,11 +225,9 @@ class BitPruningSchedule:
         ``min_bits`` gets ``k = 0`` (frozen, not regularized). Without sensitivities every layer gets
         ``default_k`` (capped the same way).
         """
-        out: dict[str, int] = {}
+        room = {name: max(int(b) - self.min_bits, 0) for name, b in bits.items()}
         if sensitivities is None:
-            for name, b in bits.items():
-                out[name] = min(self.default_k, max(int(b) - self.min_bits, 0))
-            return out
+            return {name: min(self.default_k, room[name]) for name in bits}
         missing = [name for name in bits if name not in sensitivities]
         if missing:
             raise KeyError(f"assign_k: no sensitivity for layer(s) {missing[:5]} (got {len(sensitivities)} values)")
@@ -280,11 +239,8 @@ class BitPruningSchedule:
                 f"({[values[n] for n in bad[:5]]}); the Hessian pass diverged"
             )
         mean = math.fsum(values.values()) / len(values) if values else 0.0
-        for name, b in bits.items():
-            s = values[name]
-            sensitive = s > mean or math.isclose(s, mean, rel_tol=1e-9, abs_tol=0.0)
-            out[name] = min(1 if sensitive else 2, max(int(b) - self.min_bits, 0))
-        return out
+        sensitive = {name: s > mean or math.isclose(s, mean, rel_tol=1e-9, abs_tol=0.0) for name, s in values.items()}
+        return {name: min(1 if sensitive[name] else 2, room[name]) for name in bits}
 
     # -- the step ---------------------------------------------------------------------------------
     def step(
@@ -307,22 +263,13 @@ class BitPruningSchedule:
         numels = {name: layer.numel for name, layer in state.items()}
         global_step = int(global_step)
 
-        if self._mem.finalized:
-            return PruneDecision(
-                bits=bits,
-                k={name: 0 for name in state},
-                pruned=[],
-                phase="qat",
-                compression=self.compression(bits, numels),
-                finalized=True,
-                reason=f"finalized at step {self._mem.finalized_step}; plain QAT",
-                step=global_step,
-            )
-
+        if self.finalized:
+            reason = f"finalized at step {self._finalized_step}; plain QAT"
+            k = dict.fromkeys(bits, 0)
+            return PruneDecision(bits, k, [], "qat", self.compression(bits, numels), True, reason, global_step)
         if self._reached(bits, numels):
-            return self._finalize(
-                bits, numels, [], global_step, f"target {self.target_compression:g}x already met; no pruning needed"
-            )
+            reason = f"target {self.target_compression:g}x already met; no pruning needed"
+            return self._record(bits, numels, [], reason, global_step)
 
         missing = [name for name in state if name not in nonzero_rates]
         if missing:
@@ -333,16 +280,14 @@ class BitPruningSchedule:
             raise ValueError(f"step: LSB nonzero rate of layer(s) {bad[:5]} is NaN")
 
         if self.forced_round_due(global_step):
-            return self._forced_round(state, bits, numels, rates, global_step)
+            return self._forced_round(state, rates, global_step)
 
         candidates = [
             name
             for name, layer in state.items()
             if rates[name] < self.prune_threshold and layer.k >= 1 and layer.bits - layer.k >= self.min_bits
         ]
-        after_all = dict(bits)
-        for name in candidates:
-            after_all[name] -= state[name].k
+        after_all = {name: b - (state[name].k if name in candidates else 0) for name, b in bits.items()}
         if candidates and self._reached(after_all, numels):
             new_bits = dict(bits)
             pruned: list[str] = []
@@ -351,14 +296,11 @@ class BitPruningSchedule:
                 pruned.append(name)
                 if self._reached(new_bits, numels):
                     break
-            return self._finalize(
-                new_bits,
-                numels,
-                pruned,
-                global_step,
+            reason = (
                 f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by ascending "
-                f"nonzero rate until compression >= {self.target_compression:g}x",
+                f"nonzero rate until compression >= {self.target_compression:g}x"
             )
+            return self._record(new_bits, numels, pruned, reason, global_step)
 
         new_k = self.assign_k(after_all, sensitivities)
         src = "sensitivities" if sensitivities is not None else f"default_k={self.default_k}"
@@ -367,51 +309,30 @@ class BitPruningSchedule:
             if candidates
             else f"no layer below nonzero rate {self.prune_threshold:g}; k from {src}"
         )
-        return self._record(
-            PruneDecision(
-                bits=after_all,
-                k=new_k,
-                pruned=list(candidates),
-                phase="regularize",
-                compression=self.compression(after_all, numels),
-                finalized=False,
-                reason=reason,
-                step=global_step,
-            )
-        )
+        return self._record(after_all, numels, candidates, reason, global_step, new_k)
 
     def _forced_round(
-        self,
-        state: Mapping[str, LayerState],
-        bits: dict[str, int],
-        numels: dict[str, int],
-        rates: dict[str, float],
-        global_step: int,
+        self, state: Mapping[str, LayerState], rates: dict[str, float], global_step: int
     ) -> PruneDecision:
         # all layers that can still lose a bit, least-used LSBs first (threshold ignored)
-        order = sorted((name for name in state if bits[name] > self.min_bits), key=lambda n: (rates[n], n))
-        new_bits = dict(bits)
+        new_bits = {name: layer.bits for name, layer in state.items()}
+        numels = {name: layer.numel for name, layer in state.items()}
+        order = sorted((name for name in state if new_bits[name] > self.min_bits), key=lambda n: (rates[n], n))
         pruned: list[str] = []
-        first_pass = True
-        reached = False
-        while not reached:
-            progressed = False
+        drops = {name: max(state[name].k, 1) for name in order}  # first pass: the layer's own k (>= 1)
+        reached = self._reached(new_bits, numels)
+        while not reached and any(new_bits[name] > self.min_bits for name in order):
             for name in order:
-                room = new_bits[name] - self.min_bits
-                if room <= 0:
+                drop = min(drops[name], new_bits[name] - self.min_bits)
+                if drop <= 0:
                     continue
-                # first pass: the layer's own k (>= 1); later passes: one bit at a time
-                drop = min(max(state[name].k, 1), room) if first_pass else 1
                 new_bits[name] -= drop
-                progressed = True
                 if name not in pruned:
                     pruned.append(name)
-                if self._reached(new_bits, numels):
-                    reached = True
+                reached = self._reached(new_bits, numels)
+                if reached:
                     break
-            first_pass = False
-            if not progressed:
-                break
+            drops = dict.fromkeys(order, 1)  # later passes: one bit at a time
         cutoff = f"step {global_step} >= {self.final_round_fraction:g} * total_steps={self._total_steps}"
         if reached:
             reason = f"forced final round ({cutoff}): pruned {len(pruned)} layer(s) by ascending nonzero rate"
@@ -420,28 +341,19 @@ class BitPruningSchedule:
                 f"forced final round ({cutoff}): every layer is at min_bits={self.min_bits} and the target "
                 f"{self.target_compression:g}x is still not met"
             )
-        return self._finalize(new_bits, numels, pruned, global_step, reason)
+        return self._record(new_bits, numels, pruned, reason, global_step)
 
-    def _finalize(
-        self, bits: dict[str, int], numels: dict[str, int], pruned: list[str], global_step: int, reason: str
+    def _record(
+        self, bits: dict[str, int], numels: dict[str, int], pruned: list[str], reason: str, step: int, k: Any = None
     ) -> PruneDecision:
-        self._mem.finalized = True
-        self._mem.finalized_step = global_step
-        return self._record(
-            PruneDecision(
-                bits=bits,
-                k={name: 0 for name in bits},
-                pruned=pruned,
-                phase="final",
-                compression=self.compression(bits, numels),
-                finalized=True,
-                reason=reason,
-                step=global_step,
-            )
+        """Take and remember a decision: an ordinary step with ``k``, or (``k=None``) the final round."""
+        if k is None:  # the final round: no layer is regularized any more
+            self._finalized_step, k = step, dict.fromkeys(bits, 0)
+        phase = "final" if self.finalized else "regularize"
+        decision = PruneDecision(
+            bits, k, list(pruned), phase, self.compression(bits, numels), self.finalized, reason, step
         )
-
-    def _record(self, decision: PruneDecision) -> PruneDecision:
-        self._mem.history.append(decision.to_dict())
+        self._history.append(decision.to_dict())
         return decision
 
     # -- persistence ------------------------------------------------------------------------------
@@ -449,10 +361,10 @@ class BitPruningSchedule:
         """JSON-serialisable state (finalized flag, step, history and the hyperparameters for a sanity check)."""
         return {
             "version": STATE_VERSION,
-            "finalized": self._mem.finalized,
-            "finalized_step": self._mem.finalized_step,
+            "finalized": self.finalized,
+            "finalized_step": self._finalized_step,
             "history": self.history,
-            "hyperparameters": self._hyperparameters(),
+            "hyperparameters": {key: getattr(self, key) for key in _HYPERPARAMETERS},
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -463,11 +375,8 @@ class BitPruningSchedule:
                 f"BitPruningSchedule state version {version!r} is not supported (expected {STATE_VERSION})"
             )
         stored = d.get("hyperparameters", {})
-        changed = {
-            key: (stored[key], value)
-            for key, value in self._hyperparameters().items()
-            if key in stored and stored[key] != value
-        }
+        changed = {key: (stored[key], getattr(self, key)) for key in _HYPERPARAMETERS if key in stored}
+        changed = {key: pair for key, pair in changed.items() if pair[0] != pair[1]}
         if changed:
             warnings.warn(
                 "BitPruningSchedule: resuming with changed hyperparameter(s) "
@@ -475,26 +384,10 @@ class BitPruningSchedule:
                 stacklevel=2,
             )
         step = d.get("finalized_step")
-        self._mem = _Memory(
-            finalized=bool(d["finalized"]),
-            finalized_step=None if step is None else int(step),
-            history=[dict(h) for h in d.get("history", [])],
-        )
-
-    def _hyperparameters(self) -> dict[str, Any]:
-        return {
-            "target_compression": self.target_compression,
-            "prune_threshold": self.prune_threshold,
-            "min_bits": self.min_bits,
-            "count_sign_bit": self.count_sign_bit,
-            "final_round_fraction": self.final_round_fraction,
-            "default_k": self.default_k,
-        }
+        # a finalized state from before finalized_step was recorded counts as finalized at step 0
+        self._finalized_step = (int(step) if step is not None else 0) if d["finalized"] else None
+        self._history = [dict(h) for h in d.get("history", [])]
 
     def __repr__(self) -> str:
-        return (
-            f"BitPruningSchedule(target_compression={self.target_compression:g}, "
-            f"prune_threshold={self.prune_threshold:g}, min_bits={self.min_bits}, "
-            f"count_sign_bit={self.count_sign_bit}, final_round_fraction={self.final_round_fraction:g}, "
-            f"total_steps={self._total_steps}, finalized={self.finalized})"
-        )
+        fields = [f"{key}={getattr(self, key)!r}" for key in (*_HYPERPARAMETERS, "total_steps", "finalized")]
+        return f"BitPruningSchedule({', '.join(fields)})"

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -28,13 +27,15 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import get_last_checkpoint
 
 from msq_hf.config import MSQConfig
-from msq_hf.convert import iter_msq_layers, quantize_model
-from msq_hf.training.controller import MSQController, _logits, detach_batch
+from msq_hf.convert import iter_msq_layers
+from msq_hf.data.collate import collate_pixel_values
+from msq_hf.io.format import MSQ_STATE_NAME
+from msq_hf.quantize import quantize_model
+from msq_hf.training.checkpoint import load_timm_checkpoint, read_msq_state, write_msq_state, write_raw_model_config
+from msq_hf.training.controller import MSQController
+from msq_hf.training.measure import detach_batch, output_logits
 
 logger = logging.getLogger(__name__)
-
-MSQ_STATE_NAME = "msq_state.json"
-"""File written into every checkpoint folder with :meth:`MSQController.state_dict`."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -52,29 +53,6 @@ def _column_names(dataset: Any) -> list[str] | None:
     if isinstance(names, dict):  # DatasetDict
         names = next(iter(names.values()), None)
     return list(names) if names is not None else None
-
-
-def write_msq_state(controller: MSQController, directory: str | os.PathLike[str]) -> str:
-    """Write ``controller.state_dict()`` as ``<directory>/msq_state.json``; return the path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, MSQ_STATE_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(controller.state_dict(), handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # never leave a half-written state in a checkpoint
-    return path
-
-
-def read_msq_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``msq_state.json`` of a checkpoint folder, or ``None`` if the folder has none."""
-    path = os.path.join(directory, MSQ_STATE_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
 
 
 class MSQCallback(TrainerCallback):
@@ -208,8 +186,6 @@ class MSQTrainer(Trainer):
             if self._msq_raw or (
                 columns is not None and set(columns) <= {"pixel_values", "labels"} and "pixel_values" in columns
             ):
-                from msq_hf.data import collate_pixel_values
-
                 data_collator = collate_pixel_values
         self._msq_model_args = dict(model_args) if model_args else None
         self._msq_last_inputs: Any = None
@@ -259,7 +235,7 @@ class MSQTrainer(Trainer):
             )
         labels = inputs[label_name]
         outputs = model(inputs["pixel_values"])
-        logits = _logits(outputs)
+        logits = output_logits(outputs)
         if self.compute_loss_func is not None:
             loss = self.compute_loss_func({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
         elif self.label_smoother is not None:
@@ -331,80 +307,8 @@ class MSQTrainer(Trainer):
         if not self.args.should_save:
             return
         if self._msq_raw:
-            self._save_raw_config(output_dir)
+            write_raw_model_config(_unwrap(self.model), self.msq_controller.config, output_dir, self._msq_model_args)
         write_msq_state(self.msq_controller, output_dir)
-
-    def _save_raw_config(self, output_dir: str) -> None:
-        from msq_hf.convert import bit_scheme
-
-        core = _unwrap(self.model)
-        config = self.msq_controller.config.copy(bit_scheme=bit_scheme(core))
-        data: dict[str, Any] = {}
-        if hasattr(core, "pretrained_cfg"):
-            try:
-                from timm.models._hub import save_config_for_hf
-
-                model_args = self._msq_model_args
-                if model_args is None:
-                    try:  # timm >= 1.0.31 records the create_model arguments on the model
-                        from timm.models import get_model_args
-
-                        model_args = get_model_args(core) or None
-                    except Exception:  # older timm or a model it cannot describe
-                        model_args = None
-                path = os.path.join(output_dir, "config.json")
-                save_config_for_hf(core, path, model_args=model_args)
-                with open(path, encoding="utf-8") as handle:
-                    data = json.load(handle)
-            except Exception as exc:  # the weights are saved anyway; the config is a convenience
-                logger.warning(
-                    "msq_hf: could not write a timm config.json for %s (%s); only weights are saved",
-                    type(core).__name__,
-                    exc,
-                )
-                data = {}
-        if not data:
-            data = {"model_class": f"{type(core).__module__}.{type(core).__qualname__}"}
-            if self._msq_model_args:
-                data["model_args"] = self._msq_model_args
-        data["quantization_config"] = config.to_dict()
-        with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-
-
-def load_timm_checkpoint(checkpoint_dir: str | os.PathLike[str], **create_kwargs: Any) -> nn.Module:
-    """Rebuild a raw timm MSQ model saved by :class:`MSQTrainer` (weights, bits and ``k`` included).
-
-    Uses ``config.json`` (``architecture``, ``num_classes``, ``model_args``, ``quantization_config``)
-    and ``model.safetensors`` of the folder; ``create_kwargs`` override ``timm.create_model`` arguments.
-    Raises ``FileNotFoundError`` naming the missing file, ``ValueError`` if the config has no timm
-    architecture.
-    """
-    import timm
-    from safetensors.torch import load_file
-
-    checkpoint_dir = os.fspath(checkpoint_dir)
-    config_path = os.path.join(checkpoint_dir, "config.json")
-    weights_path = os.path.join(checkpoint_dir, "model.safetensors")
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing; is {checkpoint_dir} an MSQTrainer checkpoint of a timm model?")
-    with open(config_path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    architecture = data.get("architecture")
-    if not architecture:
-        raise ValueError(
-            f"{config_path} has no 'architecture' field (keys: {sorted(data)}); only timm models can be "
-            "rebuilt, load other models yourself and call load_state_dict"
-        )
-    kwargs: dict[str, Any] = dict(data.get("model_args") or {})
-    if "num_classes" in data:
-        kwargs.setdefault("num_classes", data["num_classes"])
-    kwargs.update(create_kwargs)
-    model = timm.create_model(architecture, pretrained=False, **kwargs)
-    quantize_model(model, MSQConfig.from_dict(data["quantization_config"]))
-    model.load_state_dict(load_file(weights_path), strict=True)
-    return model
 
 
 __all__ = ["MSQ_STATE_NAME", "MSQCallback", "MSQTrainer", "load_timm_checkpoint", "read_msq_state", "write_msq_state"]

@@ -15,7 +15,8 @@ from transformers import AutoModelForImageClassification, ViTConfig, ViTForImage
 
 import msq_hf
 from msq_hf.errors import MSQExportError
-from msq_hf.io.export import MANIFEST_NAME, WEIGHTS_NAME, export
+from msq_hf.io.export import export
+from msq_hf.io.format import MANIFEST_NAME, WEIGHTS_NAME
 from msq_hf.io.inspect import inspect_export
 from msq_hf.io.load import from_pretrained
 

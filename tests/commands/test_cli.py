@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from msq_hf.commands.main import main, scheme_summary
+from msq_hf.commands.common import scheme_summary
+from msq_hf.commands.main import main
 from msq_hf.data import find_fashion_mnist
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -201,6 +202,16 @@ def test_other_commands_bad_paths(capsys: pytest.CaptureFixture[str], tmp_path: 
     code, _, err = run(capsys, "export", empty, tmp_path / "out", "--push-to-hub")
     assert code == 1
     assert_one_line_error(err, "--repo-id")
+
+
+def test_export_uses_the_newest_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A Trainer output_dir resolves to its checkpoint-N with the largest N (not the last in name order)."""
+    for n in (2, 10, 9):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        (tmp_path / f"checkpoint-{n}" / "config.json").write_text("{}")
+    code, _, err = run(capsys, "export", tmp_path, tmp_path / "out")
+    assert code == 1
+    assert_one_line_error(err, str(tmp_path / "checkpoint-10" / "config.json"))
 
 
 def test_scheme_summary() -> None:

@@ -12,12 +12,15 @@ from safetensors.torch import save_file
 
 from msq_hf.report import (
     HISTORY_NAME,
+    HISTORY_VERSION,
+    RunHistory,
     bit_table_markdown,
     find_run_data,
     plot_accuracy_vs_compression,
     plot_bits_per_layer,
     plot_bits_timeline,
     plot_training_curves,
+    write_history,
     write_report,
 )
 
@@ -287,3 +290,43 @@ def test_export_bits_win_but_model_order_is_kept(tmp_path: Path) -> None:
     assert list(data.scheme) == list(SCHEME)
     assert data.scheme == stored
     assert data.files[-1] == str(root / "export" / "msq_manifest.json")
+
+
+def test_write_history_is_what_find_run_data_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One schema: the record written by write_history comes back through find_run_data; this run's accuracy (a
+    fraction) and the paper baselines (percent) land on one percent axis."""
+    record = RunHistory(
+        run="unit",
+        summary={"test_accuracy": 0.71, "compression": 11.1, "eval_images": None},
+        history=HISTORY,
+        log_history=LOG_HISTORY,
+        bit_scheme=SCHEME,
+        numels=NUMELS,
+        target_compression=10.0,
+        count_sign_bit=True,
+        total_steps=30,
+        msq_config={"init_bits": 8},
+        baselines=[["paper", 10.0, 69.5]],
+    )
+    path = write_history(tmp_path / "run", record)
+    raw = json.loads(path.read_text())
+    assert path.name == HISTORY_NAME and next(iter(raw)) == "version" and raw["version"] == HISTORY_VERSION
+    data = find_run_data(tmp_path / "run")
+    assert (data.history, data.log_history, data.scheme, data.numels) == (HISTORY, LOG_HISTORY, SCHEME, NUMELS)
+    assert (data.target, data.count_sign_bit, data.total_steps) == (10.0, True, 30)
+    assert data.baselines == [("paper", 10.0, 69.5)]
+    import msq_hf.report.markdown as markdown
+
+    drawn: list = []
+    plot = markdown.plot_accuracy_vs_compression
+
+    def spy(points: list, path: Path) -> Path:
+        drawn.extend(points)
+        return plot(points, path)
+
+    monkeypatch.setattr(markdown, "plot_accuracy_vs_compression", spy)
+    written = write_report(tmp_path / "run")
+    text = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "accuracy_vs_compression.png" in {p.name for p in written}
+    assert drawn == [("paper", 10.0, 69.5), ("MSQ (this run)", 11.1, pytest.approx(71.0))]
+    assert "eval_images" not in text  # a None entry (a step switched off) is not listed

@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTForImageClassification
 
 import msq_hf
+from msq_hf.commands.main import main
 from msq_hf.errors import MSQFormatError, MSQIntegrityError, MSQMissingFileError
-from msq_hf.io.export import MANIFEST_NAME, WEIGHTS_NAME, export, sha256_file
-from msq_hf.io.inspect import inspect_export, main_inspect
+from msq_hf.io.export import export
+from msq_hf.io.format import MANIFEST_NAME, WEIGHTS_NAME, sha256_file
+from msq_hf.io.inspect import inspect_export
 from msq_hf.io.load import from_pretrained
 from msq_hf.nn.packed import packed_nbytes
 
@@ -103,7 +105,7 @@ def test_truncated_weight_file(export_dir: Path) -> None:
         from_pretrained(export_dir)
     report = inspect_export(export_dir)
     assert not report.ok and "truncated" in report.errors[0]
-    assert main_inspect([str(export_dir)]) == 1
+    assert main(["inspect", str(export_dir)]) == 1
 
 
 def test_flipped_bit_fails_sha256(export_dir: Path) -> None:
@@ -127,7 +129,7 @@ def test_missing_file(export_dir: Path, missing: str) -> None:
 def test_missing_directory_and_cli_exit_codes(tmp_path: Path) -> None:
     with pytest.raises(MSQMissingFileError, match="does not exist"):
         from_pretrained(tmp_path / "nope")
-    assert main_inspect([str(tmp_path / "nope")]) == 2
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
 
 
 def test_config_not_json(export_dir: Path) -> None:

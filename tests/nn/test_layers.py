@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msq_hf.nn.layers import (
-    LSQActQuantizer,
-    MSQConv2d,
-    MSQLinear,
-    PACTActQuantizer,
-    make_act_quantizer,
-    msq_quantize_weight,
-)
+from msq_hf.nn.act import LSQActQuantizer, PACTActQuantizer, make_act_quantizer
+from msq_hf.nn.layers import MSQConv2d, MSQLinear, msq_quantize_weight
 from msq_hf.quant import functional as QF
 from msq_hf.quant.kernels import KERNELS
 
@@ -360,6 +354,8 @@ def test_activation_quantizers(kind: str, bits: int, signed: bool) -> None:
     x = torch.randn(64, 33) * 3
     if not signed:
         x = x.relu()
+    if kind == "pact":  # some inputs beyond the clip level (init 10): PACT's alpha gradient flows through them
+        x[0, :3] = torch.tensor([12.0, 15.0, -12.0 if signed else 11.0])
     x.requires_grad_(True)
     y = quant(x)
     assert torch.unique(y.detach()).numel() <= 2**bits
@@ -378,6 +374,18 @@ def test_activation_quantizer_validation() -> None:
                 cls(bad)
     with pytest.raises(ValueError, match="act_quantizer"):
         make_act_quantizer("minmax", 4)
+
+
+def test_one_activation_quantizer_for_msq_and_the_baselines() -> None:
+    """The baselines' PACT is the MSQ layers' PACT (paper gradient: tests/test_baselines.py), and the
+    state-dict keys of both quantizers are those existing checkpoints and exports hold."""
+    from msq_hf.baselines import PACT
+
+    assert PACT is PACTActQuantizer
+    assert isinstance(make_act_quantizer("auto", 4, linear=False), PACTActQuantizer)
+    assert isinstance(make_act_quantizer("auto", 8, linear=True), LSQActQuantizer)
+    assert set(PACTActQuantizer(4).state_dict()) == {"alpha", "signed"}
+    assert set(LSQActQuantizer(8).state_dict()) == {"step", "signed"}
 
 
 def test_layer_with_activation_quantizer() -> None:

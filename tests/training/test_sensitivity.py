@@ -1,4 +1,4 @@
-"""Tests of the Hutchinson trace estimator, HAWQ-V2 sensitivity and hessian_safe (msq_hf/training/sensitivity.py)."""
+"""Hutchinson trace estimator, HAWQ-V2 sensitivity (msq_hf/training/sensitivity.py) and hessian_safe (hessian.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from msq_hf.training.hessian import HardSigmoidDD, HardSwishDD, hessian_safe
 from msq_hf.training.sensitivity import (
-    HardSigmoidDD,
-    HardSwishDD,
     estimate_sensitivities,
     hawq_sensitivity,
-    hessian_safe,
     hutchinson_trace,
     reduce_across_ranks,
 )

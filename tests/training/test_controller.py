@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import msq_hf
-from msq_hf.training.controller import MSQController, default_loss, detach_batch, hutchinson_seed, slice_batch
+from msq_hf.training.controller import MSQController
+from msq_hf.training.measure import default_loss, detach_batch, hutchinson_seed, slice_batch
 
 torch.set_num_threads(1)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -25,13 +26,15 @@ from transformers import (
 )
 
 import msq_hf
+from msq_hf.commands.main import main
 from msq_hf.errors import MSQExportError
-from msq_hf.io.export import MANIFEST_NAME, WEIGHTS_NAME, export
-from msq_hf.io.inspect import format_report, inspect_export, main_inspect
+from msq_hf.io.export import export
+from msq_hf.io.format import MANIFEST_NAME, WEIGHTS_NAME
+from msq_hf.io.inspect import format_report, inspect_export
 from msq_hf.io.load import from_pretrained
 from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -238,7 +241,7 @@ def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     def boom(*args, **kwargs):
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(card, "render_model_card", boom)
+    monkeypatch.setattr(card, "build_model_card", boom)
     target = tmp_path / "exp"
     with pytest.raises(RuntimeError, match="injected"):
         export(model, target)
@@ -252,7 +255,7 @@ def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(MSQExportError, match="not empty"):
         export(model, target)
     assert json.loads((target / MANIFEST_NAME).read_text()) == first.manifest  # untouched
-    monkeypatch.setattr(card, "render_model_card", boom)
+    monkeypatch.setattr(card, "build_model_card", boom)
     with pytest.raises(RuntimeError, match="injected"):
         export(model, target, overwrite=True)
     assert json.loads((target / MANIFEST_NAME).read_text()) == first.manifest  # old export survives a failure
@@ -310,8 +313,14 @@ def test_model_card_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
     export(model, tmp_path / "e")
     card = (tmp_path / "e" / "README.md").read_text()
     front = card.split("---")[1]
-    assert "library_name: msq_hf" in front and "pipeline_tag: image-classification" in front
+    assert "library_name: timm" in front and "pipeline_tag: image-classification" in front
     assert all(f"`{n}`" in card for n in scheme) and "bit_scheme.png" in card
+    # the metadata is what the Hub reads: it parses with huggingface_hub and follows its conventions
+    data = ModelCard.load(tmp_path / "e" / "README.md").data
+    assert isinstance(data, ModelCardData) and data.library_name == "timm"
+    assert {"msq", "quantized", "mixed-precision", "timm"} <= set(data.tags)
+    assert data.pipeline_tag == "image-classification"
+    assert data.license == model.pretrained_cfg["license"]
     assert (tmp_path / "e" / "bit_scheme.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     report = inspect_export(tmp_path / "e")
@@ -319,8 +328,8 @@ def test_model_card_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert report.bytes_on_disk == sum(p.stat().st_size for p in (tmp_path / "e").iterdir())
     text = format_report(report)
     assert "integrity  : OK" in text and "compression" in text
-    assert main_inspect([str(tmp_path / "e")]) == 0
-    assert main_inspect([str(tmp_path / "e"), "--json"]) == 0
+    assert main(["inspect", str(tmp_path / "e")]) == 0
+    assert main(["inspect", str(tmp_path / "e"), "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{") :])["bit_scheme"] == scheme
 
@@ -340,3 +349,38 @@ def test_export_has_ordinary_permissions(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "exp").stat().st_mode) == 0o755
     for path in (tmp_path / "exp").rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_hf_card_metadata_names_the_base_model(tmp_path: Path) -> None:
+    model = hf_vit().eval()
+    model.config.name_or_path = "google/vit-base-patch16-224"  # as from_pretrained("google/...") sets it
+    msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=4))
+    result = export(model, tmp_path / "vit")
+    assert result.manifest["model"]["base_model"] == "google/vit-base-patch16-224"
+    data = ModelCard.load(tmp_path / "vit" / "README.md").data
+    assert data.library_name == "transformers" and data.base_model == "google/vit-base-patch16-224"
+    assert data.to_dict()["base_model_relation"] == "quantized"
+    assert {"msq", "quantized", "mixed-precision"} <= set(data.tags) and "timm" not in data.tags
+    # a model built locally claims no base model
+    local = hf_vit().eval()
+    msq_hf.quantize_model(local, msq_hf.MSQConfig(init_bits=4))
+    export(local, tmp_path / "local")
+    assert ModelCard.load(tmp_path / "local" / "README.md").data.base_model is None
+
+
+@pytest.mark.parametrize("build", [hf_vit, lambda: timm.create_model("test_resnet", pretrained=False, num_classes=3)])
+def test_export_and_save_leave_the_users_config_unchanged(build, tmp_path: Path) -> None:
+    """The MSQConfig the user passed is shared by the model and its quantizer: saving must not write into it."""
+    model = build().eval()
+    cfg = msq_hf.MSQConfig(init_bits=6, target_compression=8.0)
+    msq_hf.quantize_model(model, cfg)
+    random_scheme(model, seed=3)
+    before = cfg.to_dict()
+    export(model, tmp_path / "export")
+    assert cfg.to_dict() == before and model.msq_config is cfg
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(tmp_path / "checkpoint")
+        saved = json.loads((tmp_path / "checkpoint" / "config.json").read_text())["quantization_config"]
+        assert saved["bit_scheme"] == msq_hf.bit_scheme(model) and saved["msq_format"] == "fake"
+        assert model.hf_quantizer.quantization_config is cfg
+    assert cfg.to_dict() == before and cfg.bit_scheme is None and cfg.msq_format == "fake"

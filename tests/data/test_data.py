@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from msq_hf import data as D
+from msq_hf.data.arrays import stratified_subset, to_pixel_values
+from msq_hf.data.images import hf_image_dataset
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08, big_endian_dtype: str = ">u1") -> bytes:
@@ -175,16 +177,16 @@ def test_argument_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         D.load_digits_dataset("train", channels=2)
     with pytest.raises(ValueError, match="fit="):
-        D._to_pixel_values(np.zeros((1, 8, 8), np.uint8), 8, 1, 0.0, 1.0, 1.0, "stretch")
+        to_pixel_values(np.zeros((1, 8, 8), np.uint8), 8, 1, 0.0, 1.0, 1.0, "stretch")
 
 
 def test_stratified_subset_is_balanced_and_seeded() -> None:
     labels = np.repeat(np.arange(10), 50)
-    a = D._subset_indices(labels, 35, seed=1)
+    a = stratified_subset(labels, 35, seed=1)
     counts = np.bincount(labels[a], minlength=10)
     assert len(a) == 35 and counts.max() - counts.min() <= 1
-    assert np.array_equal(a, D._subset_indices(labels, 35, seed=1))
-    assert not np.array_equal(a, D._subset_indices(labels, 35, seed=2))
+    assert np.array_equal(a, stratified_subset(labels, 35, seed=1))
+    assert not np.array_equal(a, stratified_subset(labels, 35, seed=2))
 
 
 _FASHION_DIR = D.find_fashion_mnist()
@@ -216,6 +218,10 @@ def test_real_fashion_mnist_subset() -> None:
 def test_digits_dataset_shapes_and_split() -> None:
     pytest.importorskip("sklearn")
     train = D.load_digits_dataset("train")
+    rows = [train[i] for i in range(5)]
+    batch = D.collate_pixel_values(rows)
+    assert batch["pixel_values"].shape == (5, 3, 32, 32)
+    assert batch["labels"].tolist() == [int(r["labels"]) for r in rows]
     test = D.load_digits_dataset("test")
     assert len(train) + len(test) == 1797
     assert abs(len(test) / 1797 - 0.2) < 0.01
@@ -266,6 +272,11 @@ def test_imagefolder_loading(tmp_path: Path) -> None:
     assert torch.allclose(red[:, 2], -torch.ones_like(red[:, 2]), atol=1e-5)
     collated = D.collate_pixel_values([ds[i] for i in range(4)])
     assert collated["pixel_values"].shape == (4, 3, 16, 16) and collated["labels"].dtype == torch.long
+    # the library collator the pipeline uses gives the same batch
+    from transformers import DefaultDataCollator
+
+    library = DefaultDataCollator()([ds[i] for i in range(4)])
+    assert all(torch.equal(collated[k], library[k]) and collated[k].dtype == library[k].dtype for k in collated)
     gray = D.load_image_dataset(tmp_path, "train", image_size=8, channels=1, limit=4)
     assert len(gray) == 4 and gray[0]["pixel_values"].shape == (1, 8, 8)
     with pytest.raises(ValueError, match="split='validation'.*found splits"):
@@ -277,7 +288,7 @@ def test_column_detection_error_lists_columns() -> None:
 
     ds = datasets.Dataset.from_dict({"picture": [0, 1], "target": [1, 0]})
     with pytest.raises(ValueError, match=r"image column.*\['picture', 'target'\]"):
-        D._hf_image_dataset(ds, "toy", 8, 3, None, 0, None, None)
+        hf_image_dataset(ds, "toy", 8, 3, None, 0, None, None)
 
 
 def test_collate_pixel_values_errors() -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from msq_hf.quant import functional as QF
 from msq_hf.training.schedule import BitPruningSchedule, LayerState, PruneDecision, compression, make_state
 
-SCHEDULE_PY = pathlib.Path(__file__).resolve().parents[1] / "msq_hf" / "training" / "schedule.py"
+SCHEDULE_PY = pathlib.Path(__file__).resolve().parents[2] / "msq_hf" / "training" / "schedule.py"
 
 
 def sched(target: float = 16.0, tau: float = 0.05, **kw) -> BitPruningSchedule:
@@ -380,7 +380,7 @@ def test_load_state_dict_checks_version_and_warns_on_changed_hparams():
 
 def test_decision_dict_round_trip():
     d = sched(tau=0.5).step(state_of({"a": 8, "b": 8}), {"a": 0.1, "b": 0.9}, {"a": 1.0, "b": 0.0}, 4)
-    assert PruneDecision.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    assert PruneDecision(**json.loads(json.dumps(d.to_dict()))) == d
 
 
 # ---------------------------------------------------------------------------------------------

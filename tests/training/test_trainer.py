@@ -12,7 +12,7 @@ from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForIm
 
 import msq_hf
 import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
-from msq_hf.training.controller import default_loss
+from msq_hf.training.measure import default_loss
 from msq_hf.training.trainer import MSQ_STATE_NAME, MSQTrainer, load_timm_checkpoint, read_msq_state
 
 timm = pytest.importorskip("timm")

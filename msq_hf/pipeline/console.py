@@ -1,0 +1,81 @@
+"""Short console lines for a training run, instead of the Trainer's whole log dicts.
+
+The Trainer's console printer writes every log dict, which holds ~4 ``msq/*`` keys per layer: unreadable.
+:class:`ConsoleCallback` keeps loss, lr, compression, bits and accuracy, plus one line per pruning step;
+:func:`attach_console` puts it in place of the printer on a Trainer (its tqdm bars stay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+
+from msq_hf.training.controller import PHASE_CODES, MSQController
+
+_PHASE_NAMES = {float(code): name for name, code in PHASE_CODES.items()}
+
+
+class ConsoleCallback(TrainerCallback):
+    """Writes ``[step 40/628] loss ..., 4.30x, avg 7.45 bits, phase regularize`` lines with ``write``."""
+
+    def __init__(self, controller: MSQController, write: Callable[[str], None]) -> None:
+        self.controller = controller
+        self.write = write
+        self.seen = 0  # controller history entries already printed
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        history = self.controller.history
+        for entry in history[self.seen :]:
+            if entry.get("step", 0) > 0 and (entry.get("pruned") or entry.get("phase") == "final"):
+                pruned = entry.get("pruned") or []
+                names = ", ".join(pruned[:3]) + (f" +{len(pruned) - 3} more" if len(pruned) > 3 else "")
+                label = "final round" if entry.get("phase") == "final" else "pruned"
+                self.write(
+                    f"[step {entry['step']}] {label}: {entry['compression']:.2f}x, avg "
+                    f"{entry['avg_bits']:.2f} bits" + (f" ({names})" if names else "")
+                )
+        self.seen = len(history)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if any(k.startswith("eval_") for k in logs):
+            acc = logs.get("eval_accuracy")
+            self.write(
+                f"[step {state.global_step}] eval: "
+                + (f"accuracy {100 * acc:.2f}%, " if acc is not None else "")
+                + f"loss {logs.get('eval_loss', float('nan')):.4f}"
+            )
+            return
+        if "loss" not in logs:
+            return  # the end-of-training summary dict (train_runtime...): the front end prints its own
+        if state.global_step % max(args.logging_steps, 1) and state.global_step != state.max_steps:
+            return  # forced log of a pruning step: already printed by on_step_end
+        phase = _PHASE_NAMES.get(float(logs.get("msq/phase", -1)), "?")
+        self.write(
+            f"[step {state.global_step}/{state.max_steps}] loss {logs['loss']:.4f}, lr "
+            f"{logs.get('learning_rate', 0):.4g}, {logs.get('msq/compression', 0):.2f}x, avg "
+            f"{logs.get('msq/avg_bits', 0):.2f} bits, phase {phase}"
+        )
+
+
+def _silent_on_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def attach_console(trainer: Trainer, controller: MSQController, write: Callable[[str], None] = print) -> None:
+    """Replace the Trainer's log-dict printing with :class:`ConsoleCallback` lines (through the tqdm bar if any)."""
+    progress = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)), None)
+
+    def through_bar(line: str) -> None:
+        bar = getattr(progress, "training_bar", None)
+        (bar.write if bar is not None else write)(line)
+
+    if progress is not None:
+        progress.on_log = _silent_on_log  # keep its bars, drop its dict dump
+    trainer.remove_callback(PrinterCallback)  # the disable_tqdm=True printer of whole log dicts
+    trainer.add_callback(ConsoleCallback(controller, through_bar))
+
+
+__all__ = ["ConsoleCallback", "attach_console"]

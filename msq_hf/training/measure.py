@@ -1,0 +1,169 @@
+"""What a pruning step measures on a training batch: the task loss, the Hessian slice, the probe seed.
+
+* :func:`default_loss` is the task loss (no regularizer) MSQ's Hessian pass differentiates twice;
+* :func:`layer_sensitivities` runs the HAWQ-V2 sensitivity pass (MSQ Eq. 9) on ``hessian_batch_size``
+  samples of a batch, with probes seeded by :func:`hutchinson_seed` so a resumed run draws the same ones;
+* :func:`detach_batch` / :func:`slice_batch` are the batch utilities the controller and trainer need, built on
+  accelerate's nested-structure helpers (``recursively_apply``, ``find_batch_size``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import find_batch_size, recursively_apply
+from torch import nn
+
+from msq_hf.config import MSQConfig
+from msq_hf.training.sensitivity import estimate_sensitivities
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Batch = Any
+
+
+def detach_batch(batch: Batch) -> Batch:
+    """A structural copy of ``batch`` whose tensors are detached (the storage is shared, not copied)."""
+    return recursively_apply(torch.Tensor.detach, batch)
+
+
+def slice_batch(batch: Batch, n: int) -> Batch:
+    """The first ``n`` samples of ``batch``: tensors whose leading dimension is the batch size are sliced.
+
+    The batch size is that of the batch's first entry (``accelerate.utils.find_batch_size``); a batch whose
+    first entry is not a tensor is returned whole. Unlike ``accelerate.utils.slice_tensors``, tensors that
+    are not per-sample (another leading size, or 0-dim) are kept as they are.
+    """
+    try:
+        size = int(find_batch_size(batch))
+    except (TypeError, ValueError, IndexError):
+        return batch
+    if size <= n:
+        return batch
+
+    def per_sample(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
+
+    return recursively_apply(lambda t: t[:n], batch, test_type=per_sample)
+
+
+def output_logits(outputs: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, ``.logits``, ``["logits"]`` or the first element."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"cannot find logits in a model output of type {type(outputs).__name__}; "
+            "pass loss_fn=... to the MSQController"
+        )
+    return logits
+
+
+def forward_takes_kwargs(forward: Callable[..., Any]) -> bool:
+    """True if ``forward`` is called with keyword inputs (HF style ``pixel_values=``, ``**kwargs``)."""
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "pixel_values" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def default_loss(model: nn.Module, batch: Batch, forward: Callable[..., Any] | None = None) -> torch.Tensor:
+    """Task loss of ``model`` on ``batch`` (no regularizer), as MSQ's Hessian pass needs it.
+
+    * ``(x, y)`` tuples/lists: ``cross_entropy(model(x), y)``;
+    * dicts, HF-style models (forward takes ``pixel_values=`` or ``**kwargs``): ``model(**batch).loss``,
+      or cross entropy on ``.logits`` against ``batch["labels"]`` when the model returns no loss;
+    * dicts, plain models (timm, ``forward(x)``): ``cross_entropy(model(batch["pixel_values"]), batch["labels"])``.
+
+    ``forward`` replaces ``model.__call__`` (e.g. accelerate's ``model._original_forward``, the fp32 forward).
+    """
+    fwd = forward if forward is not None else model
+    if isinstance(batch, (tuple, list)):
+        if len(batch) < 2:
+            raise ValueError(f"a tuple batch must be (inputs, labels), got {len(batch)} element(s)")
+        return F.cross_entropy(output_logits(fwd(batch[0])).float(), batch[1])
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch must be a dict (pixel_values/labels) or an (inputs, labels) tuple, got {type(batch).__name__}"
+        )
+    if "labels" not in batch:
+        raise KeyError(f"the batch has no 'labels' key (keys: {sorted(batch)}); pass loss_fn=... to the controller")
+    if forward_takes_kwargs(getattr(model, "forward", fwd)):
+        outputs = fwd(**batch)
+        loss = getattr(outputs, "loss", None)
+        if loss is None and isinstance(outputs, Mapping):
+            loss = outputs.get("loss")
+        if isinstance(loss, torch.Tensor):
+            return loss
+        return F.cross_entropy(output_logits(outputs).float(), batch["labels"])
+    if "pixel_values" not in batch:
+        raise KeyError(
+            f"the batch has no 'pixel_values' key (keys: {sorted(batch)}); pass loss_fn=... to the controller"
+        )
+    return F.cross_entropy(output_logits(fwd(batch["pixel_values"])).float(), batch["labels"])
+
+
+def fp32_default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """:func:`default_loss` through accelerate's fp32 forward when mixed precision wrapped the model
+    (``model._original_forward``, hf-integration §2.4)."""
+    return default_loss(model, batch, getattr(model, "_original_forward", None))
+
+
+def hutchinson_seed(seed: int, global_step: int) -> int:
+    """Probe seed for a pruning step: a pure function of ``(seed, global_step)``.
+
+    A resumed run therefore draws the same Rademacher probes as an uninterrupted one, whatever
+    other random numbers were consumed in between.
+    """
+    return (int(seed) * 1_000_003 + int(global_step) * 7_919 + 17) % (2**63 - 1)
+
+
+def layer_sensitivities(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batch: Batch,
+    config: MSQConfig,
+    seed: int,
+    loss_fn: LossFn = fp32_default_loss,
+) -> dict[str, float]:
+    """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``config.hessian_batch_size`` samples of ``batch``.
+
+    Runs in eval mode and fp32 inside :func:`msq_hf.training.hessian.hessian_safe`; uses
+    ``torch.autograd.grad`` only, so ``.grad``, the optimizer and BatchNorm running statistics are
+    untouched. ``seed`` seeds the Hutchinson probes (see :func:`hutchinson_seed`).
+    """
+    sens, _estimate = estimate_sensitivities(
+        model,
+        layers,
+        slice_batch(batch, config.hessian_batch_size),
+        loss_fn,
+        max_probes=config.hessian_max_probes,
+        tol=config.hessian_tol,
+        normalize=config.sensitivity_norm,
+        seed=seed,
+        min_probes=min(4, config.hessian_max_probes),
+    )
+    return dict(sens)
+
+
+__all__ = [
+    "Batch",
+    "LossFn",
+    "default_loss",
+    "detach_batch",
+    "forward_takes_kwargs",
+    "fp32_default_loss",
+    "hutchinson_seed",
+    "layer_sensitivities",
+    "output_logits",
+    "slice_batch",
+]
