@@ -33,6 +33,7 @@ from msq_hf.nn.base import CONV_TYPES, LINEAR_TYPES
 from msq_hf.nn.layers import MSQConv2d, MSQLayerMixin, MSQLinear
 from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedLinear, MSQPackedMixin
 from msq_hf.quant import functional as QF
+from msq_hf.quant.packing import release_scratch
 
 LayerFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, dict[type[nn.Module], LayerFactory]] = {}
@@ -259,6 +260,7 @@ def finalize_packed_model(model: nn.Module, cfg: MSQConfig) -> nn.Module:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MSQPackedMixin)}
     for module in layers.values():
         module.refresh()
+    release_scratch()  # the validation's unpack workspace: forward grows it again only as far as it needs
     if cfg.dequantize:
         swap_to_float(model, layers)
         forget_quantization(model)

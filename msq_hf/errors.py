@@ -29,4 +29,15 @@ class MSQExportError(MSQError, RuntimeError):
     """``msq_hf.export`` refused or failed (target directory not empty, model not quantized, ...)."""
 
 
-__all__ = ["MSQError", "MSQExportError", "MSQFormatError", "MSQIntegrityError", "MSQMissingFileError"]
+class MSQTrainingError(MSQError, RuntimeError):
+    """Training cannot go on: the loss or the quantized weights became NaN/inf (the message names the step)."""
+
+
+__all__ = [
+    "MSQError",
+    "MSQExportError",
+    "MSQFormatError",
+    "MSQIntegrityError",
+    "MSQMissingFileError",
+    "MSQTrainingError",
+]

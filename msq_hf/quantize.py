@@ -6,7 +6,10 @@ Works on any ``nn.Module`` tree: HF vision models (ViT, DeiT, Swin, ResNet, Mobi
 subclasses are left in float with a warning, because their custom ``forward`` would bypass the
 quantized weight. The converted model carries the ``MSQConfig`` and an ``MSQQuantizer``
 (:func:`msq_hf.integrations.transformers.attach_quantizer`), so ``Trainer`` and ``save_pretrained`` treat
-it as a quantized model.
+it as a quantized model (``save_pretrained``/``push_to_hub`` then write the packed export, see
+:mod:`msq_hf.io.save`). The caller's objects are never written to: the model gets a private copy of its HF
+config before ``quantization_config`` goes into it (a float model built later from the same config object stays
+float), and the ``MSQConfig`` is only read.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,8 +34,16 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import HfArg, string_to_bool
 
 from msq_hf.arguments import MSQArguments
-from msq_hf.data import find_fashion_mnist
-from msq_hf.pipeline import DataArguments, GroupedTrainingArguments, ModelArguments, RunArguments, run_pipeline
+from msq_hf.data import builtin_source, find_fashion_mnist
+from msq_hf.io.card import human_bytes
+from msq_hf.pipeline import (
+    DataArguments,
+    GroupedTrainingArguments,
+    ModelArguments,
+    RunArguments,
+    prepare,
+    train_and_export,
+)
 from msq_hf.training.trainer import MSQTrainer
 
 logger = logging.getLogger("msq_hf.recipes")
@@ -49,7 +58,12 @@ class RecipeArguments:
     smoke_test: bool = HfArg(default=False, help="seconds-long run: tiny model, a few dozen local images, a few steps")
 
 
-ARGUMENT_TYPES = (ModelArguments, DataArguments, MSQArguments, RunArguments, RecipeArguments, GroupedTrainingArguments)
+# --help lists the groups in this order: the recipe's own switch first, TrainingArguments' ~100 flags last
+ARGUMENT_TYPES = (RecipeArguments, ModelArguments, DataArguments, MSQArguments, RunArguments, GroupedTrainingArguments)
+
+
+class RecipeSetupError(ValueError):
+    """A recipe cannot start (no data, no model, Hub unreachable): one line that says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +233,7 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> tuple[Any, 
     """Parse ``argv`` (default ``sys.argv[1:]``): ``(training, model, data, msq, run, recipe)`` arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(recipe, smoke=_smoke_requested(argv))
-    model_args, data_args, msq_args, run_args, recipe_args, training = parser.parse_args_into_dataclasses(args=argv)
+    recipe_args, model_args, data_args, msq_args, run_args, training = parser.parse_args_into_dataclasses(args=argv)
     given = _given(parser, argv)
     if "model_name_or_path" in given and "model_kwargs" not in given:
         # the recipe's (or smoke test's) model_kwargs describe its own model, not the one given instead
@@ -234,14 +248,117 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> tuple[Any, 
 
 
 # ------------------------------------------------------------------------------------------------
+# Before anything is downloaded: can the data and the weights be had at all?
+
+_ALTERNATIVES = (
+    "or train on --dataset_name fashion_mnist, a local image folder (--dataset_name path/to/images, laid out "
+    "root/<split>/<class>/*.png), or run --smoke_test"
+)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _dataset_cached(name: str) -> bool:
+    """True when ``datasets`` or the Hub cache already holds ``name`` (an offline run can then use it)."""
+    import datasets
+    from huggingface_hub import scan_cache_dir
+
+    if (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir():
+        return True
+    try:
+        return any(r.repo_id == name and r.repo_type == "dataset" for r in scan_cache_dir().repos)
+    except Exception:  # noqa: BLE001 - no cache folder yet
+        return False
+
+
+def _gated_hint(name: str) -> str:
+    url = f"https://huggingface.co/datasets/{name}"
+    if "imagenet" in name.lower():
+        return f"ImageNet is gated: accept its terms at {url}, then `hf auth login`; "
+    return f"if it is gated, accept its terms at {url}, then `hf auth login`; "
+
+
+def check_dataset_access(data_args: DataArguments, say: Any = None) -> None:
+    """Fail in seconds, in one line, when ``--dataset_name`` is a Hub dataset that cannot be downloaded here.
+
+    Local folders and the built-in sources need nothing. Offline (``HF_HUB_OFFLINE=1``) a Hub dataset must be in
+    the local cache; online, one metadata request checks that it exists, and whether it is gated while no token
+    is stored; its download size is then announced with ``say`` before the download starts.
+    """
+    name = data_args.dataset_name
+    if not name or builtin_source(name) is not None or Path(name).expanduser().exists() or _dataset_cached(name):
+        return
+    where = f"--dataset_name {name} is a Hugging Face Hub dataset"
+    if _hub_offline():
+        raise RecipeSetupError(
+            f"{where}, the Hub is unreachable (HF_HUB_OFFLINE=1) and it is not in the local cache; "
+            f"{_gated_hint(name)}{_ALTERNATIVES}"
+        )
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = HfApi().dataset_info(name, timeout=10, files_metadata=True)
+    except RepositoryNotFoundError as exc:
+        raise RecipeSetupError(f"{where} that does not exist (or is private); {_ALTERNATIVES}") from exc
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, timeout, proxy...
+        raise RecipeSetupError(
+            f"{where} and the Hub is unreachable ({type(exc).__name__}); {_gated_hint(name)}{_ALTERNATIVES}"
+        ) from exc
+    if info.gated and get_token() is None:
+        raise RecipeSetupError(f"{where} that is gated and no Hub token is stored; {_gated_hint(name)}{_ALTERNATIVES}")
+    size = sum(f.size or 0 for f in info.siblings or [])
+    if say is not None and size:
+        say(f"downloading {name} from the Hub: {human_bytes(size, 1)} (once; cached for later runs)")
+
+
+def check_weights_access(model_args: ModelArguments) -> None:
+    """One line instead of a download traceback when pretrained Hub weights are asked for offline."""
+    ref = model_args.model_name_or_path
+    if not model_args.pretrained or Path(ref).expanduser().exists() or not _hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = ref.removeprefix("hf-hub:").split("@")[0]
+    if "/" in repo and isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return  # in the local cache
+    raise RecipeSetupError(
+        f"--model_name_or_path {ref}: its pretrained weights come from the Hugging Face Hub, which is unreachable "
+        "(HF_HUB_OFFLINE=1) and they are not in the local cache; pass --pretrained false (random weights), a "
+        "local model folder, or run --smoke_test"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # The run
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
-    """Parse ``argv`` and run the pipeline; on the main process also write ``results.json``."""
+    """Parse ``argv`` and run the pipeline; on the main process also write ``results.json``.
+
+    ``RecipeSetupError`` (a ``ValueError``) when the run cannot start: bad flags, data or weights that cannot be
+    had (checked before any download), a model or dataset that does not load.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     training, model_args, data_args, msq_args, run_args, recipe_args = parse_args(recipe, argv)
-    result = run_pipeline(
+    main_process = training.process_index == 0
+    say = _say if main_process else None
+    check_dataset_access(data_args, say)  # the data first: the one thing a newcomer must change
+    check_weights_access(model_args)
+    try:
+        prepared = prepare(model_args, data_args, training.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise RecipeSetupError(str(exc)) from exc
+    result = train_and_export(
+        prepared,
         training,
         model_args,
         data_args,
@@ -251,6 +368,8 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
         baselines=recipe.baselines,
         argv=argv,
         extra_args={"recipe": dataclasses.asdict(recipe_args)},
+        # short console lines (loss, lr, compression, bits, phase) instead of the log dicts with every layer
+        say=say,
     )
     results: dict[str, Any] = {
         "recipe": recipe.name,
@@ -270,6 +389,17 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> RecipeResult:
     return RecipeResult(result.model, result.trainer, results, result.output_dir, result.export_dir)
 
 
+def command_line(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
+    """The recipe scripts' entry: :func:`run`, with a setup error as one line on stderr (exit status 2)."""
+    try:
+        run(recipe, argv)
+    except RecipeSetupError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message was
+        print(f"{os.path.basename(sys.argv[0]) or recipe.name}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 __all__ = [
     "ARGUMENT_TYPES",
     "COMMON_DEFAULTS",
@@ -279,7 +409,11 @@ __all__ = [
     "Recipe",
     "RecipeArguments",
     "RecipeResult",
+    "RecipeSetupError",
     "build_parser",
+    "check_dataset_access",
+    "check_weights_access",
+    "command_line",
     "parse_args",
     "run",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common import VIT_DEFAULTS, Recipe, RecipeResult, run
+from common import VIT_DEFAULTS, Recipe, RecipeResult, command_line, run
 
 RECIPE = Recipe(
     name="deit_tiny",
@@ -49,4 +49,4 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command_line(RECIPE))

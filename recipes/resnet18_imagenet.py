@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common import IMAGENET_CNN_DEFAULTS, Recipe, RecipeResult, run
+from common import IMAGENET_CNN_DEFAULTS, Recipe, RecipeResult, command_line, run
 
 RECIPE = Recipe(
     name="resnet18_imagenet",
@@ -47,4 +47,4 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command_line(RECIPE))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common import Recipe, RecipeResult, run
+from common import Recipe, RecipeResult, command_line, run
 
 RECIPE = Recipe(
     name="resnet20_cifar10",
@@ -65,4 +65,4 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command_line(RECIPE))

@@ -1,16 +1,17 @@
-"""Pieces shared by the ``msq-hf`` subcommands: the one-line error parser, user errors, small formatters."""
+"""Pieces shared by the ``msq-hf`` subcommands: the one-line error parsers, user errors, small formatters.
+
+Imported by ``msq-hf --help``: standard library only (transformers is imported by :func:`subcommand_parser` for
+``msq-hf train`` alone), see docs/cli.md, "Startup time".
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, NoReturn
-
-from transformers import HfArgumentParser
-
-from msq_hf.io.card import human_bytes
 
 PROG = "msq-hf"
 
@@ -19,12 +20,8 @@ class CLIError(Exception):
     """A user error: printed as ``msq-hf: error: <message>``, exit code 1."""
 
 
-class OneLineParser(HfArgumentParser):
-    """ArgumentParser whose errors are one line (``msq-hf train: error: ...``) instead of usage + error.
-
-    An ``HfArgumentParser``, so a subcommand may declare its options as dataclasses
-    (``sub.add_parser("train", dataclass_types=[...])``); without them it is a plain ``ArgumentParser``.
-    """
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (``msq-hf train: error: ...``) instead of usage + error."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.HelpFormatter)  # HfArgumentParser's shows every default
@@ -32,6 +29,24 @@ class OneLineParser(HfArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@functools.cache
+def _one_line_hf_parser() -> type[argparse.ArgumentParser]:
+    from transformers import HfArgumentParser  # heavy (~1 s): only msq-hf train declares dataclass options
+
+    class OneLineHfArgumentParser(OneLineParser, HfArgumentParser):
+        """``HfArgumentParser`` (options declared as dataclasses) with :class:`OneLineParser`'s errors."""
+
+    return OneLineHfArgumentParser
+
+
+def subcommand_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """The ``parser_class`` of the ``msq-hf`` subcommands: a :class:`OneLineParser`; given ``dataclass_types``
+    (``sub.add_parser("train", dataclass_types=[...])``), a one-line ``transformers.HfArgumentParser``."""
+    if "dataclass_types" in kwargs:
+        return _one_line_hf_parser()(**kwargs)
+    return OneLineParser(**kwargs)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,11 +96,6 @@ def details(exc: BaseException) -> list[str]:
     return [line for line in str(exc).strip().splitlines()[1:] if line.strip()]
 
 
-def human(n: float) -> str:
-    """Bytes for the console: ``'1.2 MB'``."""
-    return human_bytes(n, digits=1)
-
-
 def scheme_summary(scheme: dict[str, int], numels: dict[str, int] | None = None) -> str:
     """``'22 layers: 2 bits x9, 3 bits x8, 4 bits x5 (weighted avg 2.61)'``: the mix of a bit scheme."""
     if not scheme:
@@ -109,8 +119,8 @@ __all__ = [
     "OneLineParser",
     "checked",
     "details",
-    "human",
     "one_line",
     "positive_int",
     "scheme_summary",
+    "subcommand_parser",
 ]

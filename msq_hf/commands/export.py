@@ -1,4 +1,5 @@
-"""``msq-hf export CHECKPOINT_DIR OUTPUT``: turn an ``MSQTrainer`` checkpoint into a bit-packed export."""
+"""``msq-hf export CHECKPOINT_DIR OUTPUT``: turn an ``MSQTrainer`` checkpoint into a bit-packed export (options:
+``commands.main``)."""
 
 from __future__ import annotations
 
@@ -8,31 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import msq_hf
-from msq_hf.commands.common import CLIError, human, scheme_summary
+from msq_hf.commands.common import CLIError, scheme_summary
 from msq_hf.convert import iter_msq_layers
-from msq_hf.pipeline.model import read_config
-
-
-def add_export_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add the ``export`` subcommand to ``sub`` (the ``add_subparsers()`` object of ``msq-hf``)."""
-    parser = sub.add_parser(
-        "export",
-        help="write a bit-packed export from an MSQTrainer checkpoint",
-        description="Load an MSQTrainer checkpoint or save_model folder (timm or transformers; "
-        "also an msq-hf train output folder, which uses its model/ subfolder) and write a "
-        "bit-packed export with msq_hf.export.",
-    )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="checkpoint folder (config.json + weights)")
-    parser.add_argument("output", metavar="OUTPUT", help="export folder to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUTPUT")
-    parser.add_argument(
-        "--push-to-hub", action="store_true", help="also upload the export to the Hub (needs --repo-id)"
-    )
-    parser.add_argument("--repo-id", default=None, help="Hub repo id owner/name for --push-to-hub")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--max-shard-size", default=None, help="split the weights above this size (e.g. 2GB)")
-    parser.set_defaults(func=cmd_export)
-    return parser
+from msq_hf.io.card import human_bytes
+from msq_hf.io.files import check_target
+from msq_hf.pipeline.model import read_config, refuse_pickle_weights
 
 
 def checkpoint_folder(path: Path) -> Path:
@@ -66,6 +47,7 @@ def load_msq_checkpoint(path: str | os.PathLike[str]) -> Any:
     model has no MSQ layers.
     """
     folder = checkpoint_folder(Path(path).expanduser())
+    refuse_pickle_weights(folder, "CHECKPOINT_DIR")
     if (folder / "msq_manifest.json").is_file():
         return msq_hf.from_pretrained(folder)
     config = read_config(folder / "config.json")
@@ -103,10 +85,27 @@ def _load_hf_class(folder: Path, config: dict[str, Any]) -> Any:
     return cls.from_pretrained(str(folder))
 
 
+def checkpoint_processor(path: str | os.PathLike[str]) -> Any:
+    """The image processor a checkpoint folder holds (``preprocessor_config.json``, written by ``Trainer`` from its
+    ``processing_class``), or None; the export carries it so that ``pipeline(model=OUTPUT)`` works."""
+    from transformers import AutoImageProcessor
+    from transformers.utils import IMAGE_PROCESSOR_NAME
+
+    folder = checkpoint_folder(Path(path).expanduser())
+    if not (folder / IMAGE_PROCESSOR_NAME).is_file():
+        return None
+    try:
+        return AutoImageProcessor.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{folder / IMAGE_PROCESSOR_NAME} cannot be loaded as an image processor: {exc}") from exc
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``msq-hf export``: checkpoint folder -> :func:`msq_hf.export`; prints sizes and the path."""
     if args.push_to_hub and not args.repo_id:
         raise CLIError("--push-to-hub needs --repo-id owner/name")
+    overwrite = "force" if args.force_overwrite else args.overwrite
+    check_target(args.output, overwrite, [args.checkpoint])  # before the slow load; knows the source folder
     model = load_msq_checkpoint(args.checkpoint)
     model.eval()
     result = msq_hf.export(
@@ -116,7 +115,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         repo_id=args.repo_id,
         private=args.private or None,
         max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
+        overwrite=overwrite,
+        processor=checkpoint_processor(args.checkpoint),
     )
     print(f"exported {len(result.bit_scheme)} quantized layers to {result.directory}")
     print(
@@ -124,8 +124,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{result.storage_compression_ratio:.2f}x with the sign bit"
     )
     print(
-        f"  weights    : {human(result.weight_bytes)} on disk vs {human(result.float_bytes)} as float "
-        f"({result.size_ratio:.1f}x smaller)"
+        f"  weights    : {human_bytes(result.weight_bytes, 1)} on disk vs "
+        f"{human_bytes(result.float_bytes, 1)} as float ({result.size_ratio:.1f}x smaller)"
     )
     print(f"  bit scheme : {scheme_summary(result.bit_scheme)}")
     if result.commit_url:
@@ -133,4 +133,4 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_export_parser", "checkpoint_folder", "cmd_export", "load_msq_checkpoint"]
+__all__ = ["checkpoint_folder", "checkpoint_processor", "cmd_export", "load_msq_checkpoint"]

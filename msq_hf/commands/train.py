@@ -28,7 +28,8 @@ from transformers.hf_argparser import HfArg
 
 import msq_hf
 from msq_hf.arguments import MSQArguments, config_from_args
-from msq_hf.commands.common import CLIError, HelpFormatter, human, scheme_summary
+from msq_hf.commands.common import CLIError, HelpFormatter, scheme_summary
+from msq_hf.io.card import human_bytes
 from msq_hf.pipeline import (
     DataArguments,
     ModelArguments,
@@ -150,7 +151,6 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "train",
         dataclass_types=ARGUMENT_TYPES,
-        help="train with MSQ, evaluate, export and write a report",
         description="MSQ quantization-aware training with MSQTrainer: the LSB regularizer and Hessian-guided "
         "bit pruning until --target compression, then QAT. Afterwards the model is evaluated, saved to "
         "OUTPUT/model, exported bit-packed to OUTPUT/export, and OUTPUT/msq_history.json plus OUTPUT/report/ "
@@ -274,8 +274,9 @@ def print_summary(result: PipelineResult, wall_seconds: float) -> None:
         export = result.export
         folder_bytes = sum(p.stat().st_size for p in result.export_dir.iterdir() if p.is_file())
         say(
-            f"  on disk     : export weights {human(export.weight_bytes)} vs {human(export.float_bytes)} float32 "
-            f"({export.size_ratio:.1f}x smaller); export folder {human(folder_bytes)}"
+            f"  on disk     : export weights {human_bytes(export.weight_bytes, 1)} vs "
+            f"{human_bytes(export.float_bytes, 1)} float32 ({export.size_ratio:.1f}x smaller); "
+            f"export folder {human_bytes(folder_bytes, 1)}"
         )
         say(f"  export      : {result.export_dir}   (msq-hf inspect {result.export_dir})")
         if summary["export_logits_equal"] is not None:

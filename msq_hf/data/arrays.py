@@ -53,6 +53,13 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.nd
     return np.sort(order[:limit])
 
 
+def resolve_fit(height: int, width: int, image_size: int, fit: str = "auto") -> str:
+    """``"pad"`` or ``"resize"``: ``"auto"`` pads square images at most 4 pixels smaller than ``image_size``."""
+    if fit == "auto":
+        return "pad" if 0 <= image_size - max(height, width) <= 4 and height == width else "resize"
+    return fit
+
+
 def to_pixel_values(
     images: np.ndarray, image_size: int, channels: int, mean: float, std: float, scale: float, fit: str
 ) -> np.ndarray:
@@ -64,8 +71,7 @@ def to_pixel_values(
     """
     n, height, width = images.shape
     x = images.astype(np.float32) / scale
-    if fit == "auto":
-        fit = "pad" if 0 <= image_size - max(height, width) <= 4 and height == width else "resize"
+    fit = resolve_fit(height, width, image_size, fit)
     if fit == "pad":
         if image_size < height or image_size < width:
             raise ValueError(f"fit='pad' cannot shrink {height}x{width} images to {image_size}; use fit='resize'")
@@ -133,4 +139,12 @@ def array_dataset(pixel_values: np.ndarray, labels: np.ndarray, class_names: Seq
     return ds.with_format("torch")
 
 
-__all__ = ["SPLITS", "array_dataset", "check_shape_args", "check_split", "stratified_subset", "to_pixel_values"]
+__all__ = [
+    "SPLITS",
+    "array_dataset",
+    "check_shape_args",
+    "check_split",
+    "resolve_fit",
+    "stratified_subset",
+    "to_pixel_values",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,47 @@ def _detect_column(ds: Any, candidates: Sequence[str], feature_type: type, role:
     )
 
 
+def _class_folders(path: Path, split: str) -> tuple[Path, list[str]]:
+    """The folder holding the class sub-folders of ``split`` (``root/split`` or ``root``) and their names."""
+    root = path / split if (path / split).is_dir() else path
+    return root, sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_label_column(ds: Any, path: Path, split: str) -> None:
+    """``ValueError`` when an image folder has fewer than two classes (``imagefolder`` then adds no labels)."""
+    if "label" in ds.column_names:
+        return
+    root, classes = _class_folders(path, split)
+    found = f"only one class sub-folder ({classes[0]!r})" if classes else "no class sub-folders"
+    raise ValueError(
+        f"image folder {root} has {found}: classification needs at least two classes, one sub-folder "
+        f"each ({root}/<class>/*.png)"
+    )
+
+
+def check_images(ds: Any, image_col: str, source: str) -> None:
+    """``ValueError`` naming the images PIL cannot read, found before training rather than during it.
+
+    ``PIL.Image.verify`` parses each file without decoding all pixels (for PNG it checks every chunk's CRC).
+    """
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    bad = []
+    files = ds.select_columns([image_col]).cast_column(image_col, ImageFeature(decode=False))
+    for rows in files.iter(batch_size=256):
+        for row in rows[image_col]:
+            where = row.get("path") or "<embedded bytes>"
+            try:
+                with Image.open(row["path"] if row.get("bytes") is None else io.BytesIO(row["bytes"])) as img:
+                    img.verify()
+            except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
+                bad.append(f"{where} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"dataset {source!r}: {len(bad)} of {len(ds)} images cannot be read: {shown}")
+
+
 def _build_image_transform(image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> Any:
     from torchvision import transforms
 
@@ -64,11 +106,13 @@ def hf_image_dataset(
     seed: int,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    verify_images: bool = False,
 ) -> Any:
     """Attach an on-the-fly transform producing ``pixel_values``/``labels`` to an image dataset.
 
     The image (``image``/``img``, else the only ``Image`` feature) and label (``label``/``labels``, else
     the only ``ClassLabel``) columns are detected; ``ValueError`` lists the columns when one is missing.
+    ``verify_images``: open every (selected) image now (:func:`check_images`), not when training reaches it.
     """
     from datasets import ClassLabel, Image
 
@@ -83,6 +127,8 @@ def hf_image_dataset(
         if limit < 1:
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+    if verify_images:
+        check_images(ds, "image", source)
     if mean is None or std is None:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
     transform = _build_image_transform(image_size, channels, mean, std)
@@ -113,7 +159,8 @@ def load_image_dataset(
     * ``"fashion_mnist"`` (also ``"fashion-mnist"``) → :func:`load_fashion_mnist`;
     * ``"digits"`` → :func:`load_digits_dataset`;
     * an existing local directory → ``datasets.load_dataset("imagefolder", data_dir=...)``
-      (``root/<split>/<class>/*.png``, or ``root/<class>/*.png`` which becomes ``"train"``);
+      (``root/<split>/<class>/*.png``, or ``root/<class>/*.png`` which becomes ``"train"``); it needs at
+      least two classes, and every image of the split (after ``limit``) is checked to open;
     * anything else → ``datasets.load_dataset(name, split=split)`` (a Hub dataset id).
 
     For imagefolder/Hub data the image (``image``/``img``) and label (``label``/``labels``) columns
@@ -139,6 +186,7 @@ def load_image_dataset(
                 f"found splits {list(loaded.keys())} (sub-directories named train/test/validation)"
             )
         ds = loaded[split]
+        check_label_column(ds, path, split)
     else:
         try:
             ds = datasets.load_dataset(key, split=split)
@@ -149,7 +197,15 @@ def load_image_dataset(
                 "'fashion_mnist' or 'digits', so it was loaded as a Hub dataset id"
             )
             raise
-    return hf_image_dataset(ds, key, image_size, channels, limit, seed, mean, std)
+    return hf_image_dataset(ds, key, image_size, channels, limit, seed, mean, std, verify_images=path.is_dir())
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "builtin_source", "hf_image_dataset", "load_image_dataset"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "builtin_source",
+    "check_images",
+    "check_label_column",
+    "hf_image_dataset",
+    "load_image_dataset",
+]

@@ -2,21 +2,37 @@
 
 Both are rendered from the manifest alone, so ``msq-hf inspect``/re-rendering needs no model. The card's YAML
 metadata follows the Hub's conventions (``ModelCardData``): ``library_name`` is the library that owns the
-architecture (``transformers`` or ``timm``), tags ``msq``/``quantized``/``mixed-precision``, and ``base_model`` with
-``base_model_relation: quantized`` when the manifest knows where the weights came from. The plot uses matplotlib's
+architecture (``transformers`` or ``timm``), tags ``msq``/``quantized``/``mixed-precision``, ``base_model`` with
+``base_model_relation: quantized`` when the manifest knows where the weights came from, and ``license``,
+``datasets`` and ``model-index`` (evaluation results) from the card metadata passed to ``export(card_data=...)``
+(kept in the manifest under ``card``, checked by :func:`check_card_data`). The plot uses matplotlib's
 object API with the Agg canvas (no pyplot, no global backend change).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from msq_hf.io.format import MANIFEST_NAME, PLOT_NAME, WEIGHTS_NAME
 
 TAGS = ["msq", "quantized", "mixed-precision", "bit-packed", "image-classification"]
+TASK = "image-classification"
+#: keys of ``export(card_data=...)`` and their JSON types (``metrics``: metric name -> value)
+CARD_KEYS: dict[str, type | tuple[type, ...]] = {
+    "base_model": str,
+    "datasets": list,
+    "license": str,
+    "tags": list,
+    "model_name": str,
+    "metrics": dict,
+    "dataset_split": str,
+}
 
 # Rendered by ModelCard.from_template (jinja2); every number arrives pre-formatted.
 CARD_TEMPLATE = """---
@@ -43,9 +59,12 @@ from transformers import AutoModelForImageClassification
 model = AutoModelForImageClassification.from_pretrained("{{ where }}")
 {% endif %}```
 
-Without `import msq_hf`, transformers/timm stop with "no file named model.safetensors": the weights are
-in `{{ weights_name }}` on purpose, so the packed codes can never be mistaken for float weights.
-
+The weights are bit-packed codes in `{{ weights_name }}`, which only msq_hf reads. Without `import msq_hf`,
+transformers stops before loading anything and says to install and import msq_hf (`config.json` names no
+loadable weight file on purpose), so the codes can never be mistaken for float weights.
+{% if kind == "timm" %}`timm.create_model("hf-hub:...")` cannot rebuild packed layers (it stops with
+"Missing key(s)"): `msq_hf.from_pretrained` returns the timm model itself.
+{% endif %}
 ## Compression
 
 | quantity | value |
@@ -115,18 +134,98 @@ def plot_bit_scheme(manifest: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def card_data(manifest: dict[str, Any]) -> ModelCardData:
-    """The card's YAML metadata (Hub conventions) from ``manifest["model"]``."""
+def check_card_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``export(card_data=...)`` as a plain dict; ``ValueError`` naming the key at fault.
+
+    ``datasets``/``tags`` may be given as one string; ``metrics`` need ``datasets`` (the Hub's ``model-index``
+    names the dataset each result was measured on) and numeric values.
+    """
+    out: dict[str, Any] = {}
+    for key, value in dict(data or {}).items():
+        if key not in CARD_KEYS:
+            raise ValueError(f"card_data key {key!r} is unknown; allowed: {sorted(CARD_KEYS)}")
+        if value is None:
+            continue
+        if key in ("datasets", "tags") and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, CARD_KEYS[key]) or (
+            isinstance(value, list) and not all(isinstance(v, str) and v for v in value)
+        ):
+            raise ValueError(f"card_data[{key!r}]={value!r} is invalid: expected {CARD_KEYS[key].__name__} of strings")
+        out[key] = list(value) if isinstance(value, list) else value
+    metrics = out.get("metrics") or {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"card_data['metrics'][{name!r}]={value!r} is invalid: expected a number")
+    if metrics and not out.get("datasets"):
+        raise ValueError("card_data['metrics'] needs card_data['datasets']: the dataset the metrics were measured on")
+    return out
+
+
+def _hub_id(name: str | None) -> str | None:
+    """``name`` if it reads as a Hub repo id (not a local path), else None."""
+    if not name or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def run_card_data(
+    base_model: str | None, dataset: str | None, accuracy: float | None, split: str | None = None
+) -> dict[str, Any]:
+    """Card metadata of a training run (CLI, recipes): what is known, local paths left out."""
+    meta: dict[str, Any] = {}
+    if base := _hub_id(base_model.removeprefix("hf-hub:") if base_model else None):
+        meta["base_model"] = base if "/" in base else None
+    if data := _hub_id(dataset):
+        meta["datasets"] = [data]
+        if accuracy is not None:
+            meta["metrics"] = {"accuracy": float(accuracy)}
+            meta["dataset_split"] = split
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def eval_results(meta: dict[str, Any]) -> list[EvalResult] | None:
+    """``model-index`` entries: one per metric, on ``datasets[0]`` (``huggingface_hub.EvalResult``)."""
+    metrics = meta.get("metrics") or {}
+    if not metrics:
+        return None
+    dataset = meta["datasets"][0]
+    return [
+        EvalResult(
+            task_type=TASK,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=meta.get("dataset_split"),
+            metric_type=name,
+            metric_name=name,
+            metric_value=float(value),
+        )
+        for name, value in metrics.items()
+    ]
+
+
+def card_data(manifest: dict[str, Any], repo_id: str | None = None) -> ModelCardData:
+    """The card's YAML metadata (Hub conventions) from ``manifest["model"]`` and ``manifest["card"]``."""
     model = manifest["model"]
+    meta = manifest.get("card") or {}
     base_model = model.get("base_model")
+    results = eval_results(meta)
+    default_name = (repo_id or "").split("/")[-1] or f"{model.get('class') or model.get('architecture')}-msq"
+    tags = TAGS + (["timm"] if model["kind"] == "timm" else [])
     return ModelCardData(
         library_name="transformers" if model["kind"] == "hf" else "timm",
-        pipeline_tag="image-classification",
-        tags=TAGS + (["timm"] if model["kind"] == "timm" else []),
+        pipeline_tag=TASK,
+        tags=tags + [t for t in meta.get("tags", []) if t not in tags],
         base_model=base_model,
         base_model_relation="quantized" if base_model else None,
-        license=model.get("license"),
-        datasets=model.get("datasets"),
+        license=meta.get("license") or model.get("license"),
+        datasets=meta.get("datasets") or model.get("datasets"),
+        model_name=meta.get("model_name") or (default_name if results else None),
+        eval_results=results,
     )
 
 
@@ -167,7 +266,7 @@ def build_model_card(manifest: dict[str, Any], repo_id: str | None = None) -> Mo
         for name, info in manifest["layers"].items()
     ]
     return ModelCard.from_template(
-        card_data(manifest),
+        card_data(manifest, repo_id),
         template_str=CARD_TEMPLATE,
         what=what,
         kind=model["kind"],
@@ -184,4 +283,15 @@ def build_model_card(manifest: dict[str, Any], repo_id: str | None = None) -> Mo
     )
 
 
-__all__ = ["CARD_TEMPLATE", "TAGS", "build_model_card", "card_data", "human_bytes", "plot_bit_scheme"]
+__all__ = [
+    "CARD_KEYS",
+    "CARD_TEMPLATE",
+    "TAGS",
+    "build_model_card",
+    "card_data",
+    "check_card_data",
+    "eval_results",
+    "human_bytes",
+    "plot_bit_scheme",
+    "run_card_data",
+]

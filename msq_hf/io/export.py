@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -26,10 +26,19 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from msq_hf.config import FORMAT_VERSION, MSQConfig
 from msq_hf.errors import MSQExportError
-from msq_hf.integrations.timm import save_timm_config
-from msq_hf.integrations.transformers import MSQQuantizer
+from msq_hf.integrations.timm import save_timm_config, timm_data_config
+from msq_hf.integrations.transformers import GUARD_KEY, LOAD_GUARD, MSQQuantizer
 from msq_hf.io import card
-from msq_hf.io.files import atomic_directory, check_target, json_safe, push_export, save_safetensors, write_json
+from msq_hf.io.files import (
+    Overwrite,
+    atomic_directory,
+    check_target,
+    json_safe,
+    push_export,
+    save_safetensors,
+    source_folders,
+    write_json,
+)
 from msq_hf.io.format import (
     CARD_NAME,
     CONFIG_NAME,
@@ -40,9 +49,9 @@ from msq_hf.io.format import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     compute_totals,
+    file_entry,
     packed_metadata,
     packed_state_dict,
-    sha256_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,23 +193,37 @@ def _packed_save(model: nn.Module, state: dict[str, torch.Tensor], cfg: MSQConfi
 
 
 def _write_hf(
-    model: nn.Module, tmp: Path, cfg: MSQConfig, state: dict[str, torch.Tensor], max_shard_size: int | str | None
+    model: nn.Module,
+    tmp: Path,
+    cfg: MSQConfig,
+    state: dict[str, torch.Tensor],
+    max_shard_size: int | str | None,
+    data_config: dict[str, Any] | None,
 ) -> tuple[list[str], str, dict[str, Any]]:
     with _packed_save(model, state, cfg):
-        model.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+        # the class method: the instance's save_pretrained (msq_hf.io.save) is the one that calls export()
+        type(model).save_pretrained(model, tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     weight_files, weights_entry = _rename_hf_weights(tmp)
     config = json.loads((tmp / CONFIG_NAME).read_text())
     config[CONFIG_WEIGHTS_KEY] = weights_entry
+    config[GUARD_KEY] = LOAD_GUARD  # transformers without msq_hf stops here and prints it
+    if data_config and isinstance(config.get("pretrained_cfg"), dict):  # TimmWrapper: its processor lives here
+        config["pretrained_cfg"].update(data_config)
     write_json(tmp / CONFIG_NAME, json_safe(config, CONFIG_NAME))
     info = {"class": type(model).__name__, "model_type": getattr(model.config, "model_type", None)}
     return weight_files, weights_entry, info
 
 
 def _write_timm(
-    model: nn.Module, tmp: Path, cfg: MSQConfig, state: dict[str, torch.Tensor], max_shard_size: int | str | None
+    model: nn.Module,
+    tmp: Path,
+    cfg: MSQConfig,
+    state: dict[str, torch.Tensor],
+    max_shard_size: int | str | None,
+    data_config: dict[str, Any] | None,
 ) -> tuple[list[str], str, dict[str, Any]]:
     weight_files, weights_entry = save_safetensors(state, tmp, packed_metadata(), max_shard_size)
-    config = save_timm_config(model, tmp / CONFIG_NAME, cfg, weights_entry)
+    config = save_timm_config(model, tmp / CONFIG_NAME, cfg, weights_entry, data_config=data_config)
     info = {k: config[k] for k in ("architecture", "num_classes", "model_args")}
     license_name = (config.get("pretrained_cfg") or {}).get("license")
     if isinstance(license_name, str):
@@ -218,9 +241,11 @@ def export(
     commit_message: str | None = None,
     max_shard_size: int | str | None = None,
     *,
-    overwrite: bool = False,
+    overwrite: Overwrite = False,
     processor: Any = None,
+    processing_class: Any = None,
     verify: bool = True,
+    card_data: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Write a bit-packed, self-describing export of an MSQ model and optionally push it to the Hub.
 
@@ -229,18 +254,38 @@ def export(
             model, or a model loaded from an export. Neither the model nor its ``MSQConfig`` is modified.
         save_directory: target folder. Written atomically: everything goes to a temporary sibling folder
             that is renamed into place at the end, so a failure leaves neither a partial folder nor
-            temporary files. An existing non-empty folder is refused unless ``overwrite=True``.
+            temporary files. An existing non-empty folder is refused unless ``overwrite=True``, which only
+            replaces an msq_hf export; ``overwrite="force"`` replaces any other folder (docs/export.md).
         push_to_hub, repo_id, private, token, commit_message: upload the finished folder with
             ``HfApi.create_repo(exist_ok=True)`` + ``upload_folder`` (``repo_id`` is required).
         max_shard_size: split the weights into several safetensors files above this size.
-        processor: optional image processor saved alongside (``processor.save_pretrained``).
+        processor: the model's image processor, saved alongside (``processor.save_pretrained``:
+            ``preprocessor_config.json``) and hashed in the manifest, so that
+            ``transformers.pipeline("image-classification", model=save_directory)`` preprocesses images the
+            way training did. A ``TimmWrapperImageProcessor`` (TimmWrapper and raw timm models, e.g.
+            :func:`msq_hf.integrations.timm.timm_processor`) goes into ``config.json``'s ``pretrained_cfg``
+            instead (input size, interpolation, mean/std, crop), where transformers and timm read it. Without
+            one, an HF export holds no processor (``pipeline`` needs ``image_processor=...``) and a timm export
+            keeps the model's own ``pretrained_cfg``.
+        processing_class: the same under the ``Trainer``'s name: ``export(trainer.model, d,
+            processing_class=trainer.processing_class)``. Give one of the two.
         verify: decode every packed layer again and require bit-exact equality with the model.
+        card_data: model card metadata (:data:`msq_hf.io.card.CARD_KEYS`): ``base_model`` (Hub id of the float
+            weights; default: the model's ``name_or_path`` when it is a Hub id), ``datasets``, ``license``,
+            ``tags``, ``model_name``, ``metrics`` (e.g. ``{"accuracy": 0.91}``, rendered as ``model-index``
+            evaluation results on ``datasets[0]``) and ``dataset_split``. Kept in the manifest (``card``).
 
     Returns an :class:`ExportResult` with the files, their sizes and the compression figures.
     """
     if push_to_hub and not repo_id:
         raise MSQExportError("push_to_hub=True needs repo_id='owner/name'")
-    target = check_target(save_directory, overwrite)
+    if processor is not None and processing_class is not None and processor is not processing_class:
+        raise MSQExportError("export() got both processor= and processing_class=: pass one image processor")
+    processor = processor if processor is not None else processing_class
+    data_config = timm_data_config(processor)  # a timm processor goes into config.json's pretrained_cfg
+    card_meta = card.check_card_data(card_data)
+    sources = source_folders(model)
+    target = check_target(save_directory, overwrite, sources)
     kind = _model_kind(model)
     base_cfg = _model_config(model)
 
@@ -251,15 +296,17 @@ def export(
         layers[name]["checkpoint_key"] = key
     totals = compute_totals(state, layers)
 
-    with atomic_directory(target, overwrite) as tmp:
+    with atomic_directory(target, overwrite, sources) as tmp:
         write = _write_hf if kind == "hf" else _write_timm
-        weight_files, weights_entry, model_info = write(model, tmp, cfg, state, max_shard_size)
+        weight_files, weights_entry, model_info = write(model, tmp, cfg, state, max_shard_size, data_config)
         model_info = {"kind": kind, **model_info, "dtype": str(next(iter(layers.values()))["dtype"])}
-        if kind == "hf" and (base_model := _base_model(model)):
+        if base_model := card_meta.pop("base_model", None) or (_base_model(model) if kind == "hf" else None):
             model_info["base_model"] = base_model
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        files = {f: {"size": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in weight_files}
+        if processor is not None and data_config is None:
+            processor.save_pretrained(tmp)  # (TimmWrapperImageProcessor: data_config, saved in config.json)
+        # every file written so far (config, weights, index, processor files) is hashed; the manifest, card and
+        # plot come after and are never read on load
+        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -269,8 +316,9 @@ def export(
             "act_bits": cfg.act_bits,
             "weights": weights_entry,
             "layers": layers,
-            "totals": {**totals, "weight_file_bytes": sum(v["size"] for v in files.values())},
+            "totals": {**totals, "weight_file_bytes": sum(files[f]["size"] for f in weight_files)},
             "files": files,
+            **({"card": card_meta} if card_meta else {}),
         }
         write_json(tmp / MANIFEST_NAME, manifest)
         card.plot_bit_scheme(manifest, tmp / PLOT_NAME)

@@ -13,8 +13,9 @@ An export directory holds
   models, timm's ``save_config_for_hf`` fields (``architecture``, ``num_classes``, ``model_args``,
   ``pretrained_cfg``) plus the same two keys;
 * ``msq_manifest.json``: format, versions, per-layer bits / stored bits / shape / packed bytes, compression
-  totals, size and sha256 of every weight file, and how to rebuild the model;
-* ``README.md`` (model card) and ``bit_scheme.png`` (bits per layer).
+  totals, size and sha256 of every file the loader reads (``config.json``, the weight files, the index, a saved
+  processor's files), and how to rebuild the model;
+* ``README.md`` (model card) and ``bit_scheme.png`` (bits per layer): written after the manifest, never read back.
 
 This is the lowest io level: the transformers quantizer (``msq_hf.integrations``) packs state dicts with it,
 and ``msq_hf.io.export`` / ``load`` / ``inspect`` write and read the files it names.
@@ -26,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from torch import nn
 
 from msq_hf.config import FORMAT_VERSION
 from msq_hf.convert import quantized_layers
-from msq_hf.errors import MSQExportError, MSQFormatError, MSQIntegrityError
+from msq_hf.errors import MSQExportError, MSQFormatError, MSQIntegrityError, MSQMissingFileError
 from msq_hf.nn.layers import MSQLayerMixin
 from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedMixin, encode_layer, packed_nbytes, stored_bits
 from msq_hf.quant.functional import average_bits, compression_ratio
@@ -57,17 +59,32 @@ def packed_metadata() -> dict[str, str]:
     return {"format": "pt", "msq_format": "packed", "format_version": str(FORMAT_VERSION)}
 
 
+WEIGHTS_ENTRIES = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)  # the only values of manifest["weights"]
+UNVERIFIED_NAMES = (MANIFEST_NAME, CARD_NAME, PLOT_NAME)  # written after (or as) the manifest: never read on load
+MODEL_DTYPES = ("float32", "float16", "bfloat16", "float64")  # dtypes a layer / exported model may have
+MAX_JSON_BYTES = 64 * 2**20  # config.json / manifest / index: far above any real export, far below a memory problem
+MAX_JSON_DEPTH = 32  # every msq_hf JSON file is at most ~6 levels deep
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def check_weights_entry(value: Any, where: str) -> str:
-    """``config.json[msq_weights]``: a safetensors file (or index) name inside the export directory."""
+    """The weight entry of an export (``manifest["weights"]``): ``msq_model.safetensors`` or its index."""
+    if not isinstance(value, str) or value not in WEIGHTS_ENTRIES:
+        raise MSQFormatError(
+            f"{where} weights={value!r} is invalid: expected {WEIGHTS_NAME!r} or {WEIGHTS_INDEX_NAME!r}"
+        )
+    return value
+
+
+def check_file_name(value: Any, where: str) -> str:
+    """A plain file name inside the export folder (no directory part, no ``..``), else ``MSQFormatError``."""
     if (
         not isinstance(value, str)
+        or value in ("", ".", "..")
+        or any(c in value for c in "/\\\x00")
         or os.path.basename(value) != value
-        or not value.endswith((".safetensors", ".safetensors.index.json"))
     ):
-        raise MSQFormatError(
-            f"{where} {CONFIG_WEIGHTS_KEY}={value!r} is invalid: expected a safetensors file name (or index) "
-            "inside the export directory"
-        )
+        raise MSQFormatError(f"{where}: file name {value!r} is invalid: expected a plain file name inside the export")
     return value
 
 
@@ -125,29 +142,15 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def compute_totals(state: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, Any]:
-    """Compression and size totals of an export (what the manifest, card and report show)."""
-    names = list(layers)
-    numels = [layers[n]["numel"] for n in names]
-    bits = [layers[n]["bits"] for n in names]
-    stored = [layers[n]["stored_bits"] for n in names]
-    packed_keys = {f"{n}.weight_packed" if n else "weight_packed" for n in names}
-    quantized_bytes = sum(tensor_bytes(state[k]) for k in packed_keys if k in state)
-    other = {k: v for k, v in state.items() if k not in packed_keys}
-    unquantized_bytes = sum(tensor_bytes(v) for v in other.values())
-    float_params = sum(v.numel() for k, v in other.items() if v.is_floating_point() and not k.endswith(".weight_scale"))
-    float_bytes = sum(
-        n * torch.empty((), dtype=getattr(torch, layers[name]["dtype"])).element_size()
-        for name, n in zip(names, numels)
-    )
-    float_bytes += sum(
-        tensor_bytes(v) for k, v in other.items() if not k.endswith((".weight_scale", ".weight_bits", ".weight_shape"))
-    )
+def layer_totals(layers: dict[str, dict]) -> dict[str, Any]:
+    """The totals that follow from the manifest's layers alone (bits, numel, packed bytes of each layer)."""
+    numels = [layers[n]["numel"] for n in layers]
+    bits = [layers[n]["bits"] for n in layers]
+    stored = [layers[n]["stored_bits"] for n in layers]
     weighted, unweighted = average_bits(numels, bits)
     return {
-        "quantized_layers": len(names),
+        "quantized_layers": len(layers),
         "quantized_params": sum(numels),
-        "unquantized_params": float_params,
         "compression_ratio": compression_ratio(numels, bits),
         "storage_compression_ratio": compression_ratio(numels, stored),
         "average_bits": weighted,
@@ -155,9 +158,29 @@ def compute_totals(state: dict[str, torch.Tensor], layers: dict[str, dict]) -> d
         "average_stored_bits": average_bits(numels, stored)[0],
         "min_bits": min(bits),
         "max_bits": max(bits),
-        "quantized_bytes": quantized_bytes,
+        "quantized_bytes": sum(layers[n]["packed_bytes"] for n in layers),
+    }
+
+
+def compute_totals(state: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, Any]:
+    """Compression and size totals of an export (what the manifest, card and report show)."""
+    packed_keys = {f"{n}.weight_packed" if n else "weight_packed" for n in layers}
+    other = {k: v for k, v in state.items() if k not in packed_keys}
+    unquantized_bytes = sum(tensor_bytes(v) for v in other.values())
+    float_params = sum(v.numel() for k, v in other.items() if v.is_floating_point() and not k.endswith(".weight_scale"))
+    float_bytes = sum(
+        info["numel"] * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size() for info in layers.values()
+    )
+    float_bytes += sum(
+        tensor_bytes(v) for k, v in other.items() if not k.endswith((".weight_scale", ".weight_bits", ".weight_shape"))
+    )
+    totals = layer_totals(layers)
+    totals["quantized_bytes"] = sum(tensor_bytes(state[k]) for k in packed_keys if k in state)
+    return {
+        **totals,
+        "unquantized_params": float_params,
         "unquantized_bytes": unquantized_bytes,
-        "tensor_bytes": quantized_bytes + unquantized_bytes,
+        "tensor_bytes": totals["quantized_bytes"] + unquantized_bytes,
         "float_bytes": float_bytes,
     }
 
@@ -175,6 +198,49 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _json_depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, computed without recursion."""
+    depth, level = 0, [data]
+    while level:
+        depth += 1
+        level = [
+            v
+            for item in level
+            if isinstance(item, (dict, list))
+            for v in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """JSON from untrusted bytes: ``MSQFormatError`` naming ``where`` for bad UTF-8/JSON, deep nesting, NaN."""
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        raise MSQFormatError(f"{where} is not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MSQFormatError(f"{where} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise MSQFormatError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep: not an msq_hf file")
+    return data
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of an export; ``MSQMissingFileError`` (hint ``what``) or ``MSQFormatError``."""
+    if not path.is_file():
+        raise MSQMissingFileError(f"{path} is missing: {what}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise MSQFormatError(f"{path} is larger than {MAX_JSON_BYTES} bytes: not an msq_hf file")
+    data = parse_json(path.read_bytes(), str(path))
+    if not isinstance(data, dict):
+        raise MSQFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (no tensor data is read)."""
     with open(path, "rb") as fh:
@@ -185,12 +251,99 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         if length > min(path.stat().st_size - 8, 100 * 2**20):
             raise MSQIntegrityError(f"weight file {path} has a corrupt safetensors header (length {length})")
         try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MSQIntegrityError(f"weight file {path} has a corrupt safetensors header ({exc})") from exc
+            header = parse_json(fh.read(length), f"the safetensors header of {path}")
+        except MSQFormatError as exc:
+            raise MSQIntegrityError(f"weight file {path} has a corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise MSQIntegrityError(f"weight file {path} has a corrupt safetensors header")
     return header
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """The manifest's record of one file: ``{"size": bytes, "sha256": hex}``."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _manifest_files(manifest: dict[str, Any], where: str) -> dict[str, tuple[int, str]]:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise MSQFormatError(f"{where}: 'files' must map every file the loader reads to its size and sha256")
+    out = {}
+    for name, meta in files.items():
+        check_file_name(name, f"{where}: files")
+        size, digest = (meta.get("size"), meta.get("sha256")) if isinstance(meta, dict) else (None, None)
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0) or not (
+            isinstance(digest, str) and _SHA256.fullmatch(digest)
+        ):
+            raise MSQFormatError(
+                f"{where}: files[{name!r}] is malformed: expected {{'size': <bytes>, 'sha256': <64 hex digits>}}, "
+                f"got {str(meta)[:80]}"
+            )
+        out[name] = (size, digest.lower())  # hex case carries no information
+    return out
+
+
+def index_weight_files(directory: Path) -> dict[str, str]:
+    """``weight_map`` of ``msq_model.safetensors.index.json``: tensor key -> plain shard file name."""
+    path = directory / WEIGHTS_INDEX_NAME
+    weight_map = read_json(path, "a sharded export needs its index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MSQFormatError(f"{path}: 'weight_map' must map tensor names to shard file names")
+    for key, name in weight_map.items():
+        if not check_file_name(name, f"{path}: weight_map[{key!r}]").endswith(".safetensors"):
+            raise MSQFormatError(f"{path}: weight_map[{key!r}]={name!r} is not a .safetensors file")
+    return weight_map
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], verify: bool = True) -> list[Path]:
+    """Check every file of ``manifest["files"]`` (size; sha256 of JSON files always, of weight files with
+    ``verify``) and return the weight files. ``config.json`` and the weight entry must be listed; for a
+    sharded export the index's shard names must be exactly the manifest's ``.safetensors`` files."""
+    where = directory / MANIFEST_NAME
+    entries = _manifest_files(manifest, str(where))
+    weights = check_weights_entry(manifest.get("weights"), str(where))
+    for name in (CONFIG_NAME, weights):
+        if name not in entries:
+            raise MSQFormatError(
+                f"{where}: 'files' does not list {name}; every file the loader reads must be hashed "
+                "(an export from an older msq_hf: export it again)"
+            )
+    for name, (size, _) in entries.items():
+        path = directory / name
+        if not path.is_file():
+            raise MSQMissingFileError(f"{path} is missing (listed in {where})")
+        if path.stat().st_size != size:
+            raise MSQIntegrityError(
+                f"{path} has {path.stat().st_size} bytes but {where} says {size}: the file is truncated or was modified"
+            )
+    for name, (_, digest) in entries.items():
+        if (verify or not name.endswith(".safetensors")) and sha256_file(directory / name) != digest:
+            raise MSQIntegrityError(
+                f"{directory / name} fails its sha256 check against {where}: the file is corrupt or was modified"
+            )
+    names = sorted(set(index_weight_files(directory).values())) if weights == WEIGHTS_INDEX_NAME else [weights]
+    listed = sorted(n for n in entries if n.endswith(".safetensors"))
+    if names != listed:
+        raise MSQFormatError(
+            f"{where}: the weight files {listed} differ from the ones the export loads {names}"
+            + (f" (named by {WEIGHTS_INDEX_NAME})" if weights == WEIGHTS_INDEX_NAME else "")
+        )
+    return [directory / n for n in names]
+
+
+def export_weights_entry(name_or_path: Any, claimed: Any) -> str:
+    """The weight file (or index) transformers must load for an export at ``name_or_path``.
+
+    A local folder: taken from its manifest after :func:`verify_files` (sizes, JSON hashes, shard names),
+    never from ``config.json``. A Hub repo id (resolved by transformers itself): ``claimed`` (config.json's
+    ``msq_weights``) only if it is one of the two names the format uses.
+    """
+    directory = Path(str(name_or_path or ""))
+    if str(name_or_path or "") and directory.is_dir():
+        manifest = read_json(directory / MANIFEST_NAME, "every msq_hf export has a manifest")
+        verify_files(directory, manifest, verify=False)
+        return manifest["weights"]
+    return check_weights_entry(claimed, f"{CONFIG_NAME} {CONFIG_WEIGHTS_KEY}:")
 
 
 __all__ = [
@@ -200,17 +353,30 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "MODEL_DTYPES",
     "MSQ_STATE_NAME",
     "PLOT_NAME",
+    "UNVERIFIED_NAMES",
+    "WEIGHTS_ENTRIES",
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "WEIGHTS_PATTERN",
+    "check_file_name",
     "check_weights_entry",
     "compute_totals",
+    "export_weights_entry",
+    "file_entry",
+    "index_weight_files",
     "layer_info",
+    "layer_totals",
     "packed_metadata",
     "packed_state_dict",
+    "parse_json",
+    "read_json",
     "read_safetensors_header",
     "sha256_file",
     "tensor_bytes",
+    "verify_files",
 ]

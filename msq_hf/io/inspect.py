@@ -7,20 +7,29 @@ parameter counts, bytes on disk, integrity result); ``format_report`` renders it
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from msq_hf.errors import MSQError
+from msq_hf.errors import MSQError, MSQMissingFileError
 from msq_hf.io.card import human_bytes
-from msq_hf.io.format import CONFIG_NAME, MANIFEST_NAME
-from msq_hf.io.load import read_export, resolve_export_dir
+from msq_hf.io.format import MANIFEST_NAME, UNVERIFIED_NAMES, read_json
+from msq_hf.io.load import resolve_export_dir
+from msq_hf.io.verify import read_export
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
 class InspectReport:
-    """What ``inspect_export`` found. ``ok`` is False when any check failed (see ``errors``)."""
+    """What ``inspect_export`` found. ``ok`` is False when any check failed (see ``errors``).
+
+    With ``ok`` every value shown was verified (totals recomputed from the layers); otherwise the fields show
+    what the manifest claims, restricted to values of the right type.
+    """
 
     path: str
     ok: bool
@@ -36,17 +45,42 @@ class InspectReport:
     bytes_on_disk: int = 0
     versions: dict[str, str] = field(default_factory=dict)
     verified_sha256: bool = False
+    unverified: list[str] = field(default_factory=list)  # files the manifest does not hash (never read on load)
 
     @property
     def bit_scheme(self) -> dict[str, int]:
         """``{layer: bits}``."""
-        return {n: int(i["bits"]) for n, i in self.layers.items()}
+        return {n: i["bits"] for n, i in self.layers.items() if isinstance(i.get("bits"), int)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
         data = asdict(self)
         data["bit_scheme"] = self.bit_scheme
         return data
+
+
+def _fill(report: InspectReport, manifest: dict[str, Any], totals: dict[str, Any] | None) -> None:
+    """Copy what the manifest says into ``report``, keeping only values of the expected types."""
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+    report.format, report.wnorm = text(manifest.get("format")), text(manifest.get("wnorm"))
+    version = manifest.get("format_version")
+    report.format_version = version if isinstance(version, int) and not isinstance(version, bool) else None
+    model = manifest.get("model")
+    report.model = {k: v for k, v in model.items() if isinstance(k, str)} if isinstance(model, dict) else {}
+    report.kind = text(report.model.get("kind"))
+    layers = manifest.get("layers")
+    report.layers = {n: dict(i) for n, i in layers.items() if isinstance(i, dict)} if isinstance(layers, dict) else {}
+    raw = totals if totals is not None else manifest.get("totals")
+    report.totals = {k: v for k, v in raw.items() if _is_number(v)} if isinstance(raw, dict) else {}
+    versions = manifest.get("versions")
+    if isinstance(versions, dict):
+        report.versions = {k: v for k, v in versions.items() if isinstance(v, str)}
+    files = manifest.get("files")
+    hashed = set(files) if isinstance(files, dict) else set()
+    report.unverified = sorted(n for n in report.files if n not in hashed and n != MANIFEST_NAME)
 
 
 def inspect_export(
@@ -57,33 +91,25 @@ def inspect_export(
     token: str | bool | None = None,
     local_files_only: bool | None = None,
 ) -> InspectReport:
-    """Inspect an export folder or Hub repo. Problems are collected in ``report.errors``, not raised
-    (only an unreachable path/repo raises ``MSQMissingFileError``)."""
+    """Inspect an export folder or Hub repo. Problems are collected in ``report.errors``, not raised; a path
+    that is not an msq_hf export at all (unreachable, or no ``msq_manifest.json``) raises ``MSQMissingFileError``."""
     directory = resolve_export_dir(path_or_repo_id, revision, cache_dir, token, local_files_only)
+    if not (directory / MANIFEST_NAME).is_file():
+        raise MSQMissingFileError(f"{directory} is not an msq_hf export: it has no {MANIFEST_NAME}")
     report = InspectReport(path=str(directory), ok=True, verified_sha256=verify)
     report.files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
     report.bytes_on_disk = sum(report.files.values())
-    # best-effort raw read first, so a broken export still shows what it claims
     try:
-        manifest = json.loads((directory / MANIFEST_NAME).read_text())
-        if isinstance(manifest, dict):
-            report.format, report.format_version = manifest.get("format"), manifest.get("format_version")
-            report.model = dict(manifest.get("model") or {})
-            report.kind = report.model.get("kind")
-            report.wnorm = manifest.get("wnorm")
-            report.layers = dict(manifest.get("layers") or {})
-            report.totals = dict(manifest.get("totals") or {})
-            report.versions = dict(manifest.get("versions") or {})
-    except (OSError, ValueError):
-        pass  # read_export below reports the precise problem
-    try:
-        read_export(directory, verify=verify)
+        contents = read_export(directory, verify=verify)
     except MSQError as exc:
         report.ok = False
-        report.errors.append(str(exc))
-    if not (directory / CONFIG_NAME).exists() and not report.errors:
-        report.ok = False
-        report.errors.append(f"{directory / CONFIG_NAME} is missing")
+        report.errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        try:  # show what the broken export claims, type-filtered
+            _fill(report, read_json(directory / MANIFEST_NAME, "manifest"), None)
+        except MSQError:
+            pass  # the error above already says why
+    else:
+        _fill(report, contents.manifest, contents.totals)
     return report
 
 
@@ -103,7 +129,7 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
     out.append(f"  format     : {report.format} v{report.format_version}, wnorm={report.wnorm}")
     if report.versions:
         out.append("  written by : " + ", ".join(f"{k} {v}" for k, v in sorted(report.versions.items())))
-    t = report.totals
+    t = {k: v for k, v in report.totals.items() if _is_number(v)}
     if t:
         out += [
             f"  layers     : {t.get('quantized_layers')} quantized, {t.get('quantized_params', 0):,} weights "
@@ -128,17 +154,23 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
         out.append(f"  {'layer':<{width}}  {'type':<7} {'shape':<16} {'bits':>4} {'stored':>6} {'packed B':>10}")
         for name in shown:
             i = report.layers[name]
-            shape = "x".join(str(d) for d in i.get("shape", []))
-            kind = "dwconv" if i.get("depthwise") else str(i.get("type", "?"))
+            shape = "x".join(str(d) for d in i["shape"]) if isinstance(i.get("shape"), list) else "?"
+            kind = "dwconv" if i.get("depthwise") is True else str(i.get("type", "?"))
+            packed = f"{i['packed_bytes']:,}" if _is_number(i.get("packed_bytes")) else "?"
             out.append(
-                f"  {name:<{width}}  {kind:<7} {shape:<16} {i.get('bits', '?'):>4} {i.get('stored_bits', '?'):>6} "
-                f"{i.get('packed_bytes', 0):>10,}"
+                f"  {name:<{width}}  {kind:<7} {shape:<16} {str(i.get('bits', '?')):>4} "
+                f"{str(i.get('stored_bits', '?')):>6} {packed:>10}"
             )
         if len(shown) < len(names):
             out.append(f"  ... {len(names) - len(shown)} more layers")
     out.append("")
     check = "sizes, headers, bit scheme" + (", sha256" if report.verified_sha256 else "")
     out.append(f"  integrity  : {'OK' if report.ok else 'FAILED'} ({check})")
+    extra = [n for n in report.unverified if n not in UNVERIFIED_NAMES]
+    if report.unverified:
+        out.append(f"  not hashed : {', '.join(report.unverified)} (never read by msq_hf.from_pretrained)")
+    if extra:
+        out.append(f"               {', '.join(extra)} are not part of the export as written")
     out += [f"    - {e}" for e in report.errors]
     return "\n".join(out)
 

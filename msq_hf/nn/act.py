@@ -10,7 +10,6 @@ inputs such as post-ReLU activations, 1 signed inputs such as LayerNorm outputs)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ class _RoundSTE(torch.autograd.Function):
 
 
 class _PACTClip(torch.autograd.Function):
-    """``y = clip(x, lo, alpha)`` with the PACT gradients.
+    """``y = clip(x, lo, alpha)`` with the PACT gradients; ``signed`` is a 0/1 tensor (no host read).
 
     Unsigned (``lo = 0``): ``dy/dx = 1[0 <= x <= alpha]``, ``dL/dalpha = sum g * 1[x >= alpha]``.
     Signed (``lo = -alpha``): ``dy/dx = 1[|x| <= alpha]``,
@@ -45,26 +44,59 @@ class _PACTClip(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, signed: bool) -> torch.Tensor:
-        ctx.save_for_backward(x, alpha)
-        ctx.signed = signed
+    def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, alpha, signed)
         a = alpha.to(x.dtype)
-        lo = -a if signed else torch.zeros_like(a)
+        lo = -a * signed.to(x.dtype)
         return torch.minimum(torch.maximum(x, lo), a)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
-        x, alpha = ctx.saved_tensors
+        x, alpha, signed = ctx.saved_tensors
         a = alpha.to(x.dtype)
-        lo = -a if ctx.signed else torch.zeros_like(a)
+        flag = signed.to(g.dtype)
+        lo = -a * flag
         grad_x = g * ((x >= lo) & (x <= a)).to(g.dtype)
-        grad_alpha = (g * (x >= a).to(g.dtype)).sum()
-        if ctx.signed:
-            grad_alpha = grad_alpha - (g * (x <= -a).to(g.dtype)).sum()
+        grad_alpha = (g * (x >= a).to(g.dtype)).sum() - flag * (g * (x <= -a).to(g.dtype)).sum()
         return grad_x, grad_alpha.to(alpha.dtype).reshape(alpha.shape), None
 
 
-class PACTActQuantizer(nn.Module):
+class _SignMode(nn.Module):
+    """The ``signed`` buffer (-1 unset, 0 non-negative inputs, 1 signed inputs), decided by the first batch.
+
+    The forward never reads a tensor on the host (no ``int(tensor)``), so a whole model compiles with
+    ``fullgraph=True`` and a GPU step does not wait for the device: the first batch is detected with a Python
+    flag, and the sign mode is applied as tensor arithmetic (``torch.where``), never as a Python branch.
+    """
+
+    def __init__(self, bits: int, what: str):
+        super().__init__()
+        self.bits = check_bits(bits, what, MIN_ACT_BITS, MAX_ACT_BITS)
+        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))
+        # Python-side: has this module seen a batch since it was built? A loaded ``signed`` >= 0 is kept by
+        # ``_decide_sign`` (it only fills an unset value), so this flag needs no update on load.
+        self._seen_batch = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def _decide_sign(self, x: torch.Tensor) -> torch.Tensor:
+        """Fill an unset ``signed`` from ``x`` (only on the first batch); return the 0/1 mode as a tensor."""
+        if not self._seen_batch:
+            with torch.no_grad():
+                negative = (x.detach() < 0).any().to(self.signed.dtype)
+                self.signed.copy_(torch.where(self.signed < 0, negative, self.signed))
+            self._seen_batch = True
+        return self.signed.clamp(min=0)
+
+    def _levels(self, signed: torch.Tensor) -> torch.Tensor:
+        """Largest grid index: ``2^(b-1) - 1`` for signed inputs, ``2^b - 1`` otherwise (a float tensor)."""
+        unsigned_max = float(2**self.bits - 1)
+        signed_max = float(2 ** (self.bits - 1) - 1)
+        return torch.where(signed.bool(), signed_max, unsigned_max).float()
+
+
+class PACTActQuantizer(_SignMode):
     """PACT input quantizer (Choi et al. 2018): learnable clip ``alpha`` (init 10.0) + uniform ``bits``-bit grid.
 
     ``y = clip(x, 0, alpha)`` (or ``clip(x, -alpha, alpha)`` for signed inputs), then
@@ -80,27 +112,19 @@ class PACTActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int = 4, init_alpha: float = 10.0):
-        super().__init__()
-        self.bits = check_bits(bits, "PACT act_bits", MIN_ACT_BITS, MAX_ACT_BITS)
+        super().__init__(bits, "PACT act_bits")
         if not init_alpha > 0:
             raise ValueError(f"PACT init_alpha={init_alpha} must be > 0")
         self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
-        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int(self.signed) < 0:  # the first batch decides: post-ReLU inputs stay unsigned
-            self.signed.fill_(int(bool((x.detach() < 0).any())))
-        signed = bool(int(self.signed))
+        signed = self._decide_sign(x)  # the first batch decides: post-ReLU inputs stay unsigned
         y = _PACTClip.apply(x, self.alpha, signed)
-        levels = 2 ** (self.bits - 1) - 1 if signed else 2**self.bits - 1
-        step = (self.alpha.detach().abs() / levels).clamp_min(1e-12).to(x.dtype)
+        step = (self.alpha.detach().abs() / self._levels(signed)).clamp_min(1e-12).to(x.dtype)
         return _RoundSTE.apply(y / step) * step
 
 
-class LSQActQuantizer(nn.Module):
+class LSQActQuantizer(_SignMode):
     """LSQ activation quantizer (Esser et al. 2020; 8-bit default, for ViTs), per tensor.
 
     ``y_q = clamp(round(x / s), Qn, Qp) * s`` with a learnable step ``s`` initialised at the first
@@ -109,30 +133,24 @@ class LSQActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int = 8):
-        super().__init__()
-        self.bits = check_bits(bits, "LSQ act_bits", MIN_ACT_BITS, MAX_ACT_BITS)
+        super().__init__(bits, "LSQ act_bits")
         self.step = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
-
-    def _range(self) -> tuple[int, int]:
-        if int(self.signed):
-            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return 0, 2**self.bits - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int(self.signed) < 0:
-            with torch.no_grad():
-                self.signed.fill_(int(bool((x < 0).any())))
-                _, qp = self._range()
-                self.step.fill_(float(2 * x.abs().mean() / math.sqrt(qp)) + 1e-8)
-        qn, qp = self._range()
-        grad_scale = 1.0 / math.sqrt(qp * max(x.numel() // max(x.shape[0], 1), 1))
+        if not self._seen_batch:
+            with torch.no_grad():  # the step starts from the first batch, unless a checkpoint already set it
+                unset = self.signed < 0
+                signed = torch.where(unset, (x < 0).any().to(self.signed.dtype), self.signed)
+                first = 2 * x.abs().mean().float() / self._levels(signed).sqrt() + 1e-8
+                self.step.copy_(torch.where(unset, first, self.step))
+        signed = self._decide_sign(x)
+        qp = self._levels(signed)
+        qn = -(qp + 1) * signed  # -2^(b-1) for signed inputs, 0 otherwise
+        per_sample = max(x.numel() // max(x.shape[0], 1), 1)
+        grad_scale = torch.rsqrt(qp * per_sample)
         step = self.step.abs() + 1e-8
         step = (step - step * grad_scale).detach() + step * grad_scale
-        return _RoundSTE.apply(torch.clamp(x / step, qn, qp)) * step
+        return _RoundSTE.apply(torch.clamp(x / step, qn.to(x.dtype), qp.to(x.dtype))) * step
 
 
 def make_act_quantizer(kind: str, bits: int, *, linear: bool = False, init_alpha: float = 10.0) -> nn.Module:

@@ -42,27 +42,28 @@ class MSQWeightQuantize(torch.autograd.Function):
         R   = c * sum|D|,  c = 2^n/S (code units) or 1/S (value units), /N for a mean reduction
 
     Backward: ``dL/dW = dL/dW_q + (dL/dR) * c * sign(D)`` -- the STE for the task loss plus
-    MSQ Eq. 7 for the regularizer. With ``k == 0`` no regularizer is computed and ``R`` is 0.
+    MSQ Eq. 7 for the regularizer. ``bits`` and ``k`` are 0-d integer tensors (never read on the host);
+    at ``k == 0`` the kernels give ``R = 0`` and ``c = 0``. ``k=None``: straight-through quantization
+    only (``R`` is a constant 0, nothing is saved for the backward).
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         weight: torch.Tensor,
-        bits: int,
-        k: int,
+        bits: torch.Tensor,
+        k: torch.Tensor | None,
         continuous: bool,
         code_units: bool,
         mean: bool,
         owns_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.detach()
-        if k <= 0:
-            ctx.reg = False
-            return QF.fake_quantize_signmag(w, bits, QF.max_abs_scale(w)), w.new_zeros(())
-        wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, code_units, mean)
-        ctx.reg = True
+        ctx.reg = k is not None
         ctx.owns_grad = owns_grad
+        if k is None:
+            return KERNELS.fake_quantize(w, bits), w.new_zeros(())
+        wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, code_units, mean)
         ctx.save_for_backward(sign, coef)
         return wq, reg
 
@@ -77,8 +78,8 @@ class MSQWeightQuantize(torch.autograd.Function):
 
 def msq_quantize_weight(
     weight: torch.Tensor,
-    bits: int,
-    k: int = 0,
+    bits: int | torch.Tensor,
+    k: int | torch.Tensor | None = 0,
     *,
     continuous: bool = True,
     code_units: bool = True,
@@ -87,12 +88,20 @@ def msq_quantize_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional entry point of :class:`MSQWeightQuantize` (returns ``(W_q, R)``).
 
+    ``bits``/``k``: Python ints or 0-d integer tensors (a layer passes its buffers, so no value is read on
+    the host). ``k=0`` or ``None`` (as ints): straight-through quantization only, ``R = 0``; a tensor ``k``
+    always runs the fused regularizer (``R = 0`` and no regularizer gradient where it holds 0).
+
     ``owns_grad=True`` promises that ``W_q`` feeds exactly one linear/convolution op, whose backward
     hands the quantizer a freshly allocated weight gradient; the backward may then add the
     regularizer gradient into that buffer in place. Leave it ``False`` whenever ``W_q`` is used
     anywhere else (the incoming gradient could be shared, expanded or the caller's own tensor).
     """
-    return MSQWeightQuantize.apply(weight, int(bits), int(k), continuous, code_units, mean, owns_grad)
+    if not isinstance(bits, torch.Tensor):
+        bits = torch.tensor(QF.check_bits(bits), dtype=torch.int32, device=weight.device)
+    if k is not None and not isinstance(k, torch.Tensor):
+        k = torch.tensor(int(k), dtype=torch.int32, device=weight.device) if int(k) > 0 else None
+    return MSQWeightQuantize.apply(weight, bits, k, continuous, code_units, mean, owns_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,25 +177,27 @@ class MSQLayerMixin:
 
     # -- quantization ----------------------------------------------------------------------
     def _quantized_weight_and_reg(self, owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bits = self.n_bits
-        want_reg = self.training and torch.is_grad_enabled() and self.n_k > 0
+        # Training (signmag): the buffers go into the kernels as tensors -- no int(bits)/int(k) host read per
+        # layer and step, and torch.compile traces the whole forward+backward as one graph. A layer at k = 0
+        # still returns a (zero) regularizer term: whether k is 0 is data, not control flow.
+        want_reg = self.training and torch.is_grad_enabled()
         if self.wnorm == "signmag":
             wq, reg = msq_quantize_weight(
                 self.weight,
-                bits,
-                self.n_k if want_reg else 0,
+                self.bits,
+                self.k if want_reg else None,
                 continuous=self.lsb_form == "continuous",
                 code_units=self.lsb_units == "code",
                 mean=self.reg_reduction == "mean",
                 owns_grad=owns_grad,
             )
             return wq, (reg if want_reg else None)
-        # DoReFa-affine normalization: readable autograd path (slower; an ablation option).
-        wq = QF.quantize_weight(self.weight, bits, "dorefa")
+        # DoReFa-affine normalization: readable autograd path (slower; an ablation option, reads bits on the host).
+        wq = QF.quantize_weight(self.weight, self.n_bits, "dorefa")
         reg = None
-        if want_reg:
+        if want_reg and self.n_k > 0:
             reg = QF.lsb_l1(
-                self.weight, bits, self.n_k, self.lsb_form, self.lsb_units, self.reg_reduction, wnorm="dorefa"
+                self.weight, self.n_bits, self.n_k, self.lsb_form, self.lsb_units, self.reg_reduction, wnorm="dorefa"
             )
         return wq, reg
 
@@ -200,7 +211,7 @@ class MSQLayerMixin:
     def quantized_weight_ste(self) -> torch.Tensor:
         """The fake-quantized weight with the straight-through gradient (for Hessian passes)."""
         if self.wnorm == "signmag":
-            return msq_quantize_weight(self.weight, self.n_bits, 0)[0]
+            return msq_quantize_weight(self.weight, self.bits, None)[0]
         return QF.quantize_weight(self.weight, self.n_bits, "dorefa")
 
     def lsb_nonzero_rate(self, k: int | None = None) -> float:

@@ -10,10 +10,14 @@ Buffers of a packed layer (the checkpoint keys ``<module>.weight_packed`` etc.):
 ``weight_packed`` (uint8 little-endian bitstream, ``msq_hf.quant.packing``), ``weight_scale`` (float32 [1]),
 ``weight_bits`` (uint8 [1], ``n``), ``weight_shape`` (int64 [ndim]); the bias stays a float parameter.
 
-The dequantized weight is computed once after loading (``refresh``) into the non-persistent buffer
-``weight`` and the forward is the plain ``F.linear``/``F.conv2d`` on it. The stored scale is used as is:
-re-quantizing the dequantized weight with a fresh ``max|W|`` scale would *not* reproduce it (the
-largest weight is usually clamped to ``2^n - 1`` steps, so ``max|W_q| != S``).
+Packed inference: the layer keeps only the packed buffers. Each ``forward`` decodes the weight on the fly --
+unpack the codes straight into a float32 buffer (:func:`msq_hf.quant.packing.unpack_codes` with ``out=``),
+then dequantize it in place (:func:`dequantize_`) -- and runs the plain ``F.linear``/``F.conv2d`` on it. The
+buffer is a per-thread workspace reused by every layer (the size of the largest layer), so a loaded export
+holds packed bytes, not float weights. A :class:`DecodeCache` (:func:`set_decode_cache`: every layer, or an
+LRU bounded by bytes) trades memory back for speed. The stored scale is used as is: re-quantizing the
+dequantized weight with a fresh ``max|W|`` scale would *not* reproduce it (the largest weight is usually
+clamped to ``2^n - 1`` steps, so ``max|W_q| != S``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch.nn.modules.utils import _pair
 
 from msq_hf.errors import MSQFormatError
 from msq_hf.nn.base import conv_forward, copy_geometry, float_twin
+from msq_hf.nn.decode_cache import CacheOption, DecodeCache, make_decode_cache
 from msq_hf.quant import functional as QF
 from msq_hf.quant import packing
 
@@ -46,6 +51,15 @@ def packed_nbytes(numel: int, bits: int, wnorm: str) -> int:
 # codec
 
 
+def dequantize_(values: torch.Tensor, scale: torch.Tensor, bits: int, wnorm: str) -> torch.Tensor:
+    """In place on float32 ``values`` holding unsigned stored codes: ``(c - (2^n-1)) * s`` (signmag) or
+    ``2 (c s) - 1`` (dorefa) -- the one dequantization formula, op for op, so every caller is bit-identical."""
+    s = scale.reshape(())
+    if wnorm == "signmag":
+        return values.sub_(2**bits - 1).mul_(s)
+    return values.mul_(s).mul_(2).sub_(1)
+
+
 def decode_weight(
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -54,15 +68,10 @@ def decode_weight(
     shape: tuple[int, ...] | torch.Size,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Dequantize unsigned stored codes: ``(c - (2^n-1)) * s`` (signmag) or ``2 c s - 1`` (dorefa), in
-    fp32, then cast to ``dtype`` (the exporter checks this reproduces the layer bit for bit)."""
-    c = codes.reshape(shape).to(torch.float32)
-    s = scale.to(torch.float32).reshape(())
-    if wnorm == "signmag":
-        w = (c - (2**bits - 1)) * s
-    else:
-        w = 2 * (c * s) - 1
-    return w.to(dtype)
+    """Dequantize unsigned stored codes (:func:`dequantize_`) in fp32, then cast to ``dtype`` (the exporter
+    checks this reproduces the layer bit for bit)."""
+    w = codes.reshape(shape).to(torch.float32, copy=True)
+    return dequantize_(w, scale.to(device=w.device, dtype=torch.float32), bits, wnorm).to(dtype)
 
 
 def encode_layer(name: str, layer: Any, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -96,17 +105,31 @@ def encode_layer(name: str, layer: Any, verify: bool = True) -> dict[str, torch.
 
 
 # ------------------------------------------------------------------------------------------------
+# decode cache
+
+
+def set_decode_cache(model: nn.Module, option: CacheOption) -> DecodeCache | None:
+    """Give every packed layer of ``model`` one shared decode cache (see :func:`make_decode_cache`); returns it."""
+    cache = make_decode_cache(option)
+    for module in model.modules():
+        if isinstance(module, MSQPackedMixin):
+            module.decode_cache = cache
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------
 # modules
 
 
 class MSQPackedMixin:
-    """State shared by the packed layers: packed buffers, the expected bit width, the dequant cache."""
+    """State shared by the packed layers: packed buffers, the expected bit width, on-the-fly decoding."""
 
-    weight: torch.Tensor
     weight_packed: torch.Tensor
     weight_scale: torch.Tensor
     weight_bits: torch.Tensor
     weight_shape: torch.Tensor
+    bias: torch.Tensor | None
+    decode_cache: DecodeCache | None
 
     def _init_packed(
         self,
@@ -131,8 +154,8 @@ class MSQPackedMixin:
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.register_buffer("weight_bits", torch.full((1,), int(bits), dtype=torch.uint8, device=device))
         self.register_buffer("weight_shape", torch.tensor(self.expected_shape, dtype=torch.int64, device=device))
-        # the dequantized weight: derived data, never saved (the packed buffers are the truth)
-        self.register_buffer("weight", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # no float weight is kept: forward decodes it (packed inference); see decode_cache
+        self.decode_cache = None
         self.act_quant = act_quantizer
         self._msq_ready = False
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())  # type: ignore[arg-type]
@@ -169,8 +192,30 @@ class MSQPackedMixin:
         """Bits per weight in ``weight_packed``."""
         return stored_bits(self.bits, self.wnorm)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, decoded now (or taken from the decode cache): a tensor the caller owns.
+
+        Kept for code that reads ``layer.weight`` (e.g. transformers' ViT reads its dtype); ``forward`` does
+        not go through it. Decoding costs about one pass over the float weight.
+        """
+        return self._decoded(transient=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to(dtype)/.half()/.to(device) convert tensors; the decoded weight's dtype follows the float tensors
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        if self.decode_cache is not None:
+            self.decode_cache.discard(id(self))
+        return result
+
     def dequantized_weight(self) -> torch.Tensor:
         """Validate the packed buffers and decode them (``MSQFormatError`` naming the layer on a mismatch)."""
+        self.validate()
+        return self._decode(transient=False)
+
+    def validate(self) -> None:
+        """Check the packed buffers against the bit scheme and the model (``MSQFormatError`` naming the layer)."""
         where = f"layer {self.layer_name!r}"
         bits = int(self.weight_bits.reshape(-1)[0]) if self.weight_bits.numel() == 1 else None
         if bits is None or not QF.MIN_BITS <= bits <= QF.MAX_BITS:
@@ -199,32 +244,60 @@ class MSQPackedMixin:
             raise MSQFormatError(
                 f"{where}: weight_scale={scale.tolist()} is invalid: expected one finite positive number"
             )
-        codes = packing.unpack_codes(self.weight_packed.reshape(-1).cpu(), width, numel)
         top = 2 ** (bits + 1) - 2 if self.wnorm == "signmag" else 2**bits - 1
-        if numel and int(codes.max()) > top:
-            raise MSQFormatError(
-                f"{where}: a stored code is {int(codes.max())}, above the largest valid "
-                f"{bits}-bit {self.wnorm} code {top}; the weight file is corrupt"
-            )
-        return decode_weight(codes, scale.cpu(), bits, self.wnorm, shape, self.weight_dtype).to(
-            self.weight_packed.device
-        )
+        if numel and top < (1 << width) - 1:  # some bit patterns are not valid codes: look for them
+            codes = packing.unpack_codes(self.weight_packed.reshape(-1), width, numel)
+            if int(codes.max()) > top:
+                raise MSQFormatError(
+                    f"{where}: a stored code is {int(codes.max())}, above the largest valid "
+                    f"{bits}-bit {self.wnorm} code {top}; the weight file is corrupt"
+                )
 
     def refresh(self) -> None:
-        """Recompute the cached dequantized ``weight`` from the packed buffers (called after loading)."""
-        with torch.no_grad():
-            w = self.dequantized_weight()
-            if self.weight.device.type == "meta" or self.weight.shape != w.shape:
-                self.weight = w
-            else:
-                self.weight.copy_(w.to(self.weight.dtype))
+        """Validate the packed buffers after loading and drop any cached decode of the old ones."""
+        self.validate()
+        if self.decode_cache is not None:
+            self.decode_cache.discard(id(self))
         self._msq_ready = True
+
+    def _decode(self, transient: bool) -> torch.Tensor:
+        """Fused unpack + dequantize of the packed buffers; ``transient`` decodes into the shared per-thread
+        workspace (valid until the next packed layer runs on this thread) instead of a fresh tensor."""
+        numel = math.prod(self.expected_shape)
+        device = self.weight_packed.device
+        values = (
+            packing.scratch("packed_weight", numel, torch.float32, device)
+            if transient
+            else torch.empty(numel, dtype=torch.float32, device=device)
+        )
+        packing.unpack_codes(self.weight_packed, self.stored_bits, numel, out=values)
+        dequantize_(values, self.weight_scale, self.bits, self.wnorm)
+        if self.weight_dtype != torch.float32:
+            cast = packing.scratch("packed_weight_cast", numel, self.weight_dtype, device) if transient else None
+            values = cast.copy_(values) if cast is not None else values.to(self.weight_dtype)
+        return values.view(self.expected_shape)
+
+    def _decoded(self, transient: bool) -> torch.Tensor:
+        """The weight for this call: from the decode cache, else decoded (and cached when a cache is set)."""
+        cache = self.decode_cache
+        if cache is not None:
+            w = cache.get(id(self))
+            if w is None:
+                w = self._decode(transient=False)
+                cache.put(id(self), w)
+            return w
+        return self._decode(transient=transient)
+
+    def packed_weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight ``forward`` multiplies ``x`` with. Without autograd recording (inference) it lives in
+        the shared workspace; when autograd will save it for backward it gets its own tensor."""
+        return self._decoded(transient=not (torch.is_grad_enabled() and x.requires_grad))
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if not self._msq_ready:
             raise RuntimeError(
-                f"packed layer {self.layer_name!r} was never loaded (its dequantized weight is "
-                "not computed); load an export with msq_hf.from_pretrained"
+                f"packed layer {self.layer_name!r} was never loaded (its packed weight is not "
+                "validated); load an export with msq_hf.from_pretrained"
             )
         return self.act_quant(x) if self.act_quant is not None else x
 
@@ -254,7 +327,8 @@ class MSQPackedLinear(MSQPackedMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._input(x), self.weight, self.bias)
+        x = self._input(x)
+        return F.linear(x, self.packed_weight_for(x), self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -300,7 +374,8 @@ class MSQPackedConv2d(MSQPackedMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_forward(self, self._input(x), self.weight)
+        x = self._input(x)
+        return conv_forward(self, x, self.packed_weight_for(x))
 
     def extra_repr(self) -> str:
         return (
@@ -314,7 +389,9 @@ __all__ = [
     "MSQPackedLinear",
     "MSQPackedMixin",
     "decode_weight",
+    "dequantize_",
     "encode_layer",
     "packed_nbytes",
+    "set_decode_cache",
     "stored_bits",
 ]

@@ -7,25 +7,58 @@ The Trainer's console printer writes every log dict, which holds ~4 ``msq/*`` ke
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
+from msq_hf.quant.kernels import KERNELS
 from msq_hf.training.controller import PHASE_CODES, MSQController
 
 _PHASE_NAMES = {float(code): name for name, code in PHASE_CODES.items()}
 
 
 class ConsoleCallback(TrainerCallback):
-    """Writes ``[step 40/628] loss ..., 4.30x, avg 7.45 bits, phase regularize`` lines with ``write``."""
+    """Writes ``[step 40/628] loss ..., 4.30x, avg 7.45 bits, phase regularize`` lines with ``write``.
 
-    def __init__(self, controller: MSQController, write: Callable[[str], None]) -> None:
+    The first step also compiles the fused kernels and runs the first Hessian pass (``MSQController.start``):
+    a line says so before it, another gives its time after it, and the ETA of ``progress``'s bar restarts then
+    (measured from that one slow step, it would read hours).
+    """
+
+    def __init__(self, controller: MSQController, write: Callable[[str], None], progress: Any = None) -> None:
         self.controller = controller
         self.write = write
+        self.progress = progress  # transformers' ProgressCallback, if any
         self.seen = 0  # controller history entries already printed
+        self.first_step_start: float | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.controller.started or self.first_step_start is not None:
+            return
+        work = ["compiling the fused MSQ kernels"] if KERNELS.state is None else []
+        if self.controller.config.hessian_guided:
+            work.append("measuring the Hessian sensitivity of every layer")
+        self.write(
+            f"[step {state.global_step + 1}] first step: {' and '.join(work or ['MSQ set-up'])}; "
+            "slower than the steps after it..."
+        )
+        self.first_step_start = time.perf_counter()
+
+    def _first_step_done(self, state: Any) -> None:
+        seconds = time.perf_counter() - self.first_step_start
+        self.first_step_start = None
+        self.write(f"[step {state.global_step}] first step done in {seconds:.1f} s")
+        bar = getattr(self.progress, "training_bar", None)
+        if bar is not None:  # restart the bar's clock: its ETA comes from the steps after this one
+            bar.reset(total=bar.total)
+            bar.initial = bar.n = bar.last_print_n = state.global_step
+            bar.refresh()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.first_step_start is not None:
+            self._first_step_done(state)
         history = self.controller.history
         for entry in history[self.seen :]:
             if entry.get("step", 0) > 0 and (entry.get("pruned") or entry.get("phase") == "final"):
@@ -75,7 +108,7 @@ def attach_console(trainer: Trainer, controller: MSQController, write: Callable[
     if progress is not None:
         progress.on_log = _silent_on_log  # keep its bars, drop its dict dump
     trainer.remove_callback(PrinterCallback)  # the disable_tqdm=True printer of whole log dicts
-    trainer.add_callback(ConsoleCallback(controller, through_bar))
+    trainer.add_callback(ConsoleCallback(controller, through_bar, progress))
 
 
 __all__ = ["ConsoleCallback", "attach_console"]

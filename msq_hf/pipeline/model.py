@@ -24,14 +24,22 @@ from typing import Any
 import timm
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    ViTImageProcessor,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 import msq_hf
 from msq_hf.convert import iter_msq_layers
+from msq_hf.data import IMAGENET_MEAN, IMAGENET_STD
 from msq_hf.pipeline.arguments import ModelArguments
 
 DEFAULT_IMAGE_SIZE = 224  # timm's and transformers' usual input when a model states none
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle weight files
 KINDS = ("timm", "timm_dir", "timm_checkpoint", "transformers", "export")
 
 
@@ -55,6 +63,23 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return data
+
+
+def refuse_pickle_weights(folder: Path, what: str) -> None:
+    """``ValueError`` when ``folder`` holds its weights only as pickle files (``pytorch_model.bin``, ``*.pt``...).
+
+    Unpickling runs code chosen by whoever wrote the file, so msq_hf never loads one (not even with
+    ``torch.load(weights_only=True)``, whose unpickler has had escapes); only safetensors weights are read.
+    """
+    if any(folder.glob("*.safetensors")):
+        return  # transformers and timm prefer these; e.g. optimizer.pt next to them is never read
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise ValueError(
+            f"{what} {folder}: its weights are only in pickle files ({', '.join(pickles)}), which msq_hf never "
+            "loads (unpickling can run arbitrary code); convert a checkpoint you trust to safetensors first "
+            "(transformers: from_pretrained + save_pretrained; timm: timm.models.save_for_hf)"
+        )
 
 
 def _timm_input_size(name: str) -> int:
@@ -98,6 +123,7 @@ def _resolve_folder(name: str, path: Path) -> ModelSpec:
             "model folder, an MSQTrainer checkpoint or an msq_hf export)"
         )
     config = read_config(config_path)
+    refuse_pickle_weights(path, "--model")
     if config.get("architecture"):  # timm's Hub layout
         if (path / "msq_manifest.json").is_file():
             kind = "export"
@@ -141,7 +167,9 @@ def _transformers_model(ref: str, pretrained: bool, names: Sequence[str]) -> nn.
     }
     if pretrained:
         # a head trained for other classes is replaced by a fresh one of the right size
-        return AutoModelForImageClassification.from_pretrained(ref, ignore_mismatched_sizes=True, **labels)
+        return AutoModelForImageClassification.from_pretrained(
+            ref, ignore_mismatched_sizes=True, use_safetensors=True, **labels
+        )
     return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(ref, **labels))
 
 
@@ -198,12 +226,71 @@ def model_kind(model: nn.Module) -> str:
     return "transformers" if isinstance(model, PreTrainedModel) else "timm"
 
 
-def model_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The input mean/std the model was trained with (timm ``pretrained_cfg``), or None if unknown."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("mean") and cfg.get("std"):
-        return tuple(cfg["mean"]), tuple(cfg["std"])
+def model_normalization(model: nn.Module, processor: Any = None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input mean/std the model was trained with, or None if unknown.
+
+    From its image processor when given (``image_mean``/``image_std``; a ``TimmWrapperImageProcessor``'s
+    ``data_config``), else from timm's ``pretrained_cfg`` (raw timm models, and TimmWrapper's ``timm_model``).
+    """
+    data_config = getattr(processor, "data_config", None)  # TimmWrapperImageProcessor
+    if isinstance(data_config, Mapping) and data_config.get("mean") and data_config.get("std"):
+        return tuple(data_config["mean"]), tuple(data_config["std"])
+    if processor is not None and getattr(processor, "do_normalize", False):
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None:
+            return _per_channel(mean), _per_channel(std)
+    for owner in (model, getattr(model, "timm_model", None)):
+        cfg = getattr(owner, "pretrained_cfg", None)
+        if isinstance(cfg, Mapping) and cfg.get("mean") and cfg.get("std"):
+            return tuple(cfg["mean"]), tuple(cfg["std"])
     return None
+
+
+def _per_channel(value: Any) -> tuple[float, ...]:
+    """A processor's ``image_mean``/``image_std`` (a list, or one float for every RGB channel) as a tuple."""
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+
+
+def _fit_size(processor: Any, image_size: int) -> None:
+    """Make ``processor`` produce ``image_size`` square inputs, the size the network is trained at."""
+    size = getattr(processor, "size", None)
+    if not isinstance(size, Mapping):
+        return  # TimmWrapperImageProcessor: its input size is config.json's pretrained_cfg
+    if "shortest_edge" in size and "height" not in size:
+        processor.size = {"shortest_edge": image_size}
+    else:
+        processor.size = {"height": image_size, "width": image_size}
+    if isinstance(getattr(processor, "crop_size", None), Mapping):
+        processor.crop_size = {"height": image_size, "width": image_size}
+
+
+def image_processor(spec: ModelSpec, model: nn.Module, image_size: int) -> Any | None:
+    """The transformers model's own image processor, set to the training input size; None for raw timm models.
+
+    ``AutoImageProcessor`` from the model reference (a Hub id or folder: ``preprocessor_config.json``, or for
+    TimmWrapper ``config.json``'s ``pretrained_cfg``). A model that has none (built from a bare config) gets a
+    ``ViTImageProcessor`` (resize, rescale, ImageNet mean/std). The processor is what the export carries so
+    that ``transformers.pipeline("image-classification", model=export_dir)`` preprocesses images as training did.
+    """
+    if not isinstance(model, PreTrainedModel):
+        return None
+    processor = None
+    if spec.kind in ("transformers", "export"):
+        try:
+            processor = AutoImageProcessor.from_pretrained(spec.ref)
+        except (OSError, ValueError, KeyError):  # the folder or Hub repo has no image processor
+            processor = None
+    if processor is None:
+        processor = ViTImageProcessor(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    _fit_size(processor, image_size)
+    return processor
+
+
+def set_normalization(processor: Any, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Record the mean/std the data was normalized with in ``processor`` (processors with ``image_mean``)."""
+    if processor is not None and hasattr(processor, "image_mean"):
+        processor.do_normalize = True
+        processor.image_mean, processor.image_std = list(mean), list(std)
 
 
 def logits_of(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -217,9 +304,12 @@ __all__ = [
     "KINDS",
     "ModelSpec",
     "build_model",
+    "image_processor",
     "logits_of",
     "model_kind",
     "model_normalization",
+    "refuse_pickle_weights",
     "resolve_model",
+    "set_normalization",
     "timm_name",
 ]

@@ -28,18 +28,33 @@ from transformers.trainer_utils import IntervalStrategy
 import msq_hf
 from msq_hf.arguments import MSQArguments
 from msq_hf.config import MSQConfig
-from msq_hf.data import builtin_source
+from msq_hf.data import DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, builtin_source
+from msq_hf.data.arrays import resolve_fit
+from msq_hf.integrations.timm import record_preprocessing, timm_data_config, timm_processor
+from msq_hf.io.card import run_card_data
 from msq_hf.io.export import ExportResult
 from msq_hf.metrics import compute_accuracy_metrics
 from msq_hf.pipeline.arguments import DataArguments, ModelArguments, RunArguments
 from msq_hf.pipeline.console import attach_console
-from msq_hf.pipeline.model import ModelSpec, build_model, model_kind, model_normalization, resolve_model
+from msq_hf.pipeline.model import (
+    ModelSpec,
+    build_model,
+    image_processor,
+    model_kind,
+    model_normalization,
+    resolve_model,
+    set_normalization,
+)
 from msq_hf.pipeline.outputs import summary_dict, verify_export, write_rank_bits
 from msq_hf.pipeline.splits import DataSplits, class_names, load_eval_split, load_split
 from msq_hf.report import RunHistory, write_history, write_report
 from msq_hf.training.trainer import MSQTrainer
 
 Say = Callable[[str], None]
+
+# the built-in sources' own normalization (one gray value for every channel), recorded in the export's processor
+_BUILTIN_STATS = {"fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD), "digits": (DIGITS_MEAN, DIGITS_STD)}
+_BUILTIN_SIDE = {"fashion_mnist": 28}  # square images the loader may pad (fit="auto"); digits are always resized
 
 
 @dataclass
@@ -52,6 +67,7 @@ class Prepared:
     splits: DataSplits
     image_size: int
     channels: int
+    processor: Any = None  # the image processor exports carry (see image_processor, _timm_processor)
 
 
 @dataclass
@@ -75,7 +91,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, seed: int, spe
     """Resolve the model (unless ``spec`` is given), load the splits and build the float network.
 
     The input size and channels are ``--image_size``/``--channels`` or the model's own. Hub and image-folder
-    data are normalised with the statistics the model was trained with (timm ``pretrained_cfg``) when known.
+    data are normalised with the statistics the model was trained with when known: its image processor's
+    (transformers models) or timm's ``pretrained_cfg``. ``Prepared.processor`` is that processor, at the training
+    input size and with the data's statistics: the one the export will carry. Raw timm and TimmWrapper models get
+    a ``TimmWrapperImageProcessor`` describing the loader (size, resize or pad, mean/std), also recorded in the
+    model's ``pretrained_cfg`` with the class names (:func:`msq_hf.integrations.timm.record_preprocessing`).
     """
     set_seed(seed)  # the network's initialisation and the data subsets
     spec = spec or resolve_model(model_args.model_name_or_path, model_args.timm_kwargs())
@@ -85,12 +105,39 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, seed: int, spe
     train = load_split(data_args, data_args.train_split, data_args.max_train_samples, **shape)
     names = class_names(train)
     model, timm_args = build_model(spec, model_args, names)
+    processor = image_processor(spec, model, size)
     # Hub and image-folder data take the model's statistics; the built-in sources keep their own
-    norm = model_normalization(model) if builtin_source(data_args.dataset_name) is None else None
+    builtin = builtin_source(data_args.dataset_name)
+    norm = model_normalization(model, processor) if builtin is None else None
+    if norm is not None and len(norm[0]) != channels:
+        norm = None  # e.g. an RGB model's statistics for --channels 1: the loader's own defaults
     if norm is not None:
         train = load_split(data_args, data_args.train_split, data_args.max_train_samples, normalization=norm, **shape)
+    if builtin is not None:
+        mean, std = _BUILTIN_STATS[builtin]
+        set_normalization(processor, [mean] * channels, [std] * channels)
+    elif norm is not None:
+        set_normalization(processor, *norm)
+    stats = ([_BUILTIN_STATS[builtin][0]] * channels, [_BUILTIN_STATS[builtin][1]] * channels) if builtin else norm
+    if stats is not None and (processor is None or timm_data_config(processor) is not None):
+        processor = _timm_processor(model, size, stats, builtin)
+        record_preprocessing(model, processor, names)  # checkpoints and exports carry it in config.json
     evaluation, eval_split = load_eval_split(data_args, normalization=norm, **shape)
-    return Prepared(spec, model, timm_args, DataSplits(train, evaluation, eval_split, names), size, channels)
+    splits = DataSplits(train, evaluation, eval_split, names)
+    return Prepared(spec, model, timm_args, splits, size, channels, processor)
+
+
+def _timm_processor(model: nn.Module, size: int, stats: tuple[Any, Any], builtin: str | None) -> Any:
+    """The processor of a raw timm or TimmWrapper model: the loader's preprocessing as a timm data config.
+
+    A Fashion-MNIST image padded to ``size`` by the loader is reproduced by a center crop larger than the resized
+    image (``crop_pct = size / (28 + 0.5)``: timm resizes to ``floor(size / crop_pct) = 28``, then the crop pads
+    with black, the background); every other image is resized whole, like the loader's resize.
+    """
+    side = _BUILTIN_SIDE.get(builtin or "")
+    if side is not None and resolve_fit(side, side, size) == "pad":
+        return timm_processor(model, size, *stats, crop_pct=size / (side + 0.5), crop_mode="center")
+    return timm_processor(model, size, *stats)
 
 
 def steps_per_epoch(num_samples: int, training: TrainingArguments) -> int:
@@ -157,6 +204,7 @@ def train_and_export(
         eval_dataset=in_training,
         data_collator=DefaultDataCollator(),
         compute_metrics=compute_accuracy_metrics,
+        processing_class=prepared.processor,
     )
     controller = trainer.msq_controller
     if say is not None:
@@ -184,7 +232,12 @@ def train_and_export(
     extra: dict[str, Any] = {}
     if run_args.export:
         result.export_dir = out / "export"
-        result.export = msq_hf.export(model, result.export_dir, overwrite=True)
+        card_data = run_card_data(
+            model_args.model_name_or_path, data_args.dataset_name, metrics.get("test_accuracy"), splits.eval_split
+        )
+        result.export = msq_hf.export(
+            model, result.export_dir, overwrite=True, card_data=card_data, processor=prepared.processor
+        )
         extra.update(
             storage_compression=result.export.storage_compression_ratio,
             export_weight_bytes=result.export.weight_bytes,

@@ -7,9 +7,15 @@ inductor-generated graph forward and one backward, instead of about fifteen eage
 versions compute the same numbers: the compiled one is checked against eager on first use and
 abandoned (with a warning) on any mismatch or compile failure.
 
+The precision ``bits`` and the pruned LSBs ``k`` enter as 0-d integer tensors (the layers' buffers) and
+every constant is derived from them on the device (:func:`grid_constants`): the training forward never
+reads a tensor back to the host, and a bit-width change is new data, not a new graph. The same graph
+forms are what a whole-model ``torch.compile`` traces (docs/training.md, "torch.compile").
+
 Selection: environment variable ``MSQ_HF_COMPILE`` = ``auto`` (default: compile when inductor
-works here), ``1`` (compile, raise if impossible) or ``0`` (eager only). Inference (no grad) always
-uses the eager path, which is the one exports are checked against.
+works here), ``1`` (compile, raise if impossible) or ``0`` (eager only: about an order of magnitude
+slower per quantizer call on CPU, see docs/training.md). Inference (no grad) uses the eager
+:func:`fake_quantize`, bit-identical to the formula exports are checked against.
 """
 
 from __future__ import annotations
@@ -23,35 +29,76 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _constants(bits: int, k: int, code_units: bool, mean_numel: int | None) -> tuple[float, ...]:
-    """Scalar inputs of the kernels: levels, qmax, 2^-k, low_max, 2^k, coefficient and reg multipliers."""
-    levels = float(2**bits)
-    coef_mult = (levels if code_units else 1.0) / (mean_numel or 1)
-    reg_mult = (1.0 if code_units else 1.0 / levels) / (mean_numel or 1)
-    return levels, levels - 1, 2.0**-k, float(2 ** (bits - k) - 1), float(2**k), coef_mult, reg_mult
+def grid_constants(
+    bits: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, code_units: bool, numel: int | None
+) -> tuple[torch.Tensor, ...]:
+    """The kernels' scalars from the 0-d integer tensors ``bits``/``k`` -- on the device, no host read.
+
+    Returns ``(levels, qmax, 2^-k, low_max, 2^k)`` in ``dtype`` (exact: powers of two and ``2^m - 1``
+    for m <= 8) and ``(coef_mult, reg_mult)`` in float32, both 0 when ``k == 0`` (a layer that is not
+    regularized gets ``R = 0`` and no regularizer gradient). Reading ``bits``/``k`` as Python ints would
+    cost one host synchronisation per layer and step, and would make ``torch.compile`` specialize
+    (recompile) on every bit-width change; computed here they are ordinary graph inputs.
+    """
+    one = torch.ones_like(bits)
+    levels = torch.bitwise_left_shift(one, bits).to(torch.float32)
+    two_k = torch.bitwise_left_shift(one, k).to(torch.float32)
+    low_max = (torch.bitwise_left_shift(one, bits - k) - 1).to(dtype)
+    active = (k > 0).to(torch.float32)
+    per = 1.0 / numel if numel else 1.0
+    coef_mult = (levels if code_units else torch.ones_like(levels)) * (active * per)
+    reg_mult = (torch.ones_like(levels) if code_units else 1.0 / levels) * (active * per)
+    return (
+        levels.to(dtype),
+        (levels - 1).to(dtype),
+        (1.0 / two_k).to(dtype),
+        low_max,
+        two_k.to(dtype),
+        coef_mult,
+        reg_mult,
+    )
+
+
+def fake_quantize(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``S/2^n * clamp(round(W / (S/2^n)), +-(2^n-1))`` with ``bits`` a 0-d tensor; no autograd.
+
+    Bit-identical to :func:`msq_hf.quant.functional.fake_quantize_signmag` at ``max_abs_scale(W)`` (the
+    formula exports are checked against), but traceable by ``torch.compile`` without a host read.
+    """
+    w = w.detach()
+    lo, hi = torch.aminmax(w)
+    scale = torch.maximum(-lo, hi).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    levels = torch.bitwise_left_shift(torch.ones_like(bits), bits).to(torch.float32)
+    step = (scale / levels).to(w.dtype)
+    qmax = (levels - 1).to(w.dtype)
+    return torch.clamp(torch.round(w / step), -qmax, qmax) * step
 
 
 def fused_forward_eager(
-    w: torch.Tensor, levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult, continuous: bool
-):
-    """``(W_q, sign(l), R, c)`` for a weight tensor ``w`` (no autograd).
+    w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, code_units: bool, mean: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_q, sign(l), R, c)`` for a weight tensor ``w`` (no autograd); ``bits``/``k`` are 0-d int tensors.
 
     ``S = max|W|``, ``x = W / (S/2^n)``, ``W_q = clamp(round(x), +-(2^n-1)) * S/2^n``,
     ``l = (x or round-clamped x) - 2^k clamp(round(x 2^-k), +-(2^(n-k)-1))`` (code units),
-    ``R = reg_mult * sum|l|``, ``c = coef_mult / S`` (so that ``dR/dW = c sign(l)``).
+    ``R = reg_mult * sum|l|``, ``c = coef_mult / S`` (so that ``dR/dW = c sign(l)``); ``R = c = 0`` at ``k = 0``.
     ``W_q`` is :func:`msq_hf.quant.functional.signed_codes` times the step, fused with the LSB term into
-    one pass over ``x`` (``tests/test_layers.py`` checks the two agree bit for bit).
+    one pass over ``x`` (``tests/nn/test_layers.py`` checks the two agree bit for bit).
     """
+    levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult = grid_constants(
+        bits, k, w.dtype, code_units, w.numel() if mean else None
+    )
     lo, hi = torch.aminmax(w)
     scale = torch.maximum(-lo, hi)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     step = scale / levels
     x = torch.div(w, step)
     q = torch.round(x).clamp_(-qmax, qmax)
-    low = torch.mul(x, low_scale).round_().clamp_(-low_max, low_max)
-    ell = torch.add(x if continuous else q, low, alpha=-two_k, out=low)
-    reg = torch.linalg.vector_norm(ell, 1) * reg_mult
-    return q.mul_(step), ell.sign_().to(torch.int8), reg, coef_mult / scale
+    low = torch.mul(x, low_scale).round_().clamp_(-low_max, low_max).mul_(two_k)
+    ell = torch.sub(x if continuous else q, low, out=low)
+    reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult).to(w.dtype)
+    return q.mul_(step), ell.sign_().to(torch.int8), reg, (coef_mult / scale.float()).to(w.dtype)
 
 
 def fused_backward_eager(grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor):
@@ -59,19 +106,27 @@ def fused_backward_eager(grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch
     return torch.addcmul(grad, sign.to(grad.dtype), (grad_reg * coef).to(grad.dtype))
 
 
-def _fused_forward_graph(w, levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult, continuous: bool):
+def fused_forward_graph(
+    w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, code_units: bool, mean: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_forward_eager` without in-place ops or ``out=``: the form ``torch.compile`` traces."""
+    levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult = grid_constants(
+        bits, k, w.dtype, code_units, w.numel() if mean else None
+    )
     lo, hi = torch.aminmax(w)
     scale = torch.maximum(-lo, hi)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     step = scale / levels
     x = w / step
     q = torch.clamp(torch.round(x), -qmax, qmax)
-    low = torch.clamp(torch.round(x * low_scale), -low_max, low_max)
-    ell = (x if continuous else q) - low * two_k
-    return q * step, torch.sign(ell).to(torch.int8), ell.abs().sum() * reg_mult, coef_mult / scale
+    low = torch.clamp(torch.round(x * low_scale), -low_max, low_max) * two_k
+    ell = (x if continuous else q) - low
+    reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult).to(w.dtype)
+    return q * step, torch.sign(ell).to(torch.int8), reg, (coef_mult / scale.float()).to(w.dtype)
 
 
-def _fused_backward_graph(grad, sign, grad_reg, coef):
+def fused_backward_graph(grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor):
+    """:func:`fused_backward_eager` in the form ``torch.compile`` traces."""
     return grad + sign.to(grad.dtype) * (grad_reg * coef).to(grad.dtype)
 
 
@@ -82,8 +137,20 @@ def _fused_backward_inplace_graph(grad, sign, grad_reg, coef):
     return grad
 
 
+def as_int_tensor(value: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-d int32 tensor on ``device`` (tensors are passed through: no host read)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(int(value), dtype=torch.int32, device=device)
+
+
 class _Kernels:
-    """Lazily compiled kernels with a one-time self-check against the eager versions."""
+    """Lazily compiled per-layer kernels with a one-time self-check against the eager versions.
+
+    Inside a model that is itself being compiled (``torch.compile(model)``, ``TrainingArguments(torch_compile=
+    True)``) the graph forms are traced straight into the model's graph instead (no nested compile, no
+    in-place update of a tensor autograd owns), so the whole forward and backward is one graph.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -91,7 +158,6 @@ class _Kernels:
         self._fwd = None
         self._bwd = None
         self._bwd_inplace = None
-        self._consts: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     @staticmethod
     def mode() -> str:
@@ -104,8 +170,8 @@ class _Kernels:
             self._state = "eager"
             return
         try:
-            fwd = torch.compile(_fused_forward_graph, dynamic=True, fullgraph=True)
-            bwd = torch.compile(_fused_backward_graph, dynamic=True, fullgraph=True)
+            fwd = torch.compile(fused_forward_graph, dynamic=True, fullgraph=True)
+            bwd = torch.compile(fused_backward_graph, dynamic=True, fullgraph=True)
             bwd_inplace = torch.compile(_fused_backward_inplace_graph, dynamic=True, fullgraph=True)
             self._self_check(fwd, bwd, bwd_inplace)
         except Exception as exc:  # no compiler, unsupported platform, mismatch, ...
@@ -122,11 +188,11 @@ class _Kernels:
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(4099, generator=gen)
         w[:64] = torch.arange(-32, 32) / 16.0  # exact ties on several grids
-        for bits, k in ((8, 1), (3, 2), (2, 1)):
+        for bits, k in ((8, 1), (3, 2), (2, 1), (4, 0)):
             for continuous in (True, False):
-                consts = _constants(bits, k, True, None)
-                ref = fused_forward_eager(w, *consts, continuous)
-                got = fwd(w, *(torch.tensor(c) for c in consts), continuous)
+                b, kk = torch.tensor(bits, dtype=torch.int32), torch.tensor(k, dtype=torch.int32)
+                ref = fused_forward_eager(w, b, kk, continuous, True, False)
+                got = fwd(w, b, kk, continuous, True, False)
                 if not (
                     torch.equal(ref[0], got[0])
                     and torch.equal(ref[1], got[1])
@@ -135,7 +201,7 @@ class _Kernels:
                 ):
                     raise RuntimeError(f"compiled forward kernel disagrees with eager at bits={bits}, k={k}")
         g = torch.randn(4099, generator=gen)
-        args = (got[1], torch.tensor(0.5), got[3])
+        args = (got[1], torch.tensor(0.5), torch.tensor(0.25))
         ref = fused_backward_eager(g, *args)
         if not (torch.allclose(bwd(g, *args), ref) and torch.allclose(bwd_inplace(g.clone(), *args), ref)):
             raise RuntimeError("compiled backward kernel disagrees with the eager reference")
@@ -156,25 +222,35 @@ class _Kernels:
         )
         self._state = "eager"
 
-    def forward(self, w: torch.Tensor, bits: int, k: int, continuous: bool, code_units: bool, mean: bool):
-        """``(W_q, sign, R, c)`` of one layer, compiled when possible (float32 CPU weights)."""
-        numel = w.numel() if mean else None
+    def forward(
+        self,
+        w: torch.Tensor,
+        bits: int | torch.Tensor,
+        k: int | torch.Tensor,
+        continuous: bool,
+        code_units: bool,
+        mean: bool,
+    ):
+        """``(W_q, sign, R, c)`` of one layer; ``bits``/``k`` as 0-d int tensors (or ints, for tests and tools).
+
+        Compiled per layer when possible (float32 CPU weights), traced into the caller's graph under
+        ``torch.compile``, eager otherwise.
+        """
+        bits, k = as_int_tensor(bits, w.device), as_int_tensor(k, w.device)
+        if torch.compiler.is_compiling():
+            return fused_forward_graph(w, bits, k, continuous, code_units, mean)
         if self._ready() and w.device.type == "cpu" and w.dtype == torch.float32:
-            key = (bits, k, code_units, numel)
-            consts = self._consts.get(key)
-            if consts is None:  # cached: four tensor constructions per layer per step are measurable
-                consts = self._consts.setdefault(key, tuple(torch.tensor(c) for c in _constants(*key)))
             # always a flat contiguous vector that is not a view (detach drops ``_base``, on whose
             # strides dynamo would otherwise guard): the compiled graph sees one input layout whatever
             # the weight's rank, size-1 dims or memory format, so layer variety causes no recompiles
             flat = w.reshape(-1).contiguous().detach()
             try:
-                wq, sign, reg, coef = self._fwd(flat, *consts, bool(continuous))
+                wq, sign, reg, coef = self._fwd(flat, bits, k, bool(continuous), bool(code_units), bool(mean))
             except Exception as exc:  # noqa: BLE001 -- any compiler failure must not break training
                 self._fall_back(exc)
             else:
                 return wq.view(w.shape), sign.view(w.shape), reg, coef
-        return fused_forward_eager(w, *_constants(bits, k, code_units, numel), continuous)
+        return fused_forward_eager(w, bits, k, continuous, code_units, mean)
 
     def backward(
         self,
@@ -187,8 +263,11 @@ class _Kernels:
         """Straight-through gradient plus the regularizer gradient, compiled when possible.
 
         ``may_overwrite``: the caller owns ``grad`` (see ``msq_quantize_weight(owns_grad=...)``); the
-        sum is then written into it when that is safe (contiguous, no graph recorded through it).
+        sum is then written into it when that is safe (contiguous, no graph recorded through it, not
+        inside a compiled graph, where autograd's buffers are not ours to overwrite).
         """
+        if torch.compiler.is_compiling():
+            return fused_backward_graph(grad, sign, grad_reg, coef)
         if self._state == "compiled" and grad.device.type == "cpu" and grad.dtype == torch.float32:
             inplace = (
                 may_overwrite
@@ -207,6 +286,11 @@ class _Kernels:
                 return out.view(grad.shape)
         return fused_backward_eager(grad, sign, grad_reg, coef)
 
+    @staticmethod
+    def fake_quantize(w: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+        """:func:`fake_quantize` (the straight-through forward without a regularizer)."""
+        return fake_quantize(w, as_int_tensor(bits, w.device))
+
     @property
     def state(self) -> str | None:
         """``"compiled"``, ``"eager"`` or ``None`` before first use."""
@@ -214,3 +298,14 @@ class _Kernels:
 
 
 KERNELS = _Kernels()
+
+__all__ = [
+    "KERNELS",
+    "as_int_tensor",
+    "fake_quantize",
+    "fused_backward_eager",
+    "fused_backward_graph",
+    "fused_forward_eager",
+    "fused_forward_graph",
+    "grid_constants",
+]

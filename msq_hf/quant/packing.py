@@ -26,19 +26,21 @@ Worked example, 3-bit codes ``[5, 3, 7, 0, 6]`` (15 bits, so 2 bytes)::
 >>> unpack_codes(packed, width=3, numel=5).tolist()
 [5, 3, 7, 0, 6]
 
-Implementation (pure torch, no Python loop over elements): 8 codes of ``width`` bits fill
-exactly ``width`` bytes, so the stream is a sequence of independent 8-code groups. On
-little-endian hosts one group of byte-sized codes is one ``int64`` word (two words of ``int16``
-codes for width 9), and the group is compacted in registers with log2 "SWAR" steps: each step
-merges pairs of neighbouring lanes with one shift, two masks and one or, all in place on a single
-buffer. A width-1 group is gathered with a single multiplication instead. Unpacking runs the same
-steps backwards. A portable column-wise fallback (per output byte, shift-or of the 8 code columns)
-serves big-endian hosts.
+Implementation (pure torch, no Python loop over elements): 64 codes of ``width`` bits fill exactly
+``width`` little-endian ``int64`` words (a "super-group"). Unpacking cuts each super-group into 8 fields
+of 8 codes (16 fields of 4 codes for width 9) with one shift/mask/or per field column, then spreads every
+field's codes into byte (16-bit) lanes with log2 in-place "SWAR" steps (one shift, two masks, one or
+each). Packing runs the same steps backwards; width 1 gathers its 8 bits with a single multiply and
+width 8 is a copy. Every op works on whole aligned ``int64`` arrays -- no byte-strided copies, which
+torch runs an order of magnitude slower -- and the working buffers come from a per-thread scratch
+(:func:`scratch`) so repeated calls do not page-fault fresh memory. A portable column-wise fallback
+(per output byte, shift-or of the 8 code columns) serves big-endian hosts.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from functools import cache
 
 import torch
@@ -87,9 +89,69 @@ def _swar_steps(width: int, lane: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(steps)
 
 
-def _compact_(words: torch.Tensor, width: int, lane: int) -> None:
+# ------------------------------------------------------------------------------------------------
+# per-thread scratch buffers
+
+#: a scratch buffer larger than this (bytes) is allocated per call and not kept
+SCRATCH_LIMIT = 64 * 2**20
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """A 1-D ``dtype`` tensor of ``numel`` elements backed by this thread's buffer ``slot`` on ``device``.
+
+    The buffer grows to the largest request and is reused: fresh multi-MB allocations page-fault on
+    every call (on the project's VM that alone costs more than the codec), a reused one does not.
+    Contents are undefined, and the tensor is only valid until the next request of ``slot`` on this
+    thread: callers copy out what they keep. Requests above :data:`SCRATCH_LIMIT` bytes get a fresh
+    tensor. :func:`release_scratch` frees the buffers.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    nbytes = numel * dtype.itemsize
+    if nbytes > SCRATCH_LIMIT or device.type == "meta":
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (slot, device)
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 64), dtype=torch.uint8, device=device)
+        _SCRATCH.buffers[key] = buf
+    return buf[:nbytes].view(dtype)
+
+
+def scratch_nbytes() -> int:
+    """Bytes held by this thread's scratch buffers."""
+    return sum(b.numel() for b in _SCRATCH.buffers.values())
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are rebuilt on the next codec call)."""
+    _SCRATCH.buffers.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# little-endian fast path: super-groups of 64 codes = ``width`` int64 words
+
+
+def _lane(width: int) -> int:
+    """Bits per code lane while (un)packing: a byte, or 16 bits for 9-bit codes."""
+    return 8 if width <= 8 else 16
+
+
+def _fields(width: int) -> tuple[int, int]:
+    """``(fields per super-group, bits per field)``: a field is the codes of one int64 lane word."""
+    per_field = 64 // _lane(width)
+    return 64 // per_field, per_field * width
+
+
+def _compact_(words: torch.Tensor, width: int, lane: int, tmp: torch.Tensor) -> None:
     """In place: gather the ``width``-bit codes in each ``lane``-bit lane of int64 ``words``."""
-    tmp = torch.empty_like(words)
     for shift, mask_lo, mask_hi in _swar_steps(width, lane):
         torch.bitwise_right_shift(words, shift, out=tmp)
         tmp &= mask_hi
@@ -97,14 +159,55 @@ def _compact_(words: torch.Tensor, width: int, lane: int) -> None:
         words |= tmp
 
 
-def _expand_(words: torch.Tensor, width: int, lane: int) -> None:
+def _expand_(words: torch.Tensor, width: int, lane: int, tmp: torch.Tensor) -> None:
     """In place inverse of ``_compact_``; bits above the payload may hold anything on entry."""
-    tmp = torch.empty_like(words)
     for shift, mask_lo, mask_hi in reversed(_swar_steps(width, lane)):
         torch.bitwise_and(words, mask_hi, out=tmp)
         tmp <<= shift
         words &= mask_lo
         words |= tmp
+
+
+def _split_fields(stream: torch.Tensor, width: int, groups: int, fields: torch.Tensor, tmp: torch.Tensor) -> None:
+    """``fields[s, m]`` = the ``m``-th field of super-group ``s`` of ``stream`` (bits above it: anything)."""
+    count, bits = _fields(width)
+    words = stream.view(torch.int64).view(groups, width)
+    for m in range(count):
+        word, shift = divmod(m * bits, 64)
+        col = fields[:, m]
+        if shift == 0:
+            col.copy_(words[:, word])
+            continue
+        torch.bitwise_right_shift(words[:, word], shift, out=col)
+        if shift + bits > 64:  # the field continues in the next word
+            col &= (1 << (64 - shift)) - 1  # drop the sign copies of the arithmetic shift
+            torch.bitwise_left_shift(words[:, word + 1], 64 - shift, out=tmp)
+            col |= tmp
+
+
+def _join_fields(fields: torch.Tensor, width: int, groups: int, out: torch.Tensor, tmp: torch.Tensor) -> None:
+    """Inverse of ``_split_fields``: OR every (clean, non-negative) field into its stream word(s)."""
+    count, bits = _fields(width)
+    words = out.view(torch.int64).view(groups, width)
+    for word in range(width):
+        col = words[:, word]
+        first = True
+        for m in range(count):
+            offset = m * bits - 64 * word
+            if offset >= 64 or offset + bits <= 0:
+                continue
+            dst = col if first else tmp
+            if offset >= 0:
+                torch.bitwise_left_shift(fields[:, m], offset, out=dst)  # wraps: bits >= 64 go to the next word
+            else:
+                torch.bitwise_right_shift(fields[:, m], -offset, out=dst)
+            if not first:
+                col |= tmp
+            first = False
+
+
+# ------------------------------------------------------------------------------------------------
+# portable path (big-endian hosts; also the reference the fast path is tested against)
 
 
 def _byte_terms(width: int) -> list[list[tuple[int, int]]]:
@@ -143,6 +246,10 @@ def _unpack_columns(groups: torch.Tensor, width: int) -> torch.Tensor:
             acc = term if acc is None else acc | term
         out[:, k] = acc & ((1 << width) - 1)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
 
 
 def _check_range(flat: torch.Tensor, width: int) -> None:
@@ -187,57 +294,45 @@ def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
     if width == 8:
         return flat.to(torch.uint8, copy=True)
 
-    groups = (n + 7) // 8
-    work_dtype = torch.uint8 if width <= 8 else torch.int16
-    buf = torch.empty(groups * 8, dtype=work_dtype, device=device)
-    buf[:n].copy_(flat)
-    buf[n:].zero_()  # padding codes must be zero: they land in the last byte's spare bits
+    lane_dtype = torch.uint8 if width <= 8 else torch.int16
     if not _LITTLE_ENDIAN:
-        return _pack_columns(buf.view(groups, 8), width).view(-1)[:nbytes]
+        buf = torch.zeros(-(-n // 8) * 8, dtype=lane_dtype, device=device)
+        buf[:n].copy_(flat)
+        return _pack_columns(buf.view(-1, 8), width).view(-1)[:nbytes]
 
-    words = buf.view(torch.int64)  # one group per word (two words per group for width 9)
+    groups = -(-n // 64)  # super-groups of 64 codes
+    lanes = scratch("codes", groups * 64, lane_dtype, device)
+    lanes[:n].copy_(flat)
+    lanes[n:].zero_()  # padding codes must be zero: they land in the last byte's spare bits
+    words = lanes.view(torch.int64)
     if width == 1:
         words.mul_(_GATHER_1BIT)  # int64 multiply wraps; the 8 bits land at 56..63
         words >>= 56
-        return words.to(torch.uint8)  # truncating cast keeps the low byte; groups == nbytes
-    if width <= 7:
-        _compact_(words, width, lane=8)
-        if width in (2, 4):
-            # the payload is the whole low int16/int32 of each word: one aligned strided copy
-            half = torch.int16 if width == 2 else torch.int32
-            out = torch.empty(groups, dtype=half, device=device)
-            out.copy_(words.view(half).view(groups, 8 // width)[:, 0])
-            out = out.view(torch.uint8)
-        else:
-            out = torch.empty(groups, width, dtype=torch.uint8, device=device)
-            out.copy_(words.view(torch.uint8).view(groups, 8)[:, :width])
-        return out.view(-1)[:nbytes]
-
-    # width 9: word 0 of a group holds codes 0-3, word 1 codes 4-7 (16-bit lanes, 36 bits each)
-    _compact_(words, width, lane=16)
-    pair = words.view(groups, 2)
-    low = pair[:, 1] << 36  # wraps: stream bits 36..63 come from codes 4-7
-    low |= pair[:, 0]
-    out = torch.empty(groups, 9, dtype=torch.uint8, device=device)
-    out[:, :8].copy_(low.view(torch.uint8).view(groups, 8))
-    out[:, 8].copy_(pair[:, 1] >> 28)  # stream bits 64..71; the value is < 256
-    return out.view(-1)[:nbytes]
+        return words.to(torch.uint8)[:nbytes]  # truncating cast keeps the low byte: 1 byte per 8 codes
+    tmp = scratch("tmp", words.numel(), torch.int64, device)
+    _compact_(words, width, _lane(width), tmp)
+    out = torch.empty(groups * 8 * width, dtype=torch.uint8, device=device)
+    _join_fields(words.view(groups, -1), width, groups, out, tmp[:groups])
+    return out[:nbytes]
 
 
-def unpack_codes(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, width: int, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of ``pack_codes``: the first ``numel`` codes of a ``width``-bit stream.
 
     Args:
         packed: 1-D ``uint8`` tensor of exactly ``packed_nbytes(numel, width)`` bytes.
         width: bits per code, 1..9.
         numel: number of codes to return.
+        out: optional tensor of ``numel`` elements on ``packed.device`` to write the codes into,
+            converted to its dtype (e.g. a float32 workspace: unpack and convert in one pass).
 
     Returns:
-        1-D tensor of ``numel`` codes on ``packed.device``: ``uint8`` for width <= 8, ``int16``
-        for width 9. Reshape it to the original shape yourself.
+        1-D tensor of ``numel`` codes on ``packed.device`` (``out`` reshaped to 1-D if given):
+        ``uint8`` for width <= 8, ``int16`` for width 9. Reshape it to the original shape yourself.
 
     Raises:
-        ValueError: bad width or numel, ``packed`` not 1-D uint8, or wrong byte length.
+        ValueError: bad width or numel, ``packed`` not 1-D uint8, wrong byte length, or an ``out``
+            of the wrong size or device.
     """
     nbytes = packed_nbytes(numel, width)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
@@ -252,47 +347,53 @@ def unpack_codes(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
             f"packed stream of {numel} codes x {width} bits must be {nbytes} bytes, got {packed.numel()} bytes"
         )
     device = packed.device
-    out_dtype = torch.uint8 if width <= 8 else torch.int16
-    if numel == 0:
-        return torch.empty(0, dtype=out_dtype, device=device)
-    if width == 8:
-        return packed.clone()
-
-    groups = (numel + 7) // 8
-    if nbytes != groups * width:  # partial last group: zero-pad to whole groups
-        stream = torch.zeros(groups * width, dtype=torch.uint8, device=device)
+    if out is not None and (out.numel() != numel or out.device != device):
+        raise ValueError(
+            f"out must hold {numel} elements on {device}, got {out.numel()} on {out.device} (unpack_codes)"
+        )
+    lane_dtype = torch.uint8 if width <= 8 else torch.int16
+    if numel == 0 or width == 8:
+        codes = packed
+    elif not _LITTLE_ENDIAN:
+        stream = torch.zeros(-(-numel // 8) * width, dtype=torch.uint8, device=device)
         stream[:nbytes].copy_(packed)
-    elif packed.is_contiguous() and packed.storage_offset() % 8 == 0:
-        stream = packed
-    else:  # the int16/int32 views below need an aligned, contiguous stream
-        stream = packed.clone(memory_format=torch.contiguous_format)
-    if not _LITTLE_ENDIAN:
-        return _unpack_columns(stream.view(groups, width), width).view(-1)[:numel]
+        codes = _unpack_columns(stream.view(-1, width), width).view(-1)[:numel]
+    else:
+        codes = _unpack_le(packed, width, numel)
+    if out is None:
+        return codes.to(lane_dtype, copy=True)
+    flat = out.view(-1)
+    flat.copy_(codes)
+    return flat
 
-    if width <= 7:
-        # bytes [width, 8) of each word stay uninitialized: _expand_ masks them away
-        buf = torch.empty(groups, 8, dtype=torch.uint8, device=device)
-        if width in (1, 2, 4):
-            half = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
-            buf.view(half)[:, 0].copy_(stream.view(half))
-        else:
-            buf[:, :width].copy_(stream.view(groups, width))
-        words = buf.view(torch.int64).view(groups)
-        _expand_(words, width, lane=8)
-        return buf.view(-1)[:numel]
 
-    # width 9: rebuild the two 36-bit halves of every 72-bit group, then expand 16-bit lanes
-    rows = stream.view(groups, 9)
-    low = torch.empty(groups, 8, dtype=torch.uint8, device=device)
-    low.copy_(rows[:, :8])
-    low = low.view(torch.int64).view(groups)
-    buf = torch.empty(groups * 8, dtype=torch.int16, device=device)
-    pair = buf.view(torch.int64).view(groups, 2)
-    torch.bitwise_and(low, (1 << 36) - 1, out=pair[:, 0])
-    high = rows[:, 8].to(torch.int64)
-    high <<= 28
-    low >>= 36  # arithmetic shift: mask off the sign copies
-    low &= (1 << 28) - 1
-    torch.bitwise_or(low, high, out=pair[:, 1])
-    _expand_(buf.view(torch.int64), width, lane=16)
-    return buf[:numel]
+def _unpack_le(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    """Little-endian unpack into scratch: a view of the ``numel`` codes, valid until the next codec call."""
+    device = packed.device
+    groups = -(-numel // 64)
+    nbytes = packed.numel()
+    if nbytes == groups * 8 * width and packed.is_contiguous() and packed.data_ptr() % 8 == 0:
+        stream = packed  # whole super-groups at an aligned address: read the int64 words in place
+    else:  # a partial last super-group or an unaligned slice: copy into zero-padded scratch
+        stream = scratch("stream", groups * 8 * width, torch.uint8, device)
+        stream[:nbytes].copy_(packed)
+        stream[nbytes:].zero_()
+    count = _fields(width)[0]
+    fields = scratch("codes", groups * count, torch.int64, device)
+    tmp = scratch("tmp", groups * count, torch.int64, device)
+    _split_fields(stream, width, groups, fields.view(groups, count), tmp[:groups])
+    _expand_(fields, width, _lane(width), tmp)
+    return fields.view(torch.uint8 if width <= 8 else torch.int16)[:numel]
+
+
+__all__ = [
+    "MAX_WIDTH",
+    "MIN_WIDTH",
+    "SCRATCH_LIMIT",
+    "pack_codes",
+    "packed_nbytes",
+    "release_scratch",
+    "scratch",
+    "scratch_nbytes",
+    "unpack_codes",
+]

@@ -5,6 +5,13 @@
 * for raw (non-transformers) models, a ``config.json`` that rebuilds them: timm's own layout
   (``save_config_for_hf``) plus ``quantization_config`` with the current bit scheme
   (:func:`write_raw_model_config`); :func:`load_timm_checkpoint` rebuilds a raw timm MSQ model from it.
+
+:func:`load_checkpoint_exact` puts a checkpoint folder back into a live model (resume, best model): every tensor
+or nothing. transformers 5 saves ViT/DeiT/Swin checkpoints under their legacy key names (``save_pretrained``
+reverts its weight-conversion mapping) while ``Trainer`` reloads them with ``load_state_dict(strict=False)``, which
+skips those tensors -- MSQ ``bits``/``k`` buffers included -- with only a "missing keys" warning. Here the keys
+are renamed the way ``from_pretrained`` renames them, then loaded strictly, in place (the optimizer keeps its
+parameters).
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ import os
 from typing import Any
 
 import timm
+import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers import PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 from msq_hf.config import MSQConfig
 from msq_hf.convert import bit_scheme
+from msq_hf.errors import MSQFormatError, MSQMissingFileError
 from msq_hf.integrations.timm import save_timm_config
 from msq_hf.io.format import CONFIG_NAME, MSQ_STATE_NAME
 from msq_hf.quantize import quantize_model
@@ -50,6 +62,18 @@ def read_msq_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
             return json.load(handle)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+
+
+def require_msq_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`read_msq_state`, but a checkpoint without ``msq_state.json`` is an error (resume, best model)."""
+    state = read_msq_state(directory)
+    if state is None:
+        raise MSQMissingFileError(
+            f"{os.path.join(directory, MSQ_STATE_NAME)} is missing: the checkpoint was not written by MSQTrainer or "
+            "MSQCallback, so the MSQ pruning schedule cannot be restored. To start a new MSQ run from its weights, "
+            "load the model from it and train without resume_from_checkpoint"
+        )
+    return state
 
 
 def write_raw_model_config(
@@ -112,4 +136,96 @@ def load_timm_checkpoint(checkpoint_dir: str | os.PathLike[str], **create_kwargs
     return model
 
 
-__all__ = ["load_timm_checkpoint", "read_msq_state", "write_msq_state", "write_raw_model_config"]
+# ------------------------------------------------------------------------------------------------
+# exact reload of a checkpoint folder (resume, best model)
+
+
+def read_checkpoint_tensors(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a Trainer checkpoint folder (``model.safetensors``, its sharded index, or
+    ``pytorch_model.bin``) under the keys stored in the file(s)."""
+    folder = os.fspath(folder)
+    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    legacy = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(os.path.join(folder, shard)))
+        return tensors
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise MSQMissingFileError(
+        f"{folder} holds no model weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME}); "
+        "is it a Trainer checkpoint folder?"
+    )
+
+
+def _checkpoint_key_map(model: nn.Module, keys: list[str], folder: str) -> dict[str, str]:
+    """checkpoint key -> model state-dict key, renamed exactly as ``from_pretrained`` renames them."""
+    if not isinstance(model, PreTrainedModel):
+        return {key: key for key in keys}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    own = model.state_dict()
+    out: dict[str, str] = {}
+    for key in keys:
+        renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        if renamed not in own and key in own:  # as from_pretrained: a key already in the model's own naming
+            renamed, pattern = key, None
+        if pattern is not None:
+            raise MSQFormatError(
+                f"{folder}: tensor {key!r} needs transformers' weight conversion {pattern!r} (not a plain "
+                f"renaming); reload this checkpoint with {type(model).__name__}.from_pretrained({folder!r})"
+            )
+        out[key] = renamed
+    return out
+
+
+def load_checkpoint_exact(model: nn.Module, folder: str | os.PathLike[str]) -> None:
+    """Load every tensor of checkpoint ``folder`` into ``model`` in place, or raise and change nothing.
+
+    Keys are renamed as ``from_pretrained`` renames them (transformers' conversion mapping: legacy names such
+    as ``vit.encoder.layer.0.attention.attention.query``); the model's weights *and* MSQ buffers (``bits``,
+    ``k``) must then match the file one to one. ``MSQFormatError`` names the folder and the missing,
+    unexpected or mismatched keys.
+    """
+    folder = os.fspath(folder)
+    stored = read_checkpoint_tensors(folder)
+    key_map = _checkpoint_key_map(model, sorted(stored), folder)
+    state = {key_map[key]: tensor for key, tensor in stored.items()}
+    own = model.state_dict()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = sorted(k for k in own if k not in state and not (k in tied and tied[k] in state))
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)}/{str(state[k].dtype)[6:]} vs {tuple(own[k].shape)}/{str(own[k].dtype)[6:]}"
+        for k in state
+        if k in own and (state[k].shape != own[k].shape or state[k].dtype != own[k].dtype)
+    )
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
+            if keys
+        ]
+        raise MSQFormatError(
+            f"checkpoint {folder} does not match {type(model).__name__}; refusing a partial load. "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=not tied)
+
+
+__all__ = [
+    "load_checkpoint_exact",
+    "load_timm_checkpoint",
+    "read_checkpoint_tensors",
+    "read_msq_state",
+    "require_msq_state",
+    "write_msq_state",
+    "write_raw_model_config",
+]

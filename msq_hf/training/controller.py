@@ -30,8 +30,16 @@ from torch import nn
 
 from msq_hf.config import MSQConfig
 from msq_hf.convert import msq_layers
+from msq_hf.integrations.guard import mark_driven
 from msq_hf.quant.functional import compression_ratio
-from msq_hf.training.measure import Batch, LossFn, fp32_default_loss, hutchinson_seed, layer_sensitivities
+from msq_hf.training.measure import (
+    Batch,
+    LossFn,
+    check_finite_weights,
+    fp32_default_loss,
+    hutchinson_seed,
+    layer_sensitivities,
+)
 from msq_hf.training.schedule import BitPruningSchedule, PruneDecision, make_state
 from msq_hf.training.sensitivity import reduce_across_ranks
 
@@ -86,6 +94,7 @@ class MSQController:
         self.model = model
         self.config = config
         self.layers = msq_layers(model)
+        mark_driven(model)  # MSQ is driven: no "trained without MSQ" warning (msq_hf.integrations.guard)
         self.names = list(self.layers)
         self.numels = {name: int(layer.weight.numel()) for name, layer in self.layers.items()}
         self.seed = int(seed)
@@ -221,6 +230,7 @@ class MSQController:
     def _measure(
         self, batch: Batch | None, global_step: int, loss_fn: LossFn | None, need_sens: bool
     ) -> tuple[dict[str, float], dict[str, float] | None]:
+        check_finite_weights(self.layers, global_step)  # NaN weights have rate 0: never prune on them
         rates = reduce_across_ranks(self.nonzero_rates())
         sens = None
         if need_sens and self.config.hessian_guided:

@@ -19,6 +19,7 @@ from accelerate.utils import find_batch_size, recursively_apply
 from torch import nn
 
 from msq_hf.config import MSQConfig
+from msq_hf.errors import MSQTrainingError
 from msq_hf.training.sensitivity import estimate_sensitivities
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -118,6 +119,30 @@ def fp32_default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return default_loss(model, batch, getattr(model, "_original_forward", None))
 
 
+_DIVERGED_HINT = "the run diverged; lower the learning rate or reg_strength, or resume from an earlier checkpoint"
+
+
+def check_finite_loss(loss: torch.Tensor, step: int) -> None:
+    """``MSQTrainingError`` naming ``step`` when the training loss is NaN/inf (the Trainer would log it as 0)."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise MSQTrainingError(
+            f"the training loss is {float(loss.detach().float().sum())} at step {step}: {_DIVERGED_HINT}"
+        )
+
+
+def check_finite_weights(layers: Mapping[str, nn.Module], step: int) -> None:
+    """``MSQTrainingError`` naming ``step`` and the layers whose weights hold NaN/inf.
+
+    Such weights have an LSB nonzero rate of 0, so the schedule would prune them down to its floor and
+    report the target reached on a model that no longer computes anything.
+    """
+    with torch.no_grad():
+        bad = [name for name, layer in layers.items() if not bool(torch.isfinite(layer.weight).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise MSQTrainingError(f"non-finite (NaN/inf) weights in {shown} at step {step}: {_DIVERGED_HINT}")
+
+
 def hutchinson_seed(seed: int, global_step: int) -> int:
     """Probe seed for a pruning step: a pure function of ``(seed, global_step)``.
 
@@ -158,6 +183,8 @@ def layer_sensitivities(
 __all__ = [
     "Batch",
     "LossFn",
+    "check_finite_loss",
+    "check_finite_weights",
     "default_loss",
     "detach_batch",
     "forward_takes_kwargs",

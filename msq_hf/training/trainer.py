@@ -1,4 +1,4 @@
-"""``MSQTrainer`` and ``MSQCallback``: MSQ inside the Hugging Face ``Trainer``.
+"""``MSQTrainer``: MSQ inside the Hugging Face ``Trainer`` (``MSQCallback`` for a plain ``Trainer``: ``callback.py``).
 
 ``MSQTrainer`` is a :class:`transformers.Trainer` that
 
@@ -7,11 +7,14 @@
   scaled so that gradient accumulation gives the gradient of the full accumulated batch;
 * trains raw timm / ``nn.Module`` classifiers (``forward(x) -> logits``) as well as HF models;
 * keeps a detached reference to the last training batch for the Hessian pass;
-* writes ``msq_state.json`` (the pruning schedule) into every checkpoint and restores it on
-  ``train(resume_from_checkpoint=...)``, so a resumed run ends with the same bit scheme;
-* merges the ``msq/*`` metrics into every training log (TensorBoard, W&B, ``log_history``).
+* writes ``msq_state.json`` (the pruning schedule) into every checkpoint; ``train(resume_from_checkpoint=...)``
+  and ``load_best_model_at_end`` reload a checkpoint exactly -- every tensor (``bits``/``k`` included, under
+  transformers' legacy key names for ViT-family models) and the schedule -- or raise naming what does not match
+  (``Trainer`` alone loads with ``strict=False`` and skips those tensors with a warning);
+* merges the ``msq/*`` metrics into every training log (TensorBoard, W&B, ``log_history``);
+* refuses a packed export (inference-only) and says how to fine-tune it.
 
-``MSQCallback`` forwards the Trainer events to the controller (pruning steps, logging, saving).
+Its :class:`~msq_hf.training.callback.MSQCallback` forwards the Trainer events to the controller.
 """
 
 from __future__ import annotations
@@ -23,29 +26,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_sagemaker_mp_enabled
 
 from msq_hf.config import MSQConfig
 from msq_hf.convert import iter_msq_layers
 from msq_hf.data.collate import collate_pixel_values
 from msq_hf.io.format import MSQ_STATE_NAME
+from msq_hf.io.save import adopt_trainer_card
 from msq_hf.quantize import quantize_model
-from msq_hf.training.checkpoint import load_timm_checkpoint, read_msq_state, write_msq_state, write_raw_model_config
+from msq_hf.training.callback import MSQCallback, refuse_packed, unwrap_model
+from msq_hf.training.checkpoint import (
+    load_checkpoint_exact,
+    load_timm_checkpoint,
+    read_msq_state,
+    require_msq_state,
+    write_msq_state,
+    write_raw_model_config,
+)
 from msq_hf.training.controller import MSQController
-from msq_hf.training.measure import detach_batch, output_logits
+from msq_hf.training.measure import check_finite_loss, detach_batch, output_logits
 
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 def _is_hf_model(model: nn.Module) -> bool:
-    return isinstance(_unwrap(model), PreTrainedModel)
+    return isinstance(unwrap_model(model), PreTrainedModel)
 
 
 def _column_names(dataset: Any) -> list[str] | None:
@@ -53,65 +60,6 @@ def _column_names(dataset: Any) -> list[str] | None:
     if isinstance(names, dict):  # DatasetDict
         names = next(iter(names.values()), None)
     return list(names) if names is not None else None
-
-
-class MSQCallback(TrainerCallback):
-    """Drives the :class:`MSQController` of an :class:`MSQTrainer` from Trainer events.
-
-    * ``on_train_begin``: tells the controller the number of optimizer steps (``state.max_steps``,
-      needed for the forced final round) and restores the schedule when resuming;
-    * ``on_step_end``: runs :meth:`MSQController.maybe_step` with the last training batch; when a
-      pruning step ran it asks the Trainer to log at this step, so the new bits reach every logger;
-    * ``on_save``: makes sure the checkpoint folder holds ``msq_state.json``.
-
-    The initial sensitivity/k assignment (``controller.start``) runs in ``compute_loss`` on the first
-    training batch, because no batch exists yet at ``on_train_begin``.
-    """
-
-    def __init__(self, trainer: MSQTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        trainer = self.trainer
-        controller = trainer.msq_controller
-        controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
-        resume = trainer._msq_resume_state
-        trainer._msq_resume_state = None
-        if resume is not None:
-            controller.load_state_dict(resume)
-            logger.info(
-                "msq_hf: restored the pruning schedule at step %d (phase %s, compression %.2f)",
-                state.global_step,
-                controller.phase,
-                controller.compression,
-            )
-        elif state.global_step > 0 and not controller.started:
-            logger.warning(
-                "msq_hf: resuming at step %d from a checkpoint without %s; the schedule restarts "
-                "from the bits stored in the model",
-                state.global_step,
-                MSQ_STATE_NAME,
-            )
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
-        trainer = self.trainer
-        batch = trainer._msq_last_inputs
-        if batch is None:
-            return None
-        decision = trainer.msq_controller.maybe_step(state.global_step, batch)
-        if decision is not None:
-            # Log at this step through the normal path (log_history + every report_to target).
-            trainer._msq_layers_changed = True
-            control.should_log = True
-            return control
-        return None
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if not args.should_save:
-            return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MSQ_STATE_NAME)):
-            write_msq_state(self.trainer.msq_controller, folder)
 
 
 class MSQTrainer(Trainer):
@@ -127,10 +75,11 @@ class MSQTrainer(Trainer):
         model_args: for raw timm models, the ``timm.create_model`` keyword arguments needed to rebuild
             the architecture; stored in the checkpoint ``config.json`` (see :func:`load_timm_checkpoint`).
         msq_layer_logs: when the per-layer ``msq/bits/*``, ``msq/k/*``, ``msq/nonzero/*``, ``msq/sens/*``
-            entries join a training log: ``"pruning"`` (default: the logs of pruning steps and the final
-            one, i.e. whenever they changed), ``"always"`` or ``"never"``. The global ``msq/*`` entries
-            are in every training log. (A ResNet-20 has ~80 per-layer values: in every log they would
-            drown the console.)
+            entries join a training log: ``"never"`` (default), ``"pruning"`` (the logs of pruning steps and
+            the final one, i.e. whenever they changed) or ``"always"``. The few global ``msq/*`` entries are
+            in every training log. (A ResNet-20 has ~90 per-layer values: the Trainer's console printer
+            would show them all; the per-layer history is in ``msq_controller.history`` and
+            ``msq_history.json`` either way.)
         **kwargs: every other ``Trainer`` argument. When ``data_collator`` is not given and the data
             has ``pixel_values``/``labels`` columns (or the model is raw), ``collate_pixel_values`` is used.
 
@@ -146,7 +95,7 @@ class MSQTrainer(Trainer):
         *,
         msq_config: MSQConfig | None = None,
         model_args: dict[str, Any] | None = None,
-        msq_layer_logs: str = "pruning",
+        msq_layer_logs: str = "never",
         **kwargs: Any,
     ):
         if model is None:
@@ -159,7 +108,7 @@ class MSQTrainer(Trainer):
         if msq_layer_logs not in ("pruning", "always", "never"):
             raise ValueError(f"msq_layer_logs={msq_layer_logs!r} is invalid: expected 'pruning', 'always' or 'never'")
         self._msq_layer_logs = msq_layer_logs
-        self._msq_layers_changed = True  # the first log shows the starting scheme
+        refuse_packed(model, "MSQTrainer")
         if msq_config is not None and not isinstance(msq_config, MSQConfig):
             raise TypeError(f"msq_config must be an msq_hf.MSQConfig, got {type(msq_config).__name__}")
         has_msq = any(True for _ in iter_msq_layers(model))
@@ -188,14 +137,13 @@ class MSQTrainer(Trainer):
             ):
                 data_collator = collate_pixel_values
         self._msq_model_args = dict(model_args) if model_args else None
-        self._msq_last_inputs: Any = None
-        self._msq_resume_state: dict[str, Any] | None = None
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         if self._msq_raw:
             # the raw-model loss below is a per-micro-batch mean: the Trainer must divide it by GA
             self.model_accepts_loss_kwargs = False
         self.msq_controller = MSQController(self.model, config, total_steps=None, seed=self.args.seed)
-        self.msq_callback = MSQCallback(self)
+        self.msq_callback = MSQCallback(config)
+        self.msq_callback.attach(self.msq_controller)
         self.add_callback(self.msq_callback)
 
     # ------------------------------------------------------------------------------------------
@@ -256,9 +204,9 @@ class MSQTrainer(Trainer):
         training = model.training
         controller = self.msq_controller
         if training:
-            self._msq_last_inputs = detach_batch(inputs)
+            self.msq_callback.last_batch = detach_batch(inputs)
             if not controller.started:
-                controller.start(self._msq_last_inputs)
+                controller.start(self.msq_callback.last_batch)
         if self._msq_raw:
             loss, outputs = self._raw_compute_loss(model, inputs, num_items_in_batch)
         else:
@@ -272,6 +220,7 @@ class MSQTrainer(Trainer):
                     steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
                     reg = reg / steps
                 loss = loss + reg.to(loss.dtype)
+            check_finite_loss(loss, self.state.global_step + 1)  # the Trainer would log NaN as a finite mean
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------
@@ -284,21 +233,46 @@ class MSQTrainer(Trainer):
         if not any(key.startswith(("eval_", "test_")) for key in logs):
             final = "train_runtime" in logs
             per_layer = self._msq_layer_logs == "always" or (
-                self._msq_layer_logs == "pruning" and (self._msq_layers_changed or final)
+                self._msq_layer_logs == "pruning" and (self.msq_callback.layers_changed or final)
             )
             logs = {**logs, **self.msq_controller.log_dict(per_layer=per_layer)}
             if per_layer:
-                self._msq_layers_changed = False
+                self.msq_callback.layers_changed = False
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train``; when resuming, also restores the MSQ schedule from ``msq_state.json``."""
+        """``Trainer.train``; a resumed run restores the MSQ schedule from the checkpoint's ``msq_state.json``
+        (required) and its weights exactly (see :meth:`_load_from_checkpoint`)."""
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
-        if checkpoint is not None and os.path.isdir(checkpoint):
-            self._msq_resume_state = read_msq_state(checkpoint)
+        if checkpoint is not None:
+            if not os.path.isdir(checkpoint):
+                raise FileNotFoundError(f"resume_from_checkpoint={checkpoint!r} is not a checkpoint folder")
+            self.msq_callback.stage_resume(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _exact_loading(self) -> bool:
+        # DeepSpeed / FSDP / SageMaker load their own (sharded) states, strictly
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled or is_sagemaker_mp_enabled())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Every tensor of the checkpoint (transformers' legacy key names renamed, ``bits``/``k`` included) or a
+        ``MSQFormatError`` naming the folder and the missing/unexpected keys -- never a partial load."""
+        if not self._exact_loading():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_checkpoint_exact(unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint exactly: its tensors (bits and k too) and its MSQ schedule, or a loud error."""
+        folder = self.state.best_model_checkpoint
+        if not self._exact_loading():
+            super()._load_best_model()
+            self.msq_callback.restore(require_msq_state(folder), folder)
+            return
+        logger.info("msq_hf: loading the best model from %s (score %s)", folder, self.state.best_metric)
+        self.msq_callback.restore_checkpoint(folder)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Save as ``Trainer`` does, plus ``msq_state.json``; raw timm models also get a rebuildable ``config.json``."""
@@ -307,8 +281,17 @@ class MSQTrainer(Trainer):
         if not self.args.should_save:
             return
         if self._msq_raw:
-            write_raw_model_config(_unwrap(self.model), self.msq_controller.config, output_dir, self._msq_model_args)
+            write_raw_model_config(
+                unwrap_model(self.model), self.msq_controller.config, output_dir, self._msq_model_args
+            )
         write_msq_state(self.msq_controller, output_dir)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """``Trainer.create_model_card``, then the export's own card again when ``output_dir`` holds the packed
+        export (``save_model``/``push_to_hub`` write one), keeping the Trainer's datasets and eval results."""
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            adopt_trainer_card(self.args.output_dir)
 
 
 __all__ = ["MSQ_STATE_NAME", "MSQCallback", "MSQTrainer", "load_timm_checkpoint", "read_msq_state", "write_msq_state"]

@@ -1,4 +1,7 @@
-"""save_pretrained / from_pretrained round trips of MSQ models (fake-quant format) and Trainer acceptance."""
+"""Training-checkpoint (fake-quant format, ``save_pretrained(msq_format="fake")``) round trips and Trainer acceptance.
+
+``save_pretrained`` without ``msq_format`` writes the packed export: tests/integrations/test_save_push.py.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def test_fake_format_round_trip(name: str, attn: str | None, tmp_path: Path, ima
     with torch.no_grad():
         logits = model(pixel_values=images).logits
 
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, msq_format="fake")
     saved = json.loads((tmp_path / "config.json").read_text())
     qc = saved["quantization_config"]
     assert qc["quant_method"] == "msq" and qc["msq_format"] == "fake"
@@ -63,7 +66,7 @@ def test_fake_format_round_trip(name: str, attn: str | None, tmp_path: Path, ima
         assert torch.equal(loaded(pixel_values=images).logits, logits)
 
     # saving the reloaded model again is stable
-    loaded.save_pretrained(tmp_path / "again")
+    loaded.save_pretrained(tmp_path / "again", msq_format="fake")
     again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
     assert again["bit_scheme"] == qc["bit_scheme"]
 
@@ -106,7 +109,7 @@ def test_user_config_is_ignored_for_msq_checkpoint(tmp_path: Path) -> None:
 def test_bit_scheme_naming_unknown_layer_fails_loudly(tmp_path: Path) -> None:
     model = TINY_MODELS["hf/vit"]()
     quantize_model(model)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, msq_format="fake")
     cfg_path = tmp_path / "config.json"
     data = json.loads(cfg_path.read_text())
     data["quantization_config"]["bit_scheme"]["vit.no_such_layer"] = 4
@@ -118,7 +121,7 @@ def test_bit_scheme_naming_unknown_layer_fails_loudly(tmp_path: Path) -> None:
 def test_checkpoint_bits_disagreeing_with_bit_scheme_fail_loudly(tmp_path: Path) -> None:
     model = TINY_MODELS["hf/resnet"]()
     quantize_model(model, init_bits=8)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, msq_format="fake")
     cfg_path = tmp_path / "config.json"
     data = json.loads(cfg_path.read_text())
     layer = sorted(data["quantization_config"]["bit_scheme"])[0]

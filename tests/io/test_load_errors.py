@@ -17,7 +17,7 @@ import msq_hf
 from msq_hf.commands.main import main
 from msq_hf.errors import MSQFormatError, MSQIntegrityError, MSQMissingFileError
 from msq_hf.io.export import export
-from msq_hf.io.format import MANIFEST_NAME, WEIGHTS_NAME, sha256_file
+from msq_hf.io.format import MANIFEST_NAME, WEIGHTS_NAME, file_entry, layer_totals
 from msq_hf.io.inspect import inspect_export
 from msq_hf.io.load import from_pretrained
 from msq_hf.nn.packed import packed_nbytes
@@ -66,10 +66,19 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _edit_json(path: Path, change) -> None:
+def _resign(export_dir: Path, name: str) -> None:
+    """Record a file's new size and sha256 in the manifest: a consistent edit, past the integrity check."""
+    path = export_dir / name
+    _edit_json(export_dir / MANIFEST_NAME, lambda m: m["files"][name].update(file_entry(path)), resign=False)
+
+
+def _edit_json(path: Path, change, resign: bool = True) -> None:
+    """Edit a JSON file; a file the manifest hashes is re-signed (the test targets the checks behind the hash)."""
     data = _json(path)
     change(data)
     path.write_text(json.dumps(data))
+    if resign and path.name != MANIFEST_NAME:
+        _resign(path.parent, path.name)
 
 
 def _first_layer(export_dir: Path) -> tuple[str, dict]:
@@ -86,10 +95,7 @@ def _rewrite_weights(export_dir: Path, change) -> None:
     tensors = load_file(str(path))
     change(tensors)
     save_file(tensors, str(path), metadata=metadata)
-    _edit_json(
-        export_dir / MANIFEST_NAME,
-        lambda m: m["files"][WEIGHTS_NAME].update(size=path.stat().st_size, sha256=sha256_file(path)),
-    )
+    _resign(export_dir, WEIGHTS_NAME)
 
 
 def test_intact_exports_load(export_dir: Path) -> None:
@@ -169,6 +175,7 @@ def _set_bits_everywhere(export_dir: Path, name: str, info: dict, new: int, drop
         layer.update(bits=new, stored_bits=new + 1, packed_bytes=packed_nbytes(info["numel"], new, "signmag"))
         if drop_key:
             layer["checkpoint_key"] = None
+        m["totals"].update(layer_totals(m["layers"]))  # keep the claim consistent: the test targets the tensors
 
     _edit_json(export_dir / MANIFEST_NAME, fix)
 

@@ -103,12 +103,12 @@ def test_fused_gradient_with_any_downstream_graph(downstream: str) -> None:
 
 def test_compiled_and_eager_kernels_agree() -> None:
     """Whatever kernel backend is active gives the eager numbers (forward and backward)."""
-    from msq_hf.quant.kernels import _constants, fused_backward_eager, fused_forward_eager
+    from msq_hf.quant.kernels import as_int_tensor, fused_backward_eager, fused_forward_eager
 
     w = _weight((8, 4, 3, 3)).detach()
-    for n, k, cont in [(8, 1, True), (3, 2, False), (2, 1, True)]:
+    for n, k, cont in [(8, 1, True), (3, 2, False), (2, 1, True), (5, 0, True)]:
         wq, sign, reg, coef = KERNELS.forward(w, n, k, cont, True, False)
-        ref = fused_forward_eager(w, *_constants(n, k, True, None), cont)
+        ref = fused_forward_eager(w, as_int_tensor(n, w.device), as_int_tensor(k, w.device), cont, True, False)
         assert torch.equal(wq, ref[0]) and torch.equal(sign, ref[1]) and torch.equal(coef, ref[3])
         torch.testing.assert_close(reg, ref[2])
         g = torch.randn_like(w)
@@ -182,9 +182,17 @@ def test_no_regularizer_in_eval_or_no_grad() -> None:
     with torch.no_grad():
         layer(x)
     assert layer.pop_regularization() is None
+    # k = 0 in training: a zero term (whether k is 0 is data, read on no host) with no regularizer gradient
     layer.set_bits(6, k=0)
-    layer(x)
-    assert layer.pop_regularization() is None
+    layer.weight.grad = None
+    g = torch.randn(3, 4)
+    out = layer(x)
+    reg = layer.pop_regularization()
+    assert reg is not None and reg.item() == 0.0
+    ((out * g).sum() + 5.0 * reg).backward()
+    ref_w = layer.weight.detach().clone().requires_grad_(True)
+    (F.linear(x, QF.quantize_weight(ref_w, 6), layer.bias.detach()) * g).sum().backward()
+    assert torch.equal(layer.weight.grad, ref_w.grad)
 
 
 def test_layer_variants_are_passed_to_the_regularizer() -> None:

@@ -197,6 +197,7 @@ def test_pruning_lowers_bits_at_the_interval_then_qat(tmp_path) -> None:
         train_dataset=make_dataset(32),
         msq_config=pruning_config(),
         callbacks=[logs],
+        msq_layer_logs="pruning",
     )
     trainer.train()
     ctl = trainer.msq_controller
@@ -211,7 +212,7 @@ def test_pruning_lowers_bits_at_the_interval_then_qat(tmp_path) -> None:
     trainer.compute_loss(trainer.model, trainer.data_collator(make_dataset(4)))
     assert ctl.regularization().item() == 0.0 and not ctl.regularization().requires_grad
     # logs: every training log carries the global msq metrics (also in log_history); the per-layer
-    # ones (default msq_layer_logs="pruning") exactly in the logs of pruning steps and the final log
+    # ones (msq_layer_logs="pruning") exactly in the logs of pruning steps and the final log
     train_logs = [entry for entry in logs.logs if "loss" in entry or "train_runtime" in entry]
     assert train_logs and "train_runtime" in train_logs[-1]
     qat_logs = 0
@@ -385,3 +386,22 @@ def test_resnet20_fashion_mnist_reaches_target_and_learns(tmp_path) -> None:
     assert ctl.compression >= 8.0 and ctl.phase == "qat"
     metrics = trainer.evaluate()
     assert metrics["eval_acc"] > 0.4, metrics
+
+
+def test_default_logs_hold_only_the_global_msq_values(tmp_path) -> None:
+    """Issue 11.9: a log line shows the few global msq/* values, never the ~90 per-layer ones (by default)."""
+    logs = LogCapture()
+    trainer = MSQTrainer(
+        model=tiny_resnet(),
+        args=args_for(tmp_path, max_steps=6),
+        train_dataset=make_dataset(16),
+        msq_config=pruning_config(),
+        callbacks=[logs],
+    )
+    trainer.train()
+    assert any(h["step"] > 0 for h in trainer.msq_controller.history), "the run pruned nothing"
+    train_logs = [entry for entry in logs.logs if "loss" in entry or "train_runtime" in entry]
+    assert train_logs
+    for entry in train_logs:
+        msq_keys = [k for k in entry if k.startswith("msq/")]
+        assert "msq/compression" in msq_keys and len(msq_keys) <= 8, msq_keys

@@ -1,0 +1,273 @@
+"""``MSQCallback``: the MSQ method inside any transformers ``Trainer``.
+
+Two ways to use it:
+
+* ``transformers.Trainer(model=converted_model, ..., callbacks=[MSQCallback(config)])`` -- a plain ``Trainer``.
+  The callback builds the :class:`~msq_hf.training.controller.MSQController` when the Trainer is built (and
+  refuses a model it cannot train: no MSQ layer, a packed export); it applies the LSB regularizer's gradient
+  through a gradient hook on every MSQ weight, without touching the loss: once per optimizer step, on the first
+  micro-batch's backward, ``lambda * dR/dW`` (times the AMP loss scale) joins the weight gradient, i.e. before
+  gradient clipping and the DDP reduction, exactly what ``lambda * R`` in the loss gives over an accumulated
+  step. It records the training batch in a forward pre-hook (for the Hessian pass), prunes every
+  ``prune_interval`` steps, writes ``msq_state.json`` into every checkpoint, and on resume / at
+  ``load_best_model_at_end`` reloads that checkpoint exactly (every tensor, ``bits``/``k`` included, plus the
+  schedule), which the plain ``Trainer`` alone does not do for ViT-family models.
+* inside :class:`msq_hf.MSQTrainer`, which adds the regularizer to its loss itself and hands the batches over.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from msq_hf.config import MSQConfig
+from msq_hf.convert import iter_msq_layers
+from msq_hf.errors import MSQFormatError
+from msq_hf.integrations.guard import PACKED_HINT, is_packed_model
+from msq_hf.io.format import MSQ_STATE_NAME
+from msq_hf.quant import functional as QF
+from msq_hf.training.checkpoint import load_checkpoint_exact, require_msq_state, write_msq_state
+from msq_hf.training.controller import MSQController
+from msq_hf.training.measure import LossFn, detach_batch
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / accelerate wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def refuse_packed(model: nn.Module, who: str) -> None:
+    """``ValueError`` if ``model`` is a loaded packed export (inference-only), saying how to fine-tune it."""
+    if is_packed_model(model):
+        raise ValueError(f"{who} cannot train {type(model).__name__}: {PACKED_HINT}")
+
+
+def check_restored_bits(model_layers: dict[str, nn.Module], state: dict[str, Any], folder: str) -> None:
+    """The ``bits``/``k`` tensors loaded from a checkpoint must be those its ``msq_state.json`` records."""
+    wrong = [
+        f"{name}: tensors bits={layer.n_bits} k={layer.n_k}, msq_state bits={state['bits'].get(name)} "
+        f"k={state['k'].get(name)}"
+        for name, layer in model_layers.items()
+        if layer.n_bits != state["bits"].get(name) or layer.n_k != state["k"].get(name)
+    ]
+    if wrong:
+        raise MSQFormatError(
+            f"checkpoint {folder}: the model tensors and {MSQ_STATE_NAME} disagree ({len(wrong)} layer(s), e.g. "
+            f"{wrong[:3]}); the checkpoint is corrupt or was assembled from different runs"
+        )
+
+
+class MSQCallback(TrainerCallback):
+    """Runs MSQ (LSB regularizer, bit pruning, checkpoint state) inside a ``transformers.Trainer``.
+
+    Args:
+        msq_config: the MSQ hyperparameters; defaults to the config :func:`msq_hf.quantize_model` attached to the
+            model. The model must already be converted (``msq_hf.quantize_model(model, config)``) before the
+            ``Trainer`` is built: the Trainer owns its parameters from then on.
+        loss_fn: ``loss_fn(model, batch) -> loss`` for the Hessian pass (default: the model's own loss on the
+            recorded ``pixel_values``/``labels`` batch).
+
+    Attributes:
+        controller: the :class:`MSQController` (bits, schedule, history, ``log_dict()``); ``None`` until bound.
+        last_batch: the last training batch (detached), used by the Hessian pass of a pruning step.
+        layers_changed: True when a pruning step changed the bits since the per-layer values were last logged.
+    """
+
+    def __init__(self, msq_config: MSQConfig | None = None, *, loss_fn: LossFn | None = None):
+        if msq_config is not None and not isinstance(msq_config, MSQConfig):
+            raise TypeError(f"msq_config must be an msq_hf.MSQConfig, got {type(msq_config).__name__}")
+        self.msq_config = msq_config
+        self.loss_fn = loss_fn
+        self.controller: MSQController | None = None
+        self.last_batch: Any = None
+        self.layers_changed = True  # the first log shows the starting scheme
+        self.standalone = True  # False inside MSQTrainer, which adds the regularizer to its loss
+        self._model: nn.Module | None = None
+        self._resume: tuple[dict[str, Any], str] | None = None
+        self._reg_pending: set[str] = set()
+        self._reg_scale: float | None = None  # lambda * AMP loss scale of this step, 0.0 when not regularizing
+        self._measuring = False
+        self._optimizer: Any = None
+        self._hooks: list[Any] = []
+
+    # -- binding ----------------------------------------------------------------------------------
+    def attach(self, controller: MSQController) -> None:
+        """Used by ``MSQTrainer``: drive ``controller``; the trainer adds the regularizer and sets ``last_batch``."""
+        self.controller = controller
+        self._model = controller.model
+        self.standalone = False
+
+    def bind(self, model: nn.Module, seed: int = 0) -> MSQController:
+        """Take ``model`` over under a plain ``Trainer`` (called at ``on_init_end``); returns the controller."""
+        model = unwrap_model(model)
+        refuse_packed(model, "MSQCallback")
+        if not any(True for _ in iter_msq_layers(model)):
+            raise ValueError(
+                f"MSQCallback: {type(model).__name__} has no MSQ layers; convert it before building the Trainer "
+                "(msq_hf.quantize_model(model, config)), or use msq_hf.MSQTrainer, which converts it"
+            )
+        config = self.msq_config if self.msq_config is not None else getattr(model, "msq_config", None)
+        if config is None:
+            raise ValueError(f"MSQCallback: {type(model).__name__} has no msq_config; pass MSQCallback(MSQConfig(...))")
+        if config.hessian_guided and self.loss_fn is None and not isinstance(model, PreTrainedModel):
+            raise ValueError(
+                f"MSQCallback with a plain Trainer sees only the inputs of {type(model).__name__}.forward, which "
+                "get no labels, so the Hessian pass has no loss: use msq_hf.MSQTrainer (it trains raw timm "
+                "models), pass loss_fn=..., or set MSQConfig(hessian_guided=False)"
+            )
+        self._model = model
+        self.controller = MSQController(model, config, seed=seed, loss_fn=self.loss_fn)
+        self._hooks.append(model.register_forward_pre_hook(self._record_batch, with_kwargs=True))
+        for name, layer in self.controller.layers.items():
+            self._hooks.append(layer.weight.register_hook(functools.partial(self._add_reg_grad, name, layer)))
+        return self.controller
+
+    # -- plain-Trainer machinery --------------------------------------------------------------------
+    def _record_batch(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._measuring or not module.training or not torch.is_grad_enabled():
+            return
+        batch = dict(kwargs) if kwargs else {"pixel_values": args[0]}
+        self.last_batch = detach_batch(batch)
+        if not self.controller.started:
+            self._measuring = True
+            try:
+                self.controller.start(self.last_batch)
+            finally:
+                self._measuring = False
+
+    def _add_reg_grad(self, name: str, layer: nn.Module, grad: torch.Tensor) -> torch.Tensor | None:
+        """``grad + lambda * s * dR_l/dW`` on the first backward of an optimizer step (``s``: AMP loss scale)."""
+        if self._measuring or name not in self._reg_pending:
+            return None
+        self._reg_pending.discard(name)
+        if self._reg_scale is None:  # once per step, not per layer (each query syncs with the device)
+            self._reg_scale = self._regularizer_scale()
+        if self._reg_scale == 0.0 or layer.n_k <= 0:
+            return None
+        with torch.enable_grad():
+            weight = layer.weight.detach().requires_grad_(True)
+            reg = QF.lsb_l1(
+                weight, layer.n_bits, layer.n_k, layer.lsb_form, layer.lsb_units, layer.reg_reduction, layer.wnorm
+            )
+            (reg_grad,) = torch.autograd.grad(reg, weight)
+        return grad + (reg_grad * self._reg_scale).to(grad.dtype)
+
+    def _regularizer_scale(self) -> float:
+        """``lambda`` times the loss scale the backward carries (accelerate's GradScaler under fp16), 0 if off."""
+        if not self.controller.regularizing:
+            return 0.0
+        scaler = getattr(self._optimizer, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return self.controller.config.reg_strength * scale
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def stage_resume(self, folder: str) -> None:
+        """Read ``folder``'s ``msq_state.json`` (required); it is restored at ``on_train_begin``."""
+        self._resume = (require_msq_state(folder), folder)
+
+    def restore(self, state: dict[str, Any], folder: str) -> None:
+        """Restore the controller from ``state`` after the model tensors were loaded from ``folder``."""
+        check_restored_bits(self.controller.layers, state, folder)
+        self.controller.load_state_dict(state)
+        self.layers_changed = True
+
+    def restore_checkpoint(self, folder: str) -> None:
+        """Load ``folder`` exactly into the model (every tensor) and restore the schedule from it."""
+        state = require_msq_state(folder)
+        load_checkpoint_exact(self._model, folder)
+        self.restore(state, folder)
+        if state.get("phase") == "regularize":
+            logger.warning(
+                "msq_hf: %s was saved before the final pruning round (compression %.2f, target %.2f): the model is "
+                "below the target compression",
+                folder,
+                self.controller.compression,
+                self.controller.config.target_compression,
+            )
+
+    # -- Trainer events -------------------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if self.standalone and self.controller is None:
+            self.bind(model, seed=args.seed)
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None, **kw: Any):
+        controller = self.controller
+        controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
+        self._optimizer = optimizer
+        if self.standalone and state.global_step > 0 and self._resume is None:
+            # the plain Trainer loaded the checkpoint with strict=False: reload it exactly, from output_dir
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(
+                    f"MSQCallback: resuming at step {state.global_step}, but {folder} does not exist; resume from a "
+                    "checkpoint inside args.output_dir (or use msq_hf.MSQTrainer, which takes any folder)"
+                )
+            load_checkpoint_exact(self._model, folder)
+            self.stage_resume(folder)
+        if self._resume is not None:
+            resume, folder = self._resume
+            self._resume = None
+            self.restore(resume, folder)
+            logger.info(
+                "msq_hf: restored the pruning schedule of %s (phase %s, compression %.2f)",
+                folder,
+                controller.phase,
+                controller.compression,
+            )
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        if self.standalone:
+            self._reg_pending = set(self.controller.names)
+            self._reg_scale = None
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        self._reg_pending.clear()  # a layer that got no gradient this step gets no regularizer either
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> Any:
+        if self.standalone:
+            self.controller.regularization()  # clears the terms of the last forward, records msq/reg
+        if self.last_batch is None:
+            return None
+        self._measuring = True
+        try:
+            decision = self.controller.maybe_step(state.global_step, self.last_batch)
+        finally:
+            self._measuring = False
+        if decision is None:
+            return None
+        # log at this step through the normal path (log_history + every report_to target)
+        self.layers_changed = True
+        control.should_log = True
+        return control
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        # MSQTrainer merges msq/* into the logs before log_history; under a plain Trainer the console sees them
+        if self.standalone and logs is not None and not any(k.startswith(("eval_", "test_")) for k in logs):
+            logs.update(self.controller.log_dict(per_layer=self.layers_changed or "train_runtime" in logs))
+            self.layers_changed = False
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MSQ_STATE_NAME)):
+            write_msq_state(self.controller, folder)
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        # the plain Trainer loaded the best checkpoint with strict=False: reload it exactly, schedule included
+        if self.standalone and args.load_best_model_at_end and state.best_model_checkpoint:
+            self.restore_checkpoint(state.best_model_checkpoint)
+
+
+__all__ = ["MSQCallback", "check_restored_bits", "refuse_packed", "unwrap_model"]
