@@ -131,6 +131,14 @@ def load_timm_checkpoint(checkpoint_dir: str | os.PathLike[str], **create_kwargs
         kwargs.setdefault("num_classes", data["num_classes"])
     kwargs.update(create_kwargs)
     model = timm.create_model(architecture, pretrained=False, **kwargs)
+    # the preprocessing the run trained with (input size, mean/std, crop) and its class names: an export of the
+    # rebuilt model must record them again, or transformers' pipeline would prepare images with timm's defaults
+    recorded = data.get("pretrained_cfg")
+    restored = {**model.pretrained_cfg, **recorded} if isinstance(recorded, dict) else dict(model.pretrained_cfg)
+    names = data.get("label_names")
+    if isinstance(names, list) and len(names) == getattr(model, "num_classes", None):
+        restored["label_names"] = [str(n) for n in names]
+    model.pretrained_cfg = restored
     quantize_model(model, MSQConfig.from_dict(data["quantization_config"]))
     model.load_state_dict(load_file(weights_path), strict=True)
     return model
