@@ -15,7 +15,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -51,7 +50,6 @@ def _one_line(text: str) -> str:
 
 def test_no_arguments_offline_is_one_actionable_line(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MPLBACKEND="Agg")
-    start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(RECIPES_DIR / "deit_tiny.py")],
         env=env,
@@ -60,16 +58,12 @@ def test_no_arguments_offline_is_one_actionable_line(tmp_path: Path) -> None:
         text=True,
         timeout=300,
     )
-    elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_line(proc.stderr)
     assert line.startswith("deit_tiny.py: error: --dataset_name ILSVRC/imagenet-1k")
     for needed in ("HF_HUB_OFFLINE=1", "hf auth login", "--dataset_name fashion_mnist", "image folder", "--smoke_test"):
         assert needed in line, needed
     assert proc.stdout.strip() == ""  # nothing was announced, nothing downloaded
-    # importing torch/transformers/timm/datasets is most of it (~5 s on a quiet 2-core machine); the old
-    # run retried the Hub for 39 s on top. Generous bound for a shared CI machine.
-    assert elapsed < 120
 
 
 def test_gated_or_unreachable_hub_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

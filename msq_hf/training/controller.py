@@ -105,7 +105,7 @@ class MSQController:
         self._finalized = False
         self._last_rates: dict[str, float] = {}
         self._last_sens: dict[str, float] = {}
-        self._last_reg = 0.0
+        self._last_reg: torch.Tensor | float = 0.0  # the last lambda * R (a device tensor while training)
         self._schedule = BitPruningSchedule(
             config.target_compression,
             config.prune_threshold,
@@ -180,7 +180,7 @@ class MSQController:
     @property
     def last_regularization(self) -> float:
         """Value of the last :meth:`regularization` term (already multiplied by lambda)."""
-        return self._last_reg
+        return float(self._last_reg)
 
     @property
     def regularizing(self) -> bool:
@@ -206,7 +206,7 @@ class MSQController:
             device = next(iter(self.layers.values())).weight.device
             return torch.zeros((), device=device)
         reg = torch.stack([t.float() for t in terms]).sum() * self.config.reg_strength
-        self._last_reg = float(reg.detach())
+        self._last_reg = reg.detach()  # read on the host only when logged: no device sync per step
         return reg
 
     # -- measurements ---------------------------------------------------------------------------
@@ -326,7 +326,7 @@ class MSQController:
             "msq/compression": round(self.compression, 4),
             "msq/avg_bits": round(self.avg_bits, 4),
             "msq/phase": float(PHASE_CODES[self.phase]),
-            "msq/reg": self._last_reg,
+            "msq/reg": self.last_regularization,
             "msq/pruning_steps": float(sum(1 for h in self._history if h["step"] > 0)),
         }
         if per_layer:

@@ -220,8 +220,15 @@ class MSQTrainer(Trainer):
                     steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
                     reg = reg / steps
                 loss = loss + reg.to(loss.dtype)
-            check_finite_loss(loss, self.state.global_step + 1)  # the Trainer would log NaN as a finite mean
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """``Trainer.training_step``, then stop on a NaN/inf loss, before the optimizer step applies it (the
+        Trainer's ``logging_nan_inf_filter`` would log it away as a finite mean). The check runs after the
+        backward, where the Trainer reads this loss on the host anyway: it adds no synchronisation point."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_finite_loss(loss, self.state.global_step + 1)
+        return loss
 
     # ------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

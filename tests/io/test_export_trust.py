@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification
 
+import msq_hf.integrations.timm
 import msq_hf.io.load
 from msq_hf.commands.main import main
 from msq_hf.errors import MSQError, MSQFormatError, MSQIntegrityError, MSQMissingFileError
@@ -309,7 +309,11 @@ def test_bad_header_of_an_unquantized_tensor(copy) -> None:
     refused(directory, MSQIntegrityError, r"is not a valid safetensors file")
 
 
-def test_huge_num_classes_is_bounded_by_the_weights(copy) -> None:
+def _never_called(*args, **kwargs):
+    raise AssertionError("a model was built for a config the weights cannot hold")
+
+
+def test_huge_num_classes_is_bounded_by_the_weights(copy, monkeypatch: pytest.MonkeyPatch) -> None:
     directory = copy("timm")
 
     def huge(config: dict) -> None:
@@ -320,9 +324,9 @@ def test_huge_num_classes_is_bounded_by_the_weights(copy) -> None:
         directory / MANIFEST_NAME,
         lambda m: m["model"].update(num_classes=10**9, model_args=read_json(directory / CONFIG_NAME)["model_args"]),
     )
-    start = time.perf_counter()
+    # refused from the headers, before any model is built (building would allocate a 1e9-class head)
+    monkeypatch.setattr(msq_hf.integrations.timm.timm, "create_model", _never_called)
     refused(directory, MSQFormatError, r"num_classes=1000000000 is impossible")
-    assert time.perf_counter() - start < 20
 
 
 def test_timm_config_that_does_not_fit_the_weights_allocates_nothing(copy) -> None:
@@ -349,9 +353,7 @@ def test_huge_label_count_hf(copy) -> None:
         config["id2label"], config["label2id"] = labels, {v: int(k) for k, v in labels.items()}
 
     edit_json(directory / CONFIG_NAME, huge, sign=True)
-    start = time.perf_counter()
     refused(directory, MSQFormatError, r"len\(id2label\)=200000 is impossible")
-    assert time.perf_counter() - start < 20
 
 
 def test_hf_config_larger_than_the_weights(copy) -> None:
