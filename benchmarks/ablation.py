@@ -11,11 +11,15 @@ the choice is supposed to influence:
   round got there; ``avg_bits_before_final``: how far the regularizer and threshold pruning got on
   their own before the final round;
 * ``zero_codes``: fraction of weights whose final code is 0 (DoReFa's "spike at zero");
-* ``acc``: test accuracy at the end (short runs: compare variants against each other only).
+* ``acc``: test accuracy at the end (short runs: compare variants against each other only);
+* ``paper_ratio`` (magnitude bits), ``stored_ratio`` (sign counted) and ``stored_bits`` per weight: the variants do
+  not all store the same bits (``wnorm=dorefa`` stores ``n`` bits, sign-magnitude ``n + 1``), so both ratios are
+  shown (:func:`msq_hf.report.accounting.method_accounting`).
 
 Usage (from the repository root)::
 
     python benchmarks/ablation.py --steps 150 --train-limit 4000 --eval-limit 2000 --json docs/ablation.json
+    python benchmarks/ablation.py --table benchmarks/results/ablation/lambda1e-5.json   # re-render stored rows
 
 Prints a markdown table; ``--json`` also writes the rows.
 """
@@ -33,6 +37,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from msq_hf.report.accounting import method_accounting  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "default (signmag, continuous, code, Tr/N, sum)": {},
@@ -87,6 +93,48 @@ def _zero_code_fraction(ctl) -> float:
     return zeros / total
 
 
+def accounting_columns(bits: dict[str, int], numels: dict[str, int], wnorm: str) -> dict[str, float]:
+    """Both ratios and the stored bits per weight of a variant's final scheme."""
+    acc = method_accounting("msq", bits, numels, wnorm)
+    return {
+        "paper_ratio": round(acc.paper_ratio, 3),
+        "stored_ratio": round(acc.stored_ratio, 3),
+        "stored_bits": round(acc.stored_bits, 3),
+    }
+
+
+def model_numels() -> dict[str, int]:
+    """Weights per quantized layer of the ablation model (for rows stored without them)."""
+    import timm
+
+    import msq_hf
+
+    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
+    msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=8))
+    return msq_hf.layer_numels(model)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [c for c in rows[0] if c not in ("bits", "numels")]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+
+
+def rerender(path: Path) -> None:
+    """Print the table of a stored ``--json`` file with both ratios (recomputed from each row's bits)."""
+    rows = json.loads(path.read_text())["rows"]
+    numels = model_numels()
+    for row in rows:
+        wnorm = VARIANTS.get(row["variant"], {}).get("wnorm", "signmag")
+        extra = accounting_columns(row["bits"], row.get("numels") or numels, wnorm)
+        if "compression" in row and abs(row["compression"] - extra["paper_ratio"]) > 1e-3:
+            raise SystemExit(f"{path}: {row['variant']}: stored compression {row['compression']} != {extra}")
+        row.pop("compression", None)
+        row.update(extra)
+    print_table(rows)
+
+
 def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, test) -> dict:
     """Train one variant and return its row."""
     import timm
@@ -98,20 +146,23 @@ def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, tes
     base = dict(
         init_bits=8,
         target_compression=args.target,
-        reg_strength=args.reg_strength,
         prune_threshold=args.prune_threshold,
         prune_interval=args.prune_interval,
         hessian_max_probes=2,
         hessian_batch_size=32,
         final_round_fraction=0.7,
     )
+    if args.previous_regularizer:
+        base.update(lsb_units="code", reg_control="fixed", reg_strength=1e-5, warmup_fraction=0.0, hessian_ema=0.0)
+    if args.reg_strength is not None:
+        base["reg_strength"] = args.reg_strength
     base.update(overrides)
     msq_hf.quantize_model(model, msq_hf.MSQConfig(**base))
     if overrides.get("reg_reduction") == "mean":
         # a per-layer mean divides layer l's term by N_l; scale lambda by the mean N_l so the run
         # tests whether the reduction changes anything beyond the scale of lambda
         numels = msq_hf.layer_numels(model)
-        model.msq_config.reg_strength = args.reg_strength * sum(numels.values()) / len(numels)
+        model.msq_config.reg_strength *= sum(numels.values()) / len(numels)
     ctl = msq_hf.MSQController(model, total_steps=args.steps, seed=args.seed)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
@@ -150,10 +201,11 @@ def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, tes
         "final_step": final_step,
         "forced": forced,
         "avg_bits_before_final": round(before_final[-1], 3) if before_final else None,
-        "compression": round(ctl.compression, 3),
+        **accounting_columns(dict(ctl.bits), dict(ctl.numels), base.get("wnorm", "signmag")),
         "zero_codes": round(_zero_code_fraction(ctl), 4),
         "acc": round(acc, 4),
         "bits": msq_hf.bit_scheme(model),
+        "numels": dict(ctl.numels),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -165,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int, default=4000)
     parser.add_argument("--eval-limit", type=int, default=2000)
     parser.add_argument("--target", type=float, default=16.0)
-    parser.add_argument("--reg-strength", type=float, default=1e-5)
+    parser.add_argument("--reg-strength", type=float, default=None, help="lambda (default: MSQConfig's)")
+    parser.add_argument(
+        "--previous-regularizer",
+        action="store_true",
+        help="the regularizer before issue 14, which produced the recorded rows: code units, fixed lambda 1e-5 "
+        "(unless --reg-strength), no warm-up, no sensitivity averaging",
+    )
     parser.add_argument("--prune-threshold", type=float, default=0.3)
     parser.add_argument("--prune-interval", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -173,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", nargs="*", default=None, help=f"subset of: {list(VARIANTS)}")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, help="only re-render the table of a stored --json file")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        rerender(args.table)
+        return 0
     torch.set_num_threads(args.threads)
 
     import msq_hf  # noqa: F401  (registers resnet20_cifar)
@@ -188,11 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         rows.append(run_variant(name, VARIANTS[name], args, train, test))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "bits"}), flush=True)
-    cols = [c for c in rows[0] if c != "bits"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("bits", "numels")}), flush=True)
+    print_table(rows)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))

@@ -4,15 +4,26 @@ Every method trains ``resnet20_cifar`` (1 input channel, 32 px: Fashion-MNIST pa
 data subset, epochs, optimizer (SGD, momentum 0.9, cosine learning rate, weight decay) and seeds. Methods:
 
 =================  ==========================================================================================
-``float``          plain float training
-``dorefa2/3``      uniform 2-/3-bit DoReFa weights (16x / 10.7x)
+``float``          plain float training (float weights; with ``--act-bits`` the same activation quantizers)
+``dorefa2/3/4``    uniform 2-/3-/4-bit DoReFa weights (16x / 10.7x / 8x: 2, 3, 4 stored bits)
 ``bsq``            BSQ bit planes from 8 bits, bit-level group Lasso, re-quantize + prune planes every epoch
                    of the regularization phase, then fine-tuning at the fixed scheme
 ``csq``            CSQ relaxed bits + masks from 8 bits, budget target 2 bits, temperature 1 -> 200,
                    hard masks (ticket phase) for the last epoch
 ``msq16``          MSQ (``MSQController``) to 16x with Hessian-guided k; ``msq16_nohess`` with k = 1
 ``msq10.7``        MSQ to 32/3 = 10.67x; ``msq10.7_nohess`` likewise without Hessian guidance
+``msq*_stored``    MSQ whose target counts the sign bit (``count_sign_bit``): ``msq16_stored`` stores 2 bits per
+                   weight like ``dorefa2``, ``msq10.7_stored`` 3 bits like ``dorefa3``
 =================  ==========================================================================================
+
+Accounting: an MSQ (and BSQ/CSQ) layer of n bits stores sign + n magnitude bits; a DoReFa n-bit layer stores n.
+Every table shows the paper's ratio (magnitude bits) beside the stored ratio (sign counted) and the stored bits per
+weight (:func:`msq_hf.report.accounting.method_accounting`), and ``--summary`` also pairs each MSQ run with the
+methods that store the same number of bits per weight (:func:`pair_equal_stored_bits`).
+
+Activations: one declaration (``--act-bits``, ``--act-quantizer``, ``--act-skip-first``; default float) drives every
+method through :func:`harness.convert_model`, which checks the converted model against it; each result file records
+the declaration and the quantizers really installed.
 
 One JSON file per (method, seed) lands in ``--results-dir`` as soon as that run finishes (and a
 ``.partial`` progress file after every epoch), so an interrupted suite keeps what it measured.
@@ -21,7 +32,8 @@ Usage (from the repository root)::
 
     python benchmarks/accuracy.py --jobs 2                              # the whole suite
     python benchmarks/accuracy.py --methods float msq16 --epochs 1 --train-limit 2000   # quick check
-    python benchmarks/accuracy.py --summary                              # table of the stored results
+    python benchmarks/accuracy.py --summary                              # tables of the stored results
+    python benchmarks/accuracy.py --storage-table                        # what each method stores per weight
     python benchmarks/plot_results.py                                    # plots from the stored results
 """
 
@@ -42,33 +54,49 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import ActQuant, act_from_args, add_act_arguments, check_act_quantizers, convert_model  # noqa: E402
+
+from msq_hf.report.accounting import (  # noqa: E402
+    Accounting,
+    format_ratio,
+    method_accounting,
+    storage_reference_table,
+)
 
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One entry of the method table: the family and its quantization target."""
+    """One entry of the method table: the family, its quantization target and its title in the tables."""
 
     family: str  # float | dorefa | bsq | csq | msq
+    title: str = ""
     bits: int | None = None  # DoReFa weight bits
     target: float | None = None  # MSQ target compression
     hessian: bool = True  # MSQ Hessian-guided k
+    count_sign_bit: bool = False  # MSQ: the target is a stored ratio (sign counted), not the paper ratio
 
 
 METHODS: dict[str, MethodSpec] = {
-    "float": MethodSpec("float"),
-    "msq16": MethodSpec("msq", target=16.0, hessian=True),
-    "dorefa2": MethodSpec("dorefa", bits=2),
-    "msq16_nohess": MethodSpec("msq", target=16.0, hessian=False),
-    "msq10.7": MethodSpec("msq", target=32.0 / 3.0, hessian=True),
-    "msq10.7_nohess": MethodSpec("msq", target=32.0 / 3.0, hessian=False),
-    "dorefa3": MethodSpec("dorefa", bits=3),
-    "csq": MethodSpec("csq"),
-    "bsq": MethodSpec("bsq"),
+    "float": MethodSpec("float", "float"),
+    "msq16": MethodSpec("msq", "MSQ 16x, Hessian k", target=16.0, hessian=True),
+    "dorefa2": MethodSpec("dorefa", "DoReFa 2-bit", bits=2),
+    "msq16_nohess": MethodSpec("msq", "MSQ 16x, k = 1", target=16.0, hessian=False),
+    "msq10.7": MethodSpec("msq", "MSQ 10.7x, Hessian k", target=32.0 / 3.0, hessian=True),
+    "msq10.7_nohess": MethodSpec("msq", "MSQ 10.7x, k = 1", target=32.0 / 3.0, hessian=False),
+    "dorefa3": MethodSpec("dorefa", "DoReFa 3-bit", bits=3),
+    "csq": MethodSpec("csq", "CSQ, target 2 bits"),
+    "bsq": MethodSpec("bsq", "BSQ, decay 0.5"),
+    "dorefa4": MethodSpec("dorefa", "DoReFa 4-bit", bits=4),
+    "msq16_stored": MethodSpec("msq", "MSQ 16x stored, Hessian k", target=16.0, count_sign_bit=True),
+    "msq10.7_stored": MethodSpec("msq", "MSQ 10.7x stored, Hessian k", target=32.0 / 3.0, count_sign_bit=True),
 }
 """Run order of the suite: the headline runs (float, MSQ 16x, DoReFa 2-bit) first, so a suite cut short
-still answers the main question."""
+still answers the main question; then the equal-stored-bits partners (DoReFa 4-bit for MSQ 10.7x, MSQ with a
+stored-ratio target for DoReFa 2/3-bit)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs executed in parallel processes")
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--skip-done", action="store_true", help="skip (method, seed) runs whose JSON already exists")
-    p.add_argument("--summary", action="store_true", help="only print the table of the stored results")
+    p.add_argument("--summary", action="store_true", help="only print the tables of the stored results")
+    p.add_argument(
+        "--storage-table", action="store_true", help="only print what each method stores per weight (both ratios)"
+    )
+    p.add_argument(
+        "--pair-tolerance",
+        type=float,
+        default=0.25,
+        help="--summary: largest stored-bits gap (bits per weight) of an equal-stored-bits pair",
+    )
+    add_act_arguments(p)
     # MSQ
     g = p.add_argument_group("MSQ")
-    g.add_argument("--reg-strength", type=float, default=1e-5)
+    g.add_argument("--reg-strength", type=float, default=None, help="lambda (default: MSQConfig's)")
+    g.add_argument(
+        "--previous-regularizer",
+        action="store_true",
+        help="the regularizer before issue 14, which produced the recorded MSQ rows: code units, fixed lambda "
+        "1e-5 (unless --reg-strength), no warm-up, no sensitivity averaging",
+    )
     g.add_argument("--prune-threshold", type=float, default=0.3)
     g.add_argument("--prune-interval", type=int, default=10)
     g.add_argument("--final-round-fraction", type=float, default=0.65)
@@ -155,9 +199,16 @@ class Method:
 
     name = "float"
 
+    family = "float"
+
     def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int):
         self.model, self.args = model, args
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.act = act_from_args(args)
+
+    def convert(self, **options: Any) -> Any:
+        """Convert the model for this method through the shared path (same activation quantizers for all)."""
+        return convert_model(self.model, self.family, self.act, **options)
 
     def start(self, batch: tuple[Any, Any]) -> None:
         """Called once before the first step (MSQ's initial k assignment)."""
@@ -178,46 +229,48 @@ class Method:
         return False
 
     def summary(self) -> dict[str, Any]:
-        """``compression``, ``avg_bits``, ``bit_scheme`` (and method extras) at the end of training."""
-        return {"compression": 1.0, "avg_bits": 32.0, "bit_scheme": None}
+        """``compression`` (paper ratio), ``avg_bits``, ``bit_scheme``, ``numels`` (and extras) after training."""
+        return {"compression": 1.0, "avg_bits": 32.0, "bit_scheme": None, "numels": None}
 
 
-def _avg_bits(numels: dict[str, int], scheme: dict[str, int]) -> float:
-    total = sum(numels.values())
-    return sum(numels[n] * scheme[n] for n in scheme) / total
+def _weights_summary(family: str, scheme: dict[str, int], numels: dict[str, int], **extra: Any) -> dict[str, Any]:
+    """The bit fields of a result record, both accountings from the one function."""
+    acc = method_accounting(family, scheme, numels)
+    return {
+        "compression": acc.paper_ratio,
+        "avg_bits": acc.magnitude_bits,
+        "bit_scheme": scheme,
+        "numels": numels,
+        **extra,
+    }
 
 
 class DoReFa(Method):
+    family = "dorefa"
+
     def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int, bits: int):
         super().__init__(model, args, total_steps, steps_per_epoch)
         from msq_hf.baselines import dorefa
 
         self.mod = dorefa
-        dorefa.convert(model, bits=bits)
+        self.convert(bits=bits)
 
     def summary(self) -> dict[str, Any]:
         layers = self.mod.dorefa_layers(self.model)
-        scheme = self.mod.bit_scheme(self.model)
-        numels = {
-            n: int(m.numel) if hasattr(m, "numel") and isinstance(m.numel, int) else int(m.weight.numel())
-            for n, m in layers.items()
-        }
-        return {
-            "compression": self.mod.compression_ratio(self.model),
-            "avg_bits": _avg_bits(numels, scheme),
-            "bit_scheme": scheme,
-        }
+        return _weights_summary("dorefa", self.mod.bit_scheme(self.model), {n: int(m.numel) for n, m in layers.items()})
 
 
 class BSQ(Method):
     """BSQ: group Lasso + per-epoch re-quantization/plane pruning during the first ``reg_fraction`` epochs."""
+
+    family = "bsq"
 
     def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int):
         super().__init__(model, args, total_steps, steps_per_epoch)
         from msq_hf.baselines import bsq
 
         self.mod = bsq
-        bsq.convert(model, init_bits=8)
+        self.convert(init_bits=8)
         self.reg_epochs = max(1, round(args.reg_fraction * args.epochs))
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -244,25 +297,21 @@ class BSQ(Method):
 
     def summary(self) -> dict[str, Any]:
         layers = self.mod.bsq_layers(self.model)
-        scheme = self.mod.bit_scheme(self.model)
         numels = {n: int(m.numel) for n, m in layers.items()}
-        return {
-            "compression": self.mod.compression_ratio(self.model),
-            "avg_bits": _avg_bits(numels, scheme),
-            "bit_scheme": scheme,
-            "bsq_history": self.history,
-        }
+        return _weights_summary("bsq", self.mod.bit_scheme(self.model), numels, bsq_history=self.history)
 
 
 class CSQ(Method):
     """CSQ: temperature 1 -> 200 over the search, hard masks (ticket) for the remaining epochs."""
+
+    family = "csq"
 
     def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int):
         super().__init__(model, args, total_steps, steps_per_epoch)
         from msq_hf.baselines import csq
 
         self.mod = csq
-        csq.convert(model, init_bits=8, target_bits=args.csq_target_bits)
+        self.convert(init_bits=8, target_bits=args.csq_target_bits)
         self.ticket_epoch = max(1, round(args.reg_fraction * args.epochs))
         self.epoch = 0
         self.scheme_at_ticket: dict[str, int] | None = None
@@ -292,18 +341,16 @@ class CSQ(Method):
 
     def summary(self) -> dict[str, Any]:
         layers = self.mod.csq_layers(self.model)
-        scheme = self.mod.bit_scheme(self.model)
         numels = {n: int(m.numel) for n, m in layers.items()}
-        return {
-            "compression": self.mod.compression_ratio(self.model),
-            "avg_bits": _avg_bits(numels, scheme),
-            "bit_scheme": scheme,
-            "csq_code_average_bits": self.mod.average_bits(self.model),
-        }
+        return _weights_summary(
+            "csq", self.mod.bit_scheme(self.model), numels, csq_code_average_bits=self.mod.average_bits(self.model)
+        )
 
 
 class MSQ(Method):
     """MSQ through :class:`msq_hf.MSQController` (regularize + prune, final round, then QAT)."""
+
+    family = "msq"
 
     def __init__(
         self,
@@ -314,15 +361,16 @@ class MSQ(Method):
         target: float,
         hessian: bool,
         seed: int,
+        count_sign_bit: bool = False,
     ):
         super().__init__(model, args, total_steps, steps_per_epoch)
-        import msq_hf
         from msq_hf.training.controller import MSQController
 
-        self.config = msq_hf.MSQConfig(
+        self.config = self.convert(
             init_bits=8,
             target_compression=target,
-            reg_strength=args.reg_strength,
+            count_sign_bit=count_sign_bit,
+            **regularizer_settings(args),
             prune_threshold=args.prune_threshold,
             prune_interval=args.prune_interval,
             final_round_fraction=args.final_round_fraction,
@@ -330,7 +378,6 @@ class MSQ(Method):
             hessian_max_probes=args.hessian_max_probes,
             hessian_batch_size=args.hessian_batch_size,
         )
-        msq_hf.quantize_model(model, self.config)
         self.ctl = MSQController(model, self.config, total_steps=total_steps, seed=seed)
 
     def start(self, batch: tuple[Any, Any]) -> None:
@@ -344,9 +391,10 @@ class MSQ(Method):
         return False
 
     def summary(self) -> dict[str, Any]:
+        acc = method_accounting("msq", dict(self.ctl.bits), dict(self.ctl.numels), self.config.wnorm)
         return {
-            "compression": self.ctl.compression,
-            "avg_bits": self.ctl.avg_bits,
+            "compression": acc.paper_ratio,  # the paper ratio, whatever accounting the target used
+            "avg_bits": acc.magnitude_bits,
             "bit_scheme": self.ctl.bits,
             "msq_config": self.config.to_dict(),
             "msq_history": self.ctl.history,
@@ -361,7 +409,9 @@ def make_method(
     """Convert ``model`` in place for method ``name`` and return its hooks."""
     spec = METHODS[name]
     if spec.family == "float":
-        return Method(model, args, total_steps, steps_per_epoch)
+        hooks = Method(model, args, total_steps, steps_per_epoch)
+        hooks.convert()  # float weights; the declared activation quantizers when --act-bits is set
+        return hooks
     if spec.family == "dorefa":
         return DoReFa(model, args, total_steps, steps_per_epoch, int(spec.bits))
     if spec.family == "bsq":
@@ -369,7 +419,9 @@ def make_method(
     if spec.family == "csq":
         return CSQ(model, args, total_steps, steps_per_epoch)
     if spec.family == "msq":
-        return MSQ(model, args, total_steps, steps_per_epoch, float(spec.target), spec.hessian, seed)
+        return MSQ(
+            model, args, total_steps, steps_per_epoch, float(spec.target), spec.hessian, seed, spec.count_sign_bit
+        )
     raise ValueError(f"method {name!r} has unknown family {spec.family!r}")
 
 
@@ -409,6 +461,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
     steps_per_epoch = len(y_train) // args.batch_size  # drop the last partial batch: equal steps
     total_steps = steps_per_epoch * args.epochs
     hooks = make_method(method, model, args, total_steps, steps_per_epoch, seed)
+    act_installed = check_act_quantizers(model, hooks.act)  # what really sits in front of each layer
     model.train()
 
     def make_optimizer() -> torch.optim.Optimizer:
@@ -436,6 +489,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
         "train_images": int(len(y_train)),
         "test_images": int(len(y_test)),
         "steps": total_steps,
+        "act": {**hooks.act.record(), "installed": act_installed},
         "torch": torch.__version__,
         "threads": args.threads,
         "machine": machine_description(),
@@ -464,7 +518,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
             step += 1
             if hooks.after_step(step, batch):
                 opt = make_optimizer()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.detach().argmax(1) == batch[1]).sum())
             seen += len(idx)
             bar.update(1)
@@ -485,12 +539,20 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
     bar.close()
     record["accuracy"] = evaluate(model, x_test, y_test)
     record.update(hooks.summary())
+    acc = record_accounting(record)
+    record["accounting"] = {
+        "paper_ratio": acc.paper_ratio,
+        "stored_ratio": acc.stored_ratio,
+        "stored_bits": acc.stored_bits,
+        "magnitude_bits": acc.magnitude_bits,
+    }
     record["wall_s"] = time.time() - t_start
     out.write_text(json.dumps(record, indent=1))
     partial.unlink(missing_ok=True)
     print(
-        f"{method} seed {seed}: accuracy {record['accuracy']:.2f}%, compression {record['compression']:.2f}x, "
-        f"avg bits {record['avg_bits']:.2f}, wall {record['wall_s']:.0f} s -> {out}",
+        f"{method} seed {seed}: accuracy {record['accuracy']:.2f}%, paper ratio {format_ratio(acc.paper_ratio)}, "
+        f"stored ratio {format_ratio(acc.stored_ratio)} ({acc.stored_bits:.2f} stored bits/weight), "
+        f"wall {record['wall_s']:.0f} s -> {out}",
         flush=True,
     )
     return record
@@ -539,27 +601,202 @@ def load_results(results_dir: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["seed"]))
 
 
-def summary_table(records: list[dict[str, Any]]) -> str:
-    """Markdown table: mean accuracy over seeds per method, compression, avg bits, wall time."""
+def record_act(record: dict[str, Any]) -> tuple[str, bool]:
+    """``(activation label, recorded?)`` of a result record.
+
+    Records written before the ``--act-*`` flags existed hold no ``act`` entry; the benchmark then had no activation
+    quantization at all, so they read as float (``recorded`` False, flagged in the tables).
+    """
+    act = record.get("act")
+    if act is None:
+        if "act_bits" in (record.get("settings") or {}):
+            raise ValueError(f"{record['method']} seed {record['seed']}: the act flags were set but not recorded")
+        return ActQuant().describe(), False
+    return ActQuant(act.get("bits"), act.get("quantizer", "pact"), act.get("skip_first", True)).describe(), True
+
+
+def record_accounting(record: dict[str, Any], numels: dict[str, int] | None = None) -> Accounting:
+    """Paper and stored ratio of one result record, recomputed from its bit scheme and layer sizes.
+
+    ``numels`` stands in for a record that lacks its own (DoReFa/BSQ/CSQ records before the accounting change; the
+    model is the same in every run). The recomputed paper ratio must match the record's ``compression``.
+    """
+    family = record["family"]
+    if family == "float":
+        return method_accounting("float", 32)
+    scheme = record.get("bit_scheme") or {}
+    sizes = record.get("numels") or numels
+    wnorm = (record.get("msq_config") or {}).get("wnorm")
+    acc = method_accounting(family, scheme, sizes, wnorm)
+    stored = record.get("compression")
+    if stored is not None and not math.isclose(acc.paper_ratio, stored, rel_tol=1e-6):
+        raise ValueError(
+            f"{record['method']} seed {record['seed']}: recomputed paper ratio {acc.paper_ratio:.4f}x differs from the "
+            f"recorded {stored:.4f}x (wrong layer sizes?)"
+        )
+    return acc
+
+
+def shared_numels(records: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Layer sizes of the benchmark model, from the first record that has them."""
+    return next((dict(r["numels"]) for r in records if r.get("numels")), None)
+
+
+@dataclass
+class MethodRow:
+    """One method of the summary: means over its seeds, both accountings, the activation quantizer."""
+
+    method: str
+    family: str
+    title: str
+    seeds: list[int]
+    accuracies: list[float]
+    act: str
+    act_recorded: bool
+    accounting: Accounting
+    wall_min: float
+    vs_float: float | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+
+def method_rows(records: list[dict[str, Any]]) -> list[MethodRow]:
+    """One :class:`MethodRow` per method (seed means), "vs float" against float on the same seeds."""
     import statistics
 
+    numels = shared_numels(records)
     by: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by.setdefault(r["method"], []).append(r)
-    float_acc = statistics.mean(r["accuracy"] for r in by["float"]) if "float" in by else None
-    lines = [
-        "| method | seeds | accuracy (%) | vs float (pt) | compression | avg bits | wall (min) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    float_by_seed = {r["seed"]: r["accuracy"] for r in by.get("float", [])}
+    rows = []
     for method, rs in by.items():
-        accs = [r["accuracy"] for r in rs]
-        acc = statistics.mean(accs)
-        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        delta = f"{acc - float_acc:+.2f}" if float_acc is not None and method != "float" else "–"
-        comp = statistics.mean(r["compression"] for r in rs)
-        bits = statistics.mean(r["avg_bits"] for r in rs)
-        wall = statistics.mean(r["wall_s"] for r in rs) / 60
-        lines.append(f"| {method} | {len(rs)} | {acc:.2f}{spread} | {delta} | {comp:.2f}x | {bits:.2f} | {wall:.1f} |")
+        accts = [record_accounting(r, numels) for r in rs]
+        acts = {record_act(r) for r in rs}
+        if len(acts) > 1:
+            raise ValueError(f"{method}: its seeds used different activation quantizers {sorted(acts)}")
+        (act, recorded), seeds = acts.pop(), [r["seed"] for r in rs]
+        spec = METHODS.get(method)
+        row = MethodRow(
+            method=method,
+            family=rs[0]["family"],
+            title=(spec.title if spec else method) + ("" if method == "float" else f" (`{method}`)"),
+            seeds=seeds,
+            accuracies=[r["accuracy"] for r in rs],
+            act=act,
+            act_recorded=recorded,
+            accounting=Accounting(
+                family=rs[0]["family"],
+                magnitude_bits=statistics.mean(a.magnitude_bits for a in accts),
+                stored_bits=statistics.mean(a.stored_bits for a in accts),
+                paper_ratio=statistics.mean(a.paper_ratio for a in accts),
+                stored_ratio=statistics.mean(a.stored_ratio for a in accts),
+            ),
+            wall_min=statistics.mean(r["wall_s"] for r in rs) / 60,
+        )
+        if method != "float" and all(s in float_by_seed for s in seeds):
+            row.vs_float = row.accuracy - statistics.mean(float_by_seed[s] for s in seeds)
+        rows.append(row)
+    return rows
+
+
+def _accuracy_cell(row: MethodRow) -> str:
+    import statistics
+
+    if len(row.accuracies) == 1:
+        return f"{row.accuracy:.2f}"
+    spread = statistics.stdev(row.accuracies)
+    return f"{row.accuracy:.2f} ± {spread:.2f} (" + ", ".join(f"{a:.2f}" for a in row.accuracies) + ")"
+
+
+def _act_cell(row: MethodRow) -> str:
+    return row.act if row.act_recorded else f"{row.act} ¹"
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table of every method: accuracy over seeds, both ratios, stored bits, activations, wall time."""
+    rows = method_rows(records)
+    lines = [
+        "| method | seeds | activations | accuracy (%) | vs float (pt) | paper ratio (magnitude bits) "
+        "| stored ratio (sign counted) | stored bits / weight | bits (paper) | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        a = row.accounting
+        delta = "–" if row.vs_float is None else f"{row.vs_float:+.2f}"
+        lines.append(
+            f"| {row.title} | {len(row.seeds)} | {_act_cell(row)} | {_accuracy_cell(row)} | {delta} "
+            f"| {format_ratio(a.paper_ratio)} | {format_ratio(a.stored_ratio)} | {a.stored_bits:.2f} "
+            f"| {a.magnitude_bits:.2f} | {row.wall_min:.1f} |"
+        )
+    if any(not row.act_recorded for row in rows):
+        lines += [
+            "",
+            "¹ not recorded: the run predates the `--act-*` flags, when the benchmark had no activation quantization.",
+        ]
+    return "\n".join(lines)
+
+
+def pair_equal_stored_bits(
+    rows: list[MethodRow], tolerance: float = 0.25, anchor_family: str = "msq"
+) -> list[tuple[MethodRow, list[MethodRow]]]:
+    """Each ``anchor_family`` row with the other quantized methods that store the same bits per weight.
+
+    Partners are the rows of other families (float excluded) whose stored bits per weight are within
+    ``tolerance`` of the anchor's, nearest first: an MSQ run at ``b - 1`` magnitude bits + sign pairs with a
+    uniform ``b``-bit DoReFa/LSQ run, not with the ``b - 1``-bit one its paper ratio matches.
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance={tolerance} must be >= 0")
+    candidates = [r for r in rows if r.family not in (anchor_family, "float")]
+    pairs = []
+    for anchor in (r for r in rows if r.family == anchor_family):
+        near = [
+            r for r in candidates if abs(r.accounting.stored_bits - anchor.accounting.stored_bits) <= tolerance + 1e-9
+        ]
+        near.sort(key=lambda r: abs(r.accounting.stored_bits - anchor.accounting.stored_bits))
+        pairs.append((anchor, near))
+    return pairs
+
+
+def _uniform_partner(stored_bits: float) -> str:
+    """The uniform run an unpaired MSQ row needs, as a ``--methods`` name when the table has one."""
+    width = round(stored_bits)
+    name = next((m for m, s in METHODS.items() if s.family == "dorefa" and s.bits == width), None)
+    return f"`--methods {name}`" if name else f"a uniform {width}-bit run"
+
+
+def _seeds(row: MethodRow) -> str:
+    return f"{len(row.seeds)} seed" + ("s" if len(row.seeds) > 1 else "")
+
+
+def pairing_table(records: list[dict[str, Any]], tolerance: float = 0.25) -> str:
+    """Markdown table: every MSQ run beside the methods that store the same bits per weight (same activations)."""
+    rows = method_rows(records)
+    lines = [
+        "| MSQ run | stored bits / weight | paper / stored ratio | accuracy (%) | partner at equal stored bits "
+        "| partner stored bits / weight | partner paper / stored ratio | partner accuracy (%) | MSQ − partner (pt) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for anchor, partners in pair_equal_stored_bits(rows, tolerance):
+        a = anchor.accounting
+        head = (
+            f"| {anchor.title} | {a.stored_bits:.2f} | {format_ratio(a.paper_ratio)} / {format_ratio(a.stored_ratio)} "
+            f"| {anchor.accuracy:.2f} ({_seeds(anchor)}) |"
+        )
+        if not partners:
+            lines.append(head + f" none run: needs {_uniform_partner(a.stored_bits)} | | | | |")
+        for p in partners:
+            if p.act != anchor.act:
+                raise ValueError(f"{anchor.method} and {p.method} used different activations ({anchor.act}, {p.act})")
+            b = p.accounting
+            lines.append(
+                head + f" {p.title} | {b.stored_bits:.2f} | {format_ratio(b.paper_ratio)} / "
+                f"{format_ratio(b.stored_ratio)} | {p.accuracy:.2f} ({_seeds(p)}) "
+                f"| {anchor.accuracy - p.accuracy:+.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -594,11 +831,27 @@ def child_command(method: str, seed: int, argv: list[str]) -> list[str]:
     ]
 
 
+def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The MSQConfig regularizer fields of ``args`` (``--previous-regularizer``: the settings before issue 14)."""
+    settings: dict[str, Any] = {}
+    if args.previous_regularizer:
+        settings = dict(lsb_units="code", reg_control="fixed", reg_strength=1e-5, warmup_fraction=0.0, hessian_ema=0.0)
+    if args.reg_strength is not None:
+        settings["reg_strength"] = args.reg_strength
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.storage_table:
+        print(storage_reference_table(), end="")
+        return 0
     if args.summary:
-        print(summary_table(load_results(args.results_dir)))
+        records = load_results(args.results_dir)
+        print(summary_table(records))
+        print(f"\nEqual stored bits (within {args.pair_tolerance:g} bit per weight):\n")
+        print(pairing_table(records, args.pair_tolerance))
         return 0
     if args.jobs < 1 or args.threads < 1:
         raise SystemExit(f"--jobs ({args.jobs}) and --threads ({args.threads}) must be >= 1")
@@ -644,7 +897,10 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             print(f"failed runs: {failures}; see {logs}", file=sys.stderr)
     print(f"\nsuite wall time {(time.time() - t0) / 60:.1f} min\n")
-    print(summary_table(load_results(args.results_dir)))
+    records = load_results(args.results_dir)
+    print(summary_table(records))
+    print(f"\nEqual stored bits (within {args.pair_tolerance:g} bit per weight):\n")
+    print(pairing_table(records, args.pair_tolerance))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Plots of the accuracy benchmark (``benchmarks/accuracy.py``) from its stored JSON results.
 
-* ``docs/img/accuracy_vs_compression.png``: accuracy vs compression of every finished run (mean over
-  seeds), points of one method family joined;
+* ``docs/img/accuracy_vs_compression.png``: accuracy of every finished method (mean over seeds) against the
+  stored ratio (sign counted; left panel, stored bits per weight on top) and the paper ratio (magnitude bits;
+  right panel), points of one method family joined;
 * ``docs/img/bits_timeline.png``: bits per layer over training of the MSQ 16x run (controller history).
 
 Usage (from the repository root)::
@@ -12,7 +13,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import DEFAULT_RESULTS, METHODS, load_results  # noqa: E402
+from accuracy import DEFAULT_RESULTS, METHODS, load_results, method_rows  # noqa: E402
+
+from msq_hf.report import ComparisonPoint, plot_accuracy_vs_compression, plot_bits_timeline  # noqa: E402
 
 #: legend label of each method family (points with the same label are joined by a line)
 LABELS = {"float": "float", "dorefa": "DoReFa (uniform)", "bsq": "BSQ", "csq": "CSQ"}
@@ -32,7 +34,8 @@ def label(method: str) -> str:
     if spec is None:
         return method
     if spec.family == "msq":
-        return "MSQ (Hessian k)" if spec.hessian else "MSQ (k = 1)"
+        kind = "MSQ (Hessian k)" if spec.hessian else "MSQ (k = 1)"
+        return kind + (", stored-ratio target" if spec.count_sign_bit else "")
     return LABELS[spec.family]
 
 
@@ -44,18 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the timeline run")
     args = parser.parse_args(argv)
 
-    from msq_hf.report import plot_accuracy_vs_compression, plot_bits_timeline
-
     records = load_results(args.results_dir)
     if not records:
         raise SystemExit(f"no finished runs (*.json) in {args.results_dir}; run benchmarks/accuracy.py first")
     args.img_dir.mkdir(parents=True, exist_ok=True)
-    by: dict[str, list[dict]] = {}
-    for r in records:
-        by.setdefault(r["method"], []).append(r)
     points = [
-        (label(m), statistics.mean(r["compression"] for r in rs), statistics.mean(r["accuracy"] for r in rs))
-        for m, rs in by.items()
+        ComparisonPoint(label(row.method), row.accounting.stored_ratio, row.accounting.paper_ratio, row.accuracy)
+        for row in method_rows(records)
     ]
     out = plot_accuracy_vs_compression(points, args.img_dir / "accuracy_vs_compression.png")
     print(f"wrote {out}")
@@ -71,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             args.img_dir / "bits_timeline.png",
             numels=timeline.get("numels"),
             total_steps=timeline["steps"],
+            wnorm=(timeline.get("msq_config") or {}).get("wnorm", "signmag"),
         )
         print(f"wrote {out}")
     return 0

@@ -78,7 +78,26 @@ class MSQConfig(QuantizationConfigMixin):
         "export stores) instead of the paper's magnitude-only accounting",
     )
     reg_strength: float = param(
-        5e-5, "lambda of the L1 LSB regularizer (MSQ Eq. 8)", number("a finite number >= 0", lambda v: v >= 0)
+        0.5,
+        "lambda of the L1 LSB regularizer (MSQ Eq. 8); in 'step' units SGD moves weights lr*lambda grid steps per step",
+        number("a finite number >= 0", lambda v: v >= 0),
+    )
+    reg_control: Literal["trajectory", "fixed"] = param(
+        "trajectory",
+        "'trajectory': at each pruning step lambda is multiplied by reg_gain if the compression is behind a linear "
+        "plan reaching the target at target_fraction of training (divided if far ahead); 'fixed': constant lambda",
+    )
+    reg_gain: float = param(1.5, "lambda feedback factor per pruning step", number("a number > 1", lambda v: v > 1))
+    target_fraction: float = param(
+        0.5,
+        "fraction of training at which the planned compression trajectory reaches the target",
+        number("a number in (0, 1]", lambda v: 0 < v <= 1),
+    )
+    warmup_fraction: float = param(
+        0.05,
+        "no regularizer, pruning or Hessian pass before this fraction of training (weights and BatchNorm "
+        "statistics settle first)",
+        number("a number in [0, 1)", lambda v: 0 <= v < 1),
     )
     prune_threshold: float = param(0.01, "a layer drops k LSBs when its LSB nonzero rate falls below this", OPEN_UNIT)
     prune_interval: int = param(100, "optimizer steps between pruning steps", integer(1))
@@ -98,6 +117,11 @@ class MSQConfig(QuantizationConfigMixin):
     hessian_tol: float = param(1e-2, "relative tolerance of the Hutchinson estimate", OPEN_UNIT)
     hessian_batch_size: int = param(64, "samples of the last training batch used by the Hessian pass", integer(1))
     sensitivity_norm: Literal["avg", "sum"] = param("avg", "'avg' (Tr/N, HAWQ-V2) or 'sum' (Tr)")
+    hessian_ema: float = param(
+        0.5,
+        "weight of the previous sensitivities in their moving average across pruning steps (0: no averaging)",
+        number("a number in [0, 1)", lambda v: 0 <= v < 1),
+    )
     # -- quantizer variants
     wnorm: Literal["signmag", "dorefa"] = param(
         "signmag", "weight quantizer: max-abs sign-magnitude or DoReFa tanh-affine"
@@ -105,7 +129,12 @@ class MSQConfig(QuantizationConfigMixin):
     lsb_form: Literal["continuous", "discrete"] = param(
         "continuous", "LSB term: continuous (Eq. 5) or discrete (Eq. 3 with STE)"
     )
-    lsb_units: Literal["code", "value"] = param("code", "LSB gradient: 'code' (2^n sign) or 'value' (sign)")
+    lsb_units: Literal["scale", "step", "code", "value"] = param(
+        "scale",
+        "LSB gradient per weight: 'scale' (S/2^8 sign: lr*lambda 8-bit grid steps of the layer, whatever its "
+        "scale S), 'step' (S/2^n sign: lr*lambda grid steps at every precision), 'code' (2^n/S sign) or 'value' "
+        "(sign/S)",
+    )
     reg_reduction: Literal["sum", "mean"] = param(
         "sum", "regularizer reduction over weights: 'sum' (paper) or 'mean' (rescales lambda)"
     )
@@ -236,6 +265,12 @@ CROSS_RULES: tuple[CrossRule, ...] = (
             f"above {_ratio(v['init_bits'], v):g}x, the ratio already met at {s('init_bits')}" + _with_sign(v, s)
         ),
         strict=True,
+    ),
+    CrossRule(
+        "target_fraction",
+        ("warmup_fraction", "final_round_fraction"),
+        lambda v: v["warmup_fraction"] < v["target_fraction"] <= v["final_round_fraction"],
+        lambda v, s: f"above {s('warmup_fraction')} and at most {s('final_round_fraction')}",
     ),
 )
 

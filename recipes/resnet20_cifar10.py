@@ -6,8 +6,9 @@ Paper setting (Table 2; [SEED] = stated in the paper, [INF] = inferred; see docs
 * 400 epochs, SGD lr 0.1 with warm-start cosine annealing, batch 1024 [SEED];
   momentum 0.9 / weight decay 5e-4 / 5 warm-up epochs are not reported [INF, CSQ's CIFAR code];
 * float activations (A32); target ≈ 16× (MSQ (a) reached 16.13× at 92.17 %, MSQ (b) 20.13× at 92.15 %);
-* λ, τ, pruning interval and the Hutchinson settings are not reported: λ = 5e-5, τ = 1 %, every
-  10 epochs, ≤ 50 probes / tol 1e-2 / 256 samples [INF, §8]; final round forced at 70 % [INF, §3.8].
+* λ, τ, pruning interval and the Hutchinson settings are not reported: τ = 1 %, every 10 epochs, ≤ 50
+  probes / tol 1e-2 / 256 samples [INF, §8]; λ from the MSQConfig default with the pacing feedback, the
+  forced final round at 70 % only as a safety net (docs/pruning.md, "Pacing").
 
 A3 / A2 variants: ``--act_bits 3 --target_compression 17.4`` or ``--act_bits 2 --target_compression 16.4``
 (PACT on conv inputs, §5).
@@ -41,7 +42,6 @@ RECIPE = Recipe(
         "warmup_steps": 5 / 400,  # 5 of 400 epochs
         "init_bits": 8,
         "target_compression": 16.0,
-        "reg_strength": 5e-5,
         "prune_threshold": 0.01,
         "prune_interval_epochs": 10,
         "hessian_batch_size": 256,

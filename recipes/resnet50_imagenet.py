@@ -7,8 +7,9 @@ Paper setting (Table 3; [SEED] = stated in the paper, [INF] = inferred; see docs
 * 100 epochs, SGD lr 0.01 with warm-start cosine annealing, batch 256 [SEED];
   momentum 0.9 / weight decay 1e-4 / 5 warm-up epochs are not reported [INF];
 * float activations [SEED]; target ≈ 10.67× (≈ 3 bits) [SEED] (MSQ reached 10.89× at 75.32 %);
-* λ = 5e-5, τ = 1 %, pruning every 2 epochs, ≤ 50 Hutchinson probes on 128 samples, final round
-  forced at 70 % of training [INF, §3.8/§8].
+* τ = 1 %, pruning every 2 epochs, ≤ 50 Hutchinson probes on 128 samples [INF, §8]; λ starts at the
+  MSQConfig default (step units) and follows the pacing feedback to reach the target by half of training;
+  the forced final round at 70 % is only a safety net (docs/pruning.md, "Pacing").
 
 Run: ``accelerate launch recipes/resnet50_imagenet.py`` (Hub data; ImageNet-1k is gated) or
 ``python recipes/resnet50_imagenet.py --smoke_test`` (offline, seconds).

@@ -57,6 +57,10 @@ INVALID = [
     ("wnorm", dict(wnorm="affine")),
     ("lsb_form", dict(lsb_form="cont")),
     ("lsb_units", dict(lsb_units="bits")),
+    ("reg_control", dict(reg_control="pid")),
+    ("reg_gain", dict(reg_gain=0.5)),
+    ("target_fraction", dict(target_fraction=0.9)),  # after final_round_fraction=0.7
+    ("target_fraction", dict(warmup_fraction=0.5)),  # not after the warm-up
     ("reg_reduction", dict(reg_reduction="avg")),
     ("sensitivity_norm", dict(sensitivity_norm="mean")),
     ("act_quantizer", dict(act_quantizer="minmax")),
@@ -111,8 +115,9 @@ def test_defaults() -> None:
         1,
         "signmag",
         "continuous",
-        "code",
+        "step",
     )
+    assert (cfg.reg_control, cfg.target_fraction, cfg.warmup_fraction) == ("trajectory", 0.5, 0.05)
     assert cfg.msq_format == "fake" and cfg.dequantize is False and cfg.bit_scheme is None
 
 
@@ -310,6 +315,10 @@ OUT_OF_RANGE = [
     (["--hessian-tol", "2"], "--hessian-tol 2", "(0, 1)"),
     (["--hessian-batch-size", "-1"], "--hessian-batch-size -1", "positive integer"),
     (["--act-bits", "1"], "--act-bits 1", "2..8"),
+    (["--reg-gain", "1"], "--reg-gain 1", "> 1"),
+    (["--target-fraction", "0"], "--target-fraction 0", "(0, 1]"),
+    (["--warmup-fraction", "1"], "--warmup-fraction 1", "[0, 1)"),
+    (["--hessian-ema", "1"], "--hessian-ema 1", "[0, 1)"),
 ]
 
 
@@ -346,6 +355,8 @@ cli_flag_to_field = {
         (["--target", "40"], ["--target 40", "32x", "--min-bits 1"]),
         (["--target", "17", "--count-sign-bit"], ["--target 17", "16x", "--count-sign-bit True"]),
         (["--target", "3", "--init-bits", "8"], ["--target 3", "--init-bits 8"]),
+        (["--target-fraction", "0.8"], ["--target-fraction 0.8", "--final-round-fraction 0.7"]),
+        (["--warmup-fraction", "0.6"], ["--target-fraction 0.5", "--warmup-fraction 0.6"]),
     ],
 )
 def test_generated_parser_names_every_flag_of_a_bad_combination(argv: list[str], needles: list[str]) -> None:

@@ -53,8 +53,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "dataset_name": "fashion_mnist",
     "max_train_samples": 20000,
     "max_eval_samples": 2000,
-    # MSQ (MSQConfig: 5e-5, 0.01, 100, 16, 64)
-    "reg_strength": 1e-5,
+    # MSQ (MSQConfig: 0.01, 100, 16, 64)
     "prune_threshold": 0.3,
     "prune_interval": 10,
     "hessian_max_probes": 2,

@@ -77,6 +77,7 @@ class MSQQuantizer(HfQuantizer):
             quantization_config = MSQConfig.from_dict(quantization_config)
         super().__init__(quantization_config, **kwargs)
         self._expected_bits: dict[str, int] = {}
+        self._from_files = False  # transformers reads checkpoint files (not a state_dict): see own_tensors
         self._export: tuple[dict[str, torch.Tensor], MSQConfig] | None = None  # see exporting()
 
     @property
@@ -151,6 +152,7 @@ class MSQQuantizer(HfQuantizer):
         cfg: MSQConfig = self.quantization_config
         if self.packed:
             prepare_packed_model(packed_root(model, cfg), cfg, dequantize=cfg.dequantize)
+            self._from_files = bool(kwargs.get("checkpoint_files"))
             return model
         names = find_convertible_layers(model, cfg.modules_to_not_convert)
         scheme = cfg.bit_scheme or {}
@@ -175,6 +177,8 @@ class MSQQuantizer(HfQuantizer):
                 # load-time redirection only: a later save_pretrained writes its own file names
                 with contextlib.suppress(AttributeError):
                     delattr(model.config, attr)
+            if self._from_files:  # AutoModel*.from_pretrained(export): tensors on transformers' file mapping
+                own_tensors(model)  # first, so that the packed layers validate the bytes they keep
             model = finalize_packed_model(model, cfg)
             install_save_hooks(model)
             watch_training(model)  # inference-only: a training forward says so (msq_hf.integrations.guard)
@@ -256,6 +260,28 @@ def fit_timm_config(config: Any) -> None:
     args = getattr(config, "model_args", None)
     if getattr(config, "model_type", None) == "timm_wrapper" and isinstance(args, dict) and "num_classes" in args:
         config.model_args = {k: v for k, v in args.items() if k != "num_classes"}
+
+
+def own_tensors(model: nn.Module) -> None:
+    """Give every parameter and buffer of ``model`` memory of its own (a clone; one shared by several modules stays
+    shared).
+
+    transformers loads safetensors files through a memory mapping and the loaded tensors are windows on it: the
+    file's pages would stay behind the model, and an in-place rewrite of the file would change the model.
+    ``msq_hf.from_pretrained`` does not need this: it hands transformers tensors read into memory of their own.
+    """
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, kept so its id stays unique; copy)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or tensor.device.type != "cpu":
+                    continue
+                if id(tensor) not in copies:
+                    new = tensor.detach().clone()
+                    if isinstance(tensor, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+                    copies[id(tensor)] = (tensor, new)
+                table[name] = copies[id(tensor)][1]
 
 
 def packed_root(model: nn.Module, cfg: MSQConfig) -> nn.Module:
@@ -346,6 +372,7 @@ __all__ = [
     "fit_timm_config",
     "install_save_hooks",
     "own_config",
+    "own_tensors",
     "packed_root",
     "register",
     "register_save_hooks",

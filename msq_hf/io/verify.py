@@ -7,14 +7,19 @@ sha256 (``msq_hf.io.format.verify_files``; the weights' sha256 only with ``verif
 manifest's weight files -> ``config.json`` and the manifest agree (model class/architecture, wnorm, act_bits,
 bit scheme) -> the manifest's layers are self-consistent and its totals are recomputed -> the safetensors files
 open, the index places every tensor, every packed tensor has its fixed dtype and shape, every scale decodes to
-finite weights -> a ``num_classes``/``num_labels`` is bounded by the weights present. Nothing here builds a model
-or reads a tensor other than the four-byte scales and one-byte bit widths.
+finite weights -> a ``num_classes``/``num_labels`` is bounded by the weights present. Nothing here builds a model.
+
+For ``inspect`` the weight files are hashed in chunks and only the four-byte scales and one-byte bit widths are
+read as tensors. The loader passes ``read_export`` a ``read_weights`` function instead
+(:func:`msq_hf.io.load.read_weight_file`): every weight file is then read exactly once into tensors that own their
+bytes, the sha256 and the tensor checks run on those bytes, and the model is built from them.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,8 @@ from msq_hf.io.format import (
 from msq_hf.nn.packed import decode_weight, packed_nbytes, stored_bits
 from msq_hf.quant.functional import MAX_BITS, MIN_BITS, check_bits
 
+WeightReader = Callable[[Path, int, "str | None"], "tuple[Any, dict[str, torch.Tensor] | None]"]
+
 
 @dataclass
 class ExportContents:
@@ -57,6 +64,7 @@ class ExportContents:
     kind: str
     totals: dict[str, Any]  # the manifest's totals with the recomputed values
     tensors: dict[str, tuple[Path, dict]]  # on-disk tensor key -> (weight file, safetensors header entry)
+    state: dict[str, torch.Tensor] | None = None  # with read_weights: on-disk key -> tensor holding its checked bytes
 
     def stored_numel(self, dense_only: bool = False) -> int:
         """Number of values the weight files hold (quantized weights counted as weights, not bytes)."""
@@ -193,8 +201,16 @@ def _check_totals(manifest: dict[str, Any], layers: dict[str, dict], weight_file
     return {**totals, **want}
 
 
-def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportContents:
-    """Parse and validate an export folder (see the module docstring); ``verify`` adds the weights' sha256."""
+def read_export(
+    directory: str | os.PathLike, verify: bool = True, read_weights: WeightReader | None = None
+) -> ExportContents:
+    """Parse and validate an export folder (see the module docstring); ``verify`` adds the weights' sha256.
+
+    ``read_weights(file, size, sha256 or None)`` (e.g. :func:`msq_hf.io.load.read_weight_file`) reads each weight
+    file into memory, checking its size and hash, and returns ``(parsed header, {key: tensor})`` (tensors ``None``
+    if the header does not describe the data). The header and tensor checks then run on what it read, and
+    ``ExportContents.state`` holds the tensors: a model built from them holds exactly the bytes that were checked.
+    """
     directory = Path(directory)
     config_path, manifest_path = directory / CONFIG_NAME, directory / MANIFEST_NAME
     config = read_json(config_path, "every msq_hf export has a config.json")
@@ -210,7 +226,14 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
             f"by this msq_hf (reads version {FORMAT_VERSION}); upgrade msq_hf"
         )
     # integrity first: from here on config.json, the index and the weights are the files the manifest hashed
-    weight_files = verify_files(directory, manifest, verify=verify)
+    weight_files = verify_files(directory, manifest, verify=verify and read_weights is None)
+    loaded = None
+    if read_weights is not None:  # hashed here, on the bytes that are kept, instead of in a separate pass
+        files = manifest["files"]  # checked by verify_files
+        loaded = {
+            p: read_weights(p, files[p.name]["size"], files[p.name]["sha256"].lower() if verify else None)
+            for p in weight_files
+        }
     weights = manifest["weights"]
     if config.get(GUARD_KEY, LOAD_GUARD) != LOAD_GUARD or config.get(CONFIG_WEIGHTS_KEY, weights) != weights:
         raise MSQFormatError(
@@ -229,8 +252,12 @@ def read_export(directory: str | os.PathLike, verify: bool = True) -> ExportCont
     layers = _check_layers(manifest, msq_config, manifest_path, config_path)
     totals = _check_totals(manifest, layers, weight_files, manifest_path)
     weight_map = index_weight_files(directory) if weights == WEIGHTS_INDEX_NAME else None
-    entries = check_headers(weight_files, layers, weight_map, msq_config.wnorm, getattr(torch, model["dtype"]))
-    contents = ExportContents(directory, config, manifest, msq_config, weight_files, model["kind"], totals, entries)
+    dtype = getattr(torch, model["dtype"])
+    entries = check_headers(weight_files, layers, weight_map, msq_config.wnorm, dtype, loaded)
+    state = None if loaded is None else {k: t for _, tensors in loaded.values() for k, t in (tensors or {}).items()}
+    contents = ExportContents(
+        directory, config, manifest, msq_config, weight_files, model["kind"], totals, entries, state
+    )
     stored = contents.stored_numel()
     labels = {k: config[k] for k in ("num_labels", "num_classes") if k in config}
     if isinstance(config.get("id2label"), dict):
@@ -254,8 +281,14 @@ def _tensor(path: Path, key: str) -> torch.Tensor:
         return fh.get_tensor(key)
 
 
-def _check_packed_tensors(entries: dict[str, tuple[Path, dict]], wnorm: str, dtype: torch.dtype) -> None:
-    """Every packed layer's four tensors: fixed dtype and shape; its scale decodes to finite ``dtype`` weights."""
+def _check_packed_tensors(
+    entries: dict[str, tuple[Path, dict]],
+    wnorm: str,
+    dtype: torch.dtype,
+    read: Callable[[Path, str], torch.Tensor] = _tensor,
+) -> None:
+    """Every packed layer's four tensors: fixed dtype and shape; its scale decodes to finite ``dtype`` weights.
+    ``read(file, key)`` gives a stored tensor (from the file, or from the bytes already loaded)."""
     for packed_key in [k for k in entries if k.endswith("weight_packed")]:
         prefix = packed_key.removesuffix("weight_packed")
         for suffix, (want, rule) in _PACKED_TENSORS.items():
@@ -265,8 +298,8 @@ def _check_packed_tensors(entries: dict[str, tuple[Path, dict]], wnorm: str, dty
             if path is None or entry.get("dtype") != want or len(shape) != 1 or (rule == "[1]" and shape != [1]):
                 found = "missing" if path is None else f"stored as {entry.get('dtype')} {shape}"
                 raise MSQFormatError(f"tensor {key!r} is {found}; a packed layer stores it as {want} {rule}")
-        bits = int(_tensor(entries[prefix + "weight_bits"][0], prefix + "weight_bits")[0])
-        scale = _tensor(entries[prefix + "weight_scale"][0], prefix + "weight_scale")
+        bits = int(read(entries[prefix + "weight_bits"][0], prefix + "weight_bits")[0])
+        scale = read(entries[prefix + "weight_scale"][0], prefix + "weight_scale")
         if not MIN_BITS <= bits <= MAX_BITS:
             raise MSQFormatError(f"tensor {prefix}weight_bits={bits} is outside {MIN_BITS}..{MAX_BITS}")
         top = 2 ** (bits + 1) - 2 if wnorm == "signmag" else 2**bits - 1
@@ -288,12 +321,15 @@ def check_headers(
     weight_map: dict[str, str] | None,
     wnorm: str,
     dtype: torch.dtype,
+    loaded: dict[Path, tuple[Any, dict[str, torch.Tensor] | None]] | None = None,
 ) -> dict[str, tuple[Path, dict]]:
     """Validate the safetensors files without loading the weights; return ``{key: (file, header entry)}``.
 
     Each file must open with safetensors (offsets, dtypes, sizes) and carry ``msq_format=packed``; the index (if
     any) must place every key in the file that holds it; packed tensors are checked by
-    :func:`_check_packed_tensors`; each layer's ``weight_packed`` must have the length its bits need.
+    :func:`_check_packed_tensors`; each layer's ``weight_packed`` must have the length its bits need. With
+    ``loaded`` (``read_export``'s ``read_weights`` per file) the bytes in memory must carry the same header as the
+    file, and the tensor checks run on them.
     """
     entries: dict[str, tuple[Path, dict]] = {}
     for path in weight_files:
@@ -303,6 +339,12 @@ def check_headers(
                 pass  # safetensors' own validation: dtypes, shapes, offsets covering the data exactly
         except SafetensorError as exc:
             raise MSQIntegrityError(f"weight file {path} is not a valid safetensors file ({exc})") from None
+        if loaded is not None:  # the bytes in memory are those checked here (same header, same size)
+            if loaded[path][0] != header:
+                raise MSQIntegrityError(f"weight file {path} changed while it was being loaded")
+            if loaded[path][1] is None:
+                dtypes = sorted({str(e.get("dtype")) for k, e in header.items() if k != "__metadata__"})
+                raise MSQFormatError(f"weight file {path} holds tensor dtypes {dtypes} that msq_hf cannot load")
         meta = header.pop("__metadata__", None)
         if not isinstance(meta, dict) or meta.get("msq_format") != "packed":
             raise MSQFormatError(f"weight file {path}: safetensors metadata {meta!r:.80} lacks msq_format='packed'")
@@ -316,7 +358,10 @@ def check_headers(
             entries[key] = (path, entry)
     if weight_map is not None and (missing := sorted(set(weight_map) - set(entries))):
         raise MSQFormatError(f"{WEIGHTS_INDEX_NAME} lists tensor(s) {missing[:5]} that no weight file holds")
-    _check_packed_tensors(entries, wnorm, dtype)
+    if loaded is None:
+        _check_packed_tensors(entries, wnorm, dtype)
+    else:
+        _check_packed_tensors(entries, wnorm, dtype, lambda path, key: loaded[path][1][key])  # type: ignore[index]
     for name, info in layers.items():
         key = info.get("checkpoint_key")
         if key is None:
@@ -333,4 +378,4 @@ def check_headers(
     return entries
 
 
-__all__ = ["ExportContents", "check_headers", "read_export"]
+__all__ = ["ExportContents", "WeightReader", "check_headers", "read_export"]

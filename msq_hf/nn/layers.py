@@ -39,11 +39,14 @@ class MSQWeightQuantize(torch.autograd.Function):
         W_q = S/2^n * clamp(round(2^n W / S), -(2^n-1), 2^n-1)
         W_lo= S/2^(n-k) * clamp(round(2^(n-k) W / S), ...)            (nearest (n-k)-bit level)
         D   = W - W_lo  (continuous)  or  W_q - W_lo  (discrete)
-        R   = c * sum|D|,  c = 2^n/S (code units) or 1/S (value units), /N for a mean reduction
+        R   = sum|D| in grid steps, times S^2/(2^8 2^n) ("scale"), S^2/4^n ("step"), 1 ("code") or 1/2^n
+              ("value"); /N for "mean"
 
-    Backward: ``dL/dW = dL/dW_q + (dL/dR) * c * sign(D)`` -- the STE for the task loss plus
-    MSQ Eq. 7 for the regularizer. ``bits`` and ``k`` are 0-d integer tensors (never read on the host);
-    at ``k == 0`` the kernels give ``R = 0`` and ``c = 0``. ``k=None``: straight-through quantization
+    Backward: ``dL/dW = dL/dW_q + (dL/dR) * c * sign(D)`` with ``c = S/2^8`` (scale), ``S/2^n`` (step),
+    ``2^n/S`` (code) or ``1/S`` (value). "scale" and "step" pull a layer scaled by any constant by the same
+    number of grid steps (docs/pruning.md, "Pacing"). The first term is the
+    STE for the task loss, the second MSQ Eq. 7. ``bits`` and ``k`` are 0-d integer tensors (never read on the
+    host); at ``k == 0`` the kernels give ``R = 0`` and ``c = 0``. ``k=None``: straight-through quantization
     only (``R`` is a constant 0, nothing is saved for the backward).
     """
 
@@ -54,7 +57,7 @@ class MSQWeightQuantize(torch.autograd.Function):
         bits: torch.Tensor,
         k: torch.Tensor | None,
         continuous: bool,
-        code_units: bool,
+        units: str,
         mean: bool,
         owns_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +66,7 @@ class MSQWeightQuantize(torch.autograd.Function):
         ctx.owns_grad = owns_grad
         if k is None:
             return KERNELS.fake_quantize(w, bits), w.new_zeros(())
-        wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, code_units, mean)
+        wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, units, mean)
         ctx.save_for_backward(sign, coef)
         return wq, reg
 
@@ -82,12 +85,13 @@ def msq_quantize_weight(
     k: int | torch.Tensor | None = 0,
     *,
     continuous: bool = True,
-    code_units: bool = True,
+    units: str = "scale",
     mean: bool = False,
     owns_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional entry point of :class:`MSQWeightQuantize` (returns ``(W_q, R)``).
 
+    ``units``: ``"scale"``, ``"step"``, ``"code"`` or ``"value"`` (see :class:`MSQWeightQuantize`).
     ``bits``/``k``: Python ints or 0-d integer tensors (a layer passes its buffers, so no value is read on
     the host). ``k=0`` or ``None`` (as ints): straight-through quantization only, ``R = 0``; a tensor ``k``
     always runs the fused regularizer (``R = 0`` and no regularizer gradient where it holds 0).
@@ -101,7 +105,7 @@ def msq_quantize_weight(
         bits = torch.tensor(QF.check_bits(bits), dtype=torch.int32, device=weight.device)
     if k is not None and not isinstance(k, torch.Tensor):
         k = torch.tensor(int(k), dtype=torch.int32, device=weight.device) if int(k) > 0 else None
-    return MSQWeightQuantize.apply(weight, bits, k, continuous, code_units, mean, owns_grad)
+    return MSQWeightQuantize.apply(weight, bits, k, continuous, units, mean, owns_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +125,7 @@ class MSQLayerMixin:
         *,
         wnorm: str = "signmag",
         lsb_form: str = "continuous",
-        lsb_units: str = "code",
+        lsb_units: str = "scale",
         reg_reduction: str = "sum",
         act_quantizer: nn.Module | None = None,
     ) -> None:
@@ -134,6 +138,9 @@ class MSQLayerMixin:
         self.reg_reduction = reg_reduction
         self.act_quant = act_quantizer
         setattr(self, REG_ATTR, None)
+        # True when the last forward ran in training mode without gradients: no LSB term could be recorded
+        # (reentrant activation checkpointing does this; msq_hf.training.regularizer refuses it)
+        self.forward_without_grad = False
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: int, **msq_kwargs: Any) -> Any:
@@ -187,7 +194,7 @@ class MSQLayerMixin:
                 self.bits,
                 self.k if want_reg else None,
                 continuous=self.lsb_form == "continuous",
-                code_units=self.lsb_units == "code",
+                units=self.lsb_units,
                 mean=self.reg_reduction == "mean",
                 owns_grad=owns_grad,
             )
@@ -207,6 +214,17 @@ class MSQLayerMixin:
             if self.wnorm == "signmag":
                 return QF.fake_quantize_signmag(self.weight, self.n_bits, QF.max_abs_scale(self.weight))
             return QF.quantize_weight(self.weight, self.n_bits, "dorefa")
+
+    def quantization_reference(self) -> torch.Tensor:
+        """The float weight that :meth:`quantized_weight` rounds, in the same domain (no graph).
+
+        ``W`` for sign-magnitude; ``2u - 1`` with DoReFa's ``u = tanh W / (2 max|tanh W|) + 1/2``, whose
+        quantized values live in [-1, 1]. The HAWQ error ``||Q - W||^2`` is taken against this.
+        """
+        with torch.no_grad():
+            if self.wnorm == "signmag":
+                return self.weight.detach()
+            return 2 * QF.dorefa_affine_normalize(self.weight.detach()) - 1
 
     def quantized_weight_ste(self) -> torch.Tensor:
         """The fake-quantized weight with the straight-through gradient (for Hessian passes)."""
@@ -237,9 +255,10 @@ class MSQLayerMixin:
             return QF.roundclamp_codes(u, bits).to(torch.int16), torch.tensor([1.0 / 2**bits])
 
     def pop_regularization(self) -> torch.Tensor | None:
-        """Return and clear the regularizer term recorded by the last training forward."""
+        """Return and clear the regularizer term recorded by the last training forward (and its no-grad flag)."""
         reg = getattr(self, REG_ATTR, None)
         setattr(self, REG_ATTR, None)
+        self.forward_without_grad = False
         return reg
 
     def _msq_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +268,7 @@ class MSQLayerMixin:
         # W_q goes straight into this layer's F.linear/conv, whose weight gradient is a fresh buffer
         wq, reg = self._quantized_weight_and_reg(owns_grad=True)
         setattr(self, REG_ATTR, reg)
+        self.forward_without_grad = self.training and not torch.is_grad_enabled()
         return wq
 
     def msq_extra_repr(self) -> str:

@@ -10,14 +10,12 @@ Buffers of a packed layer (the checkpoint keys ``<module>.weight_packed`` etc.):
 ``weight_packed`` (uint8 little-endian bitstream, ``msq_hf.quant.packing``), ``weight_scale`` (float32 [1]),
 ``weight_bits`` (uint8 [1], ``n``), ``weight_shape`` (int64 [ndim]); the bias stays a float parameter.
 
-Packed inference: the layer keeps only the packed buffers. Each ``forward`` decodes the weight on the fly --
-unpack the codes straight into a float32 buffer (:func:`msq_hf.quant.packing.unpack_codes` with ``out=``),
-then dequantize it in place (:func:`dequantize_`) -- and runs the plain ``F.linear``/``F.conv2d`` on it. The
-buffer is a per-thread workspace reused by every layer (the size of the largest layer), so a loaded export
-holds packed bytes, not float weights. A :class:`DecodeCache` (:func:`set_decode_cache`: every layer, or an
-LRU bounded by bytes) trades memory back for speed. The stored scale is used as is: re-quantizing the
-dequantized weight with a fresh ``max|W|`` scale would *not* reproduce it (the largest weight is usually
-clamped to ``2^n - 1`` steps, so ``max|W_q| != S``).
+Packed inference: the layer keeps only the packed buffers. Each ``forward`` unpacks the codes straight into a
+float32 per-thread workspace shared by every layer (:func:`msq_hf.quant.packing.unpack_codes` with ``out=``),
+dequantizes it in place (:func:`dequantize_`) and runs the plain ``F.linear``/``F.conv2d``: a loaded export holds
+packed bytes, not float weights. A :class:`DecodeCache` (:func:`set_decode_cache`) trades memory back for speed.
+The stored scale is used as is: re-quantizing the dequantized weight with a fresh ``max|W|`` scale would *not*
+reproduce it (the largest weight is usually clamped to ``2^n - 1`` steps, so ``max|W_q| != S``).
 """
 
 from __future__ import annotations
@@ -130,6 +128,7 @@ class MSQPackedMixin:
     weight_shape: torch.Tensor
     bias: torch.Tensor | None
     decode_cache: DecodeCache | None
+    CHECK_STEP = 1 << 16  # codes per slice of the code check in validate (a multiple of 8)
 
     def _init_packed(
         self,
@@ -245,13 +244,17 @@ class MSQPackedMixin:
                 f"{where}: weight_scale={scale.tolist()} is invalid: expected one finite positive number"
             )
         top = 2 ** (bits + 1) - 2 if self.wnorm == "signmag" else 2**bits - 1
-        if numel and top < (1 << width) - 1:  # some bit patterns are not valid codes: look for them
-            codes = packing.unpack_codes(self.weight_packed.reshape(-1), width, numel)
-            if int(codes.max()) > top:
-                raise MSQFormatError(
-                    f"{where}: a stored code is {int(codes.max())}, above the largest valid "
-                    f"{bits}-bit {self.wnorm} code {top}; the weight file is corrupt"
-                )
+        stream, largest = self.weight_packed.reshape(-1), 0
+        # look for invalid codes a slice at a time: the unpack memory (kept by the process) is a slice's, not a layer's
+        for start in range(0, numel if top < (1 << width) - 1 else 0, self.CHECK_STEP):
+            n, first = min(self.CHECK_STEP, numel - start), start * width // 8
+            codes = packing.unpack_codes(stream[first : first + packing.packed_nbytes(n, width)], width, n)
+            largest = max(largest, int(codes.max()))
+        if largest > top:
+            raise MSQFormatError(
+                f"{where}: a stored code is {largest}, above the largest valid {bits}-bit {self.wnorm} code {top}; "
+                "the weight file is corrupt"
+            )
 
     def refresh(self) -> None:
         """Validate the packed buffers after loading and drop any cached decode of the old ones."""

@@ -117,6 +117,11 @@ class RunArguments:
         default=True, help="reload the export and require bit-identical logits on 8 evaluation images"
     )
     write_report: bool = HfArg(default=True, help="write plots and report.md to <output_dir>/report")
+    eval_after_pruning: bool = HfArg(
+        default=False,
+        help="also evaluate right after every pruning step that lowered bits (the summary then gives the largest "
+        "accuracy drop a pruning step caused)",
+    )
 
     def __post_init__(self) -> None:
         if self.prune_interval_epochs is not None and not self.prune_interval_epochs > 0:

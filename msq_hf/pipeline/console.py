@@ -35,10 +35,10 @@ class ConsoleCallback(TrainerCallback):
         self.first_step_start: float | None = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.controller.started or self.first_step_start is not None:
+        if self.controller.started or self.first_step_start is not None or state.global_step > 0:
             return
         work = ["compiling the fused MSQ kernels"] if KERNELS.state is None else []
-        if self.controller.config.hessian_guided:
+        if self.controller.config.hessian_guided and self.controller.warmup_step == 0:
             work.append("measuring the Hessian sensitivity of every layer")
         self.write(
             f"[step {state.global_step + 1}] first step: {' and '.join(work or ['MSQ set-up'])}; "
@@ -60,11 +60,19 @@ class ConsoleCallback(TrainerCallback):
         if self.first_step_start is not None:
             self._first_step_done(state)
         history = self.controller.history
-        for entry in history[self.seen :]:
-            if entry.get("step", 0) > 0 and (entry.get("pruned") or entry.get("phase") == "final"):
+        for index, entry in enumerate(history[self.seen :], start=self.seen):
+            if index == 0:
+                plan = self.controller.plan
+                self.write(
+                    f"[step {entry['step']}] MSQ starts: regularizer and pruning on"
+                    + (f", planned to reach the target by step {plan.reach_step}" if plan is not None else "")
+                )
+            elif entry.get("pruned") or entry.get("phase") == "final":
                 pruned = entry.get("pruned") or []
                 names = ", ".join(pruned[:3]) + (f" +{len(pruned) - 3} more" if len(pruned) > 3 else "")
-                label = "final round" if entry.get("phase") == "final" else "pruned"
+                label = "pruned"
+                if entry.get("phase") == "final":
+                    label = "forced final round" if entry.get("forced") else "final round"
                 self.write(
                     f"[step {entry['step']}] {label}: {entry['compression']:.2f}x, avg "
                     f"{entry['avg_bits']:.2f} bits" + (f" ({names})" if names else "")
@@ -89,7 +97,7 @@ class ConsoleCallback(TrainerCallback):
         self.write(
             f"[step {state.global_step}/{state.max_steps}] loss {logs['loss']:.4f}, lr "
             f"{logs.get('learning_rate', 0):.4g}, {logs.get('msq/compression', 0):.2f}x, avg "
-            f"{logs.get('msq/avg_bits', 0):.2f} bits, phase {phase}"
+            f"{logs.get('msq/avg_bits', 0):.2f} bits, lambda {logs.get('msq/lambda', 0):.3g}, phase {phase}"
         )
 
 

@@ -36,6 +36,7 @@ from msq_hf.io.export import ExportResult
 from msq_hf.metrics import compute_accuracy_metrics
 from msq_hf.pipeline.arguments import DataArguments, ModelArguments, RunArguments
 from msq_hf.pipeline.console import attach_console
+from msq_hf.pipeline.evals import EvalAfterPruning, pacing_summary
 from msq_hf.pipeline.model import (
     ModelSpec,
     build_model,
@@ -207,6 +208,8 @@ def train_and_export(
         processing_class=prepared.processor,
     )
     controller = trainer.msq_controller
+    if run_args.eval_after_pruning and in_training is not None:
+        trainer.add_callback(EvalAfterPruning(controller))
     if say is not None:
         attach_console(trainer, controller, say)
         _announce(say, trainer, cfg, len(splits.train), steps_in_epoch)
@@ -265,7 +268,8 @@ def train_and_export(
         average_bits=controller.avg_bits,
         target_compression=cfg.target_compression,
         phase=controller.phase,
-        pruning_steps=sum(1 for h in controller.history if h["step"] > 0),
+        pruning_steps=max(len(controller.history) - 1, 0),  # the first entry is the start
+        **pacing_summary(controller, trainer.state.log_history, train_seconds),
         wall_seconds=round(time.time() - start, 1),
         **extra,
     )

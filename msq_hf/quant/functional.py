@@ -34,7 +34,7 @@ import torch
 
 WeightNorm = Literal["signmag", "dorefa"]
 LSBForm = Literal["continuous", "discrete"]
-LSBUnits = Literal["code", "value"]
+LSBUnits = Literal["scale", "step", "code", "value"]
 
 # The supported precisions, declared once: MSQConfig, the layers, the packing codec and the baselines
 # validate against these through check_bits. Activations: no 1-bit quantizer (PACT/LSQ need 2+ levels).
@@ -191,25 +191,40 @@ def lsb_l1(
     bits: int,
     k: int,
     form: LSBForm = "continuous",
-    units: LSBUnits = "code",
+    units: LSBUnits = "step",
     reduction: Literal["sum", "mean"] = "sum",
     wnorm: WeightNorm = "signmag",
 ) -> torch.Tensor:
     """Reference L1 LSB regularizer of one layer, with a full autograd graph (MSQ Eq. 6).
 
-    ``R = sum_i |l_{n,k}(u_i)|`` (``units="code"``) or ``sum_i |l/2^n|`` (``units="value"``).
-    Its gradient is ``dR/dW = c * sign(l) * sign(W) / S`` with ``c = 2^n`` (code) or 1 (value)
-    (Eq. 7). The layers use a fused equivalent (``msq_hf.nn.layers``); this one is the readable
-    reference the tests check them against.
+    ``l`` is measured in n-bit grid steps. ``R = sum_i |l_i| * m`` with ``m = S^2/(2^8 2^n)`` (``units="scale"``),
+    ``(S/2^n)^2`` (``"step"``), 1 (``"code"``) or ``2^-n`` (``"value"``); ``S`` is detached. Its gradient (Eq. 7)
+    is ``dR/dW = c * sign(l) * sign(W)`` with ``c = S/2^8`` (scale), ``S/2^n`` (step), ``2^n/S`` (code) or
+    ``1/S`` (value).
+
+    SGD at learning rate ``eta`` moves each weight by ``eta * lambda * 2^(n-8)`` grid steps of its layer
+    (``"scale"``) or ``eta * lambda`` (``"step"``): both the same for a layer scaled by any constant. ``"scale"``
+    also keeps the pull in proportion to the task gradient's noise in grid steps, which halves with every bit a
+    layer loses. With ``"code"`` the pull is ``eta * lambda * 4^n / S^2`` grid steps, so layers with small weights
+    or many bits are pulled far harder.
+    The layers use a fused equivalent (``msq_hf.nn.layers``); this one is the readable reference the tests
+    check them against. Under ``wnorm="dorefa"`` the scale is 1 (the grid lives on ``u`` in [0, 1]).
     """
     if wnorm == "signmag":
         scale = max_abs_scale(weight)
         u = weight.abs() / scale
     else:
+        scale = torch.ones((), device=weight.device)
         u = dorefa_affine_normalize(weight)
     ell = lsb_continuous(u, bits, k) if form == "continuous" else lsb_discrete(u, bits, k)
     if units == "value":
         ell = ell / 2**bits
+    elif units == "step":
+        ell = ell * (scale / 2**bits) ** 2
+    elif units == "scale":
+        ell = ell * scale**2 / (2**8 * 2**bits)
+    elif units != "code":
+        raise ValueError(f"units={units!r} is not one of 'scale', 'step', 'code', 'value'")
     total = ell.abs().sum()
     return total / weight.numel() if reduction == "mean" else total
 

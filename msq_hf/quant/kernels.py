@@ -29,8 +29,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+REFERENCE_LEVELS = 256.0  # 2^8: "scale" units measure the pull in grid steps of an 8-bit grid of the layer
+
+
 def grid_constants(
-    bits: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, code_units: bool, numel: int | None
+    bits: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, units: str, numel: int | None
 ) -> tuple[torch.Tensor, ...]:
     """The kernels' scalars from the 0-d integer tensors ``bits``/``k`` -- on the device, no host read.
 
@@ -39,15 +42,24 @@ def grid_constants(
     regularized gets ``R = 0`` and no regularizer gradient). Reading ``bits``/``k`` as Python ints would
     cost one host synchronisation per layer and step, and would make ``torch.compile`` specialize
     (recompile) on every bit-width change; computed here they are ordinary graph inputs.
+
+    ``units`` (see :data:`msq_hf.quant.functional.LSBUnits`) fixes how the layer scale ``S`` enters: the
+    kernels form ``c = coef_mult * S^p`` and ``R = reg_mult * S^(p+1) * sum|l|`` with ``p = +1`` for
+    ``"scale"``/``"step"`` and ``-1`` otherwise (:func:`scale_powers`).
     """
     one = torch.ones_like(bits)
     levels = torch.bitwise_left_shift(one, bits).to(torch.float32)
     two_k = torch.bitwise_left_shift(one, k).to(torch.float32)
     low_max = (torch.bitwise_left_shift(one, bits - k) - 1).to(dtype)
-    active = (k > 0).to(torch.float32)
-    per = 1.0 / numel if numel else 1.0
-    coef_mult = (levels if code_units else torch.ones_like(levels)) * (active * per)
-    reg_mult = (torch.ones_like(levels) if code_units else 1.0 / levels) * (active * per)
+    active = (k > 0).to(torch.float32) * (1.0 / numel if numel else 1.0)
+    if units == "code":  # dR/dW = 2^n/S sign(l): one grid step of l per grid step of W
+        coef_mult, reg_mult = levels * active, active
+    elif units == "value":  # dR/dW = sign(l)/S: l measured as a fraction of S
+        coef_mult, reg_mult = active, active / levels
+    elif units == "scale":  # dR/dW = S/2^8 sign(l): lr*lambda*2^(n-8) grid steps, in proportion to S
+        coef_mult, reg_mult = active / REFERENCE_LEVELS, active / (REFERENCE_LEVELS * levels)
+    else:  # "step": dR/dW = S/2^n sign(l): SGD moves W by lr*lambda grid steps, whatever S and n are
+        coef_mult, reg_mult = active / levels, active / (levels * levels)
     return (
         levels.to(dtype),
         (levels - 1).to(dtype),
@@ -57,6 +69,19 @@ def grid_constants(
         coef_mult,
         reg_mult,
     )
+
+
+def scale_powers(units: str) -> tuple[int, int]:
+    """``(p, p + 1)``: the powers of the layer scale ``S`` in ``c`` and in ``R`` (see :func:`grid_constants`)."""
+    if units not in ("scale", "step", "code", "value"):
+        raise ValueError(f"units={units!r} is not one of 'scale', 'step', 'code', 'value'")
+    return (1, 2) if units in ("scale", "step") else (-1, 0)
+
+
+def _scale_factors(scale: torch.Tensor, units: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # S^p and S^(p+1) in float32 for the coefficient and the regularizer value
+    s = scale.float()
+    return (s, s * s) if scale_powers(units)[0] == 1 else (1.0 / s, torch.ones_like(s))
 
 
 def fake_quantize(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -76,18 +101,19 @@ def fake_quantize(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 def fused_forward_eager(
-    w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, code_units: bool, mean: bool
+    w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, units: str, mean: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W_q, sign(l), R, c)`` for a weight tensor ``w`` (no autograd); ``bits``/``k`` are 0-d int tensors.
 
     ``S = max|W|``, ``x = W / (S/2^n)``, ``W_q = clamp(round(x), +-(2^n-1)) * S/2^n``,
     ``l = (x or round-clamped x) - 2^k clamp(round(x 2^-k), +-(2^(n-k)-1))`` (code units),
-    ``R = reg_mult * sum|l|``, ``c = coef_mult / S`` (so that ``dR/dW = c sign(l)``); ``R = c = 0`` at ``k = 0``.
+    ``R = reg_mult S^(p+1) sum|l|``, ``c = coef_mult S^p`` (so that ``dR/dW = c sign(l)``, see :func:`grid_constants`);
+    ``R = c = 0`` at ``k = 0``.
     ``W_q`` is :func:`msq_hf.quant.functional.signed_codes` times the step, fused with the LSB term into
     one pass over ``x`` (``tests/nn/test_layers.py`` checks the two agree bit for bit).
     """
     levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult = grid_constants(
-        bits, k, w.dtype, code_units, w.numel() if mean else None
+        bits, k, w.dtype, units, w.numel() if mean else None
     )
     lo, hi = torch.aminmax(w)
     scale = torch.maximum(-lo, hi)
@@ -97,8 +123,9 @@ def fused_forward_eager(
     q = torch.round(x).clamp_(-qmax, qmax)
     low = torch.mul(x, low_scale).round_().clamp_(-low_max, low_max).mul_(two_k)
     ell = torch.sub(x if continuous else q, low, out=low)
-    reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult).to(w.dtype)
-    return q.mul_(step), ell.sign_().to(torch.int8), reg, (coef_mult / scale.float()).to(w.dtype)
+    s_coef, s_reg = _scale_factors(scale, units)
+    reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult * s_reg).to(w.dtype)
+    return q.mul_(step), ell.sign_().to(torch.int8), reg, (coef_mult * s_coef).to(w.dtype)
 
 
 def fused_backward_eager(grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor):
@@ -107,11 +134,11 @@ def fused_backward_eager(grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch
 
 
 def fused_forward_graph(
-    w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, code_units: bool, mean: bool
+    w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, units: str, mean: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_forward_eager` without in-place ops or ``out=``: the form ``torch.compile`` traces."""
     levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult = grid_constants(
-        bits, k, w.dtype, code_units, w.numel() if mean else None
+        bits, k, w.dtype, units, w.numel() if mean else None
     )
     lo, hi = torch.aminmax(w)
     scale = torch.maximum(-lo, hi)
@@ -121,8 +148,9 @@ def fused_forward_graph(
     q = torch.clamp(torch.round(x), -qmax, qmax)
     low = torch.clamp(torch.round(x * low_scale), -low_max, low_max) * two_k
     ell = (x if continuous else q) - low
-    reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult).to(w.dtype)
-    return q * step, torch.sign(ell).to(torch.int8), reg, (coef_mult / scale.float()).to(w.dtype)
+    s_coef, s_reg = _scale_factors(scale, units)
+    reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult * s_reg).to(w.dtype)
+    return q * step, torch.sign(ell).to(torch.int8), reg, (coef_mult * s_coef).to(w.dtype)
 
 
 def fused_backward_graph(grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor):
@@ -191,8 +219,8 @@ class _Kernels:
         for bits, k in ((8, 1), (3, 2), (2, 1), (4, 0)):
             for continuous in (True, False):
                 b, kk = torch.tensor(bits, dtype=torch.int32), torch.tensor(k, dtype=torch.int32)
-                ref = fused_forward_eager(w, b, kk, continuous, True, False)
-                got = fwd(w, b, kk, continuous, True, False)
+                ref = fused_forward_eager(w, b, kk, continuous, "step", False)
+                got = fwd(w, b, kk, continuous, "step", False)
                 if not (
                     torch.equal(ref[0], got[0])
                     and torch.equal(ref[1], got[1])
@@ -228,7 +256,7 @@ class _Kernels:
         bits: int | torch.Tensor,
         k: int | torch.Tensor,
         continuous: bool,
-        code_units: bool,
+        units: str,
         mean: bool,
     ):
         """``(W_q, sign, R, c)`` of one layer; ``bits``/``k`` as 0-d int tensors (or ints, for tests and tools).
@@ -238,19 +266,19 @@ class _Kernels:
         """
         bits, k = as_int_tensor(bits, w.device), as_int_tensor(k, w.device)
         if torch.compiler.is_compiling():
-            return fused_forward_graph(w, bits, k, continuous, code_units, mean)
+            return fused_forward_graph(w, bits, k, continuous, units, mean)
         if self._ready() and w.device.type == "cpu" and w.dtype == torch.float32:
             # always a flat contiguous vector that is not a view (detach drops ``_base``, on whose
             # strides dynamo would otherwise guard): the compiled graph sees one input layout whatever
             # the weight's rank, size-1 dims or memory format, so layer variety causes no recompiles
             flat = w.reshape(-1).contiguous().detach()
             try:
-                wq, sign, reg, coef = self._fwd(flat, bits, k, bool(continuous), bool(code_units), bool(mean))
+                wq, sign, reg, coef = self._fwd(flat, bits, k, bool(continuous), str(units), bool(mean))
             except Exception as exc:  # noqa: BLE001 -- any compiler failure must not break training
                 self._fall_back(exc)
             else:
                 return wq.view(w.shape), sign.view(w.shape), reg, coef
-        return fused_forward_eager(w, bits, k, continuous, code_units, mean)
+        return fused_forward_eager(w, bits, k, continuous, units, mean)
 
     def backward(
         self,
@@ -308,4 +336,5 @@ __all__ = [
     "fused_forward_eager",
     "fused_forward_graph",
     "grid_constants",
+    "scale_powers",
 ]

@@ -26,24 +26,39 @@ Worked example, 3-bit codes ``[5, 3, 7, 0, 6]`` (15 bits, so 2 bytes)::
 >>> unpack_codes(packed, width=3, numel=5).tolist()
 [5, 3, 7, 0, 6]
 
-Implementation (pure torch, no Python loop over elements): 64 codes of ``width`` bits fill exactly
-``width`` little-endian ``int64`` words (a "super-group"). Unpacking cuts each super-group into 8 fields
-of 8 codes (16 fields of 4 codes for width 9) with one shift/mask/or per field column, then spreads every
-field's codes into byte (16-bit) lanes with log2 in-place "SWAR" steps (one shift, two masks, one or
-each). Packing runs the same steps backwards; width 1 gathers its 8 bits with a single multiply and
-width 8 is a copy. Every op works on whole aligned ``int64`` arrays -- no byte-strided copies, which
-torch runs an order of magnitude slower -- and the working buffers come from a per-thread scratch
-(:func:`scratch`) so repeated calls do not page-fault fresh memory. A portable column-wise fallback
-(per output byte, shift-or of the 8 code columns) serves big-endian hosts.
+Implementation (pure torch, no Python loop over elements; the kernels are in
+:mod:`msq_hf.quant.packing_kernels`). On the CPU, widths 1..7 use *byte fields*: 8 codes of ``width`` bits
+are exactly ``width`` bytes, so each ``int64`` word of 8 byte codes is squeezed into one field (three
+lane-merging steps on ``int16``/``int32``/``int64`` views) and ORed into the stream through an ``int64`` view
+of the 8 bytes at its (unaligned) byte offset; unpacking reads the same windows and spreads the fields back.
+Width 9, and every width on other devices, uses *super-groups*: 64 codes fill exactly ``width`` aligned
+``int64`` words, cut into fields with shift/mask/or column ops and "SWAR" lane steps. Width 1 gathers its 8
+bits with a single multiply and width 8 is a copy. No op is a byte-strided copy (torch runs those an order of
+magnitude slower), and the working buffers come from a per-thread scratch (:func:`scratch`) so repeated
+calls do not page-fault fresh memory. A portable column-wise fallback (per output byte, shift-or of the 8
+code columns) serves big-endian hosts and is the reference the fast paths are tested against.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from functools import cache
 
 import torch
+
+from msq_hf.quant.packing_kernels import (
+    compact_,
+    compact_groups,
+    expand_,
+    expand_groups,
+    field_layout,
+    join_fields,
+    pack_columns,
+    read_fields,
+    split_fields,
+    unpack_columns,
+    write_fields,
+)
 
 MIN_WIDTH = 1
 MAX_WIDTH = 9
@@ -67,33 +82,13 @@ def packed_nbytes(numel: int, width: int) -> int:
     return (numel * width + 7) // 8
 
 
-@cache
-def _swar_steps(width: int, lane: int) -> tuple[tuple[int, int, int], ...]:
-    """Lane-merging steps ``(shift, mask_lo, mask_hi)`` from ``lane``-bit lanes up to 64 bits.
-
-    Before a step, every ``L``-bit lane holds ``m`` payload bits at its bottom; afterwards every
-    ``2L``-bit lane holds ``2m``: the lower lane's bits stay (``mask_lo``), the upper lane's move
-    down by ``L - m`` to bits ``[m, 2m)`` (``mask_hi``). No mask touches bit 63, so the arithmetic
-    right shift of int64 never leaks sign bits into the payload.
-    """
-
-    def lanes(size: int, lo: int, hi: int) -> int:
-        field = ((1 << (hi - lo)) - 1) << lo
-        return sum(field << base for base in range(0, 64, size))
-
-    steps = []
-    size, m = lane, width
-    while size < 64:
-        steps.append((size - m, lanes(2 * size, 0, m), lanes(2 * size, m, 2 * m)))
-        size, m = 2 * size, 2 * m
-    return tuple(steps)
-
-
 # ------------------------------------------------------------------------------------------------
 # per-thread scratch buffers
 
 #: a scratch buffer larger than this (bytes) is allocated per call and not kept
 SCRATCH_LIMIT = 64 * 2**20
+#: codes per chunk of the byte-field kernel: its working set (~3 bytes a code) stays in a 16 MB L3 cache
+CHUNK_CODES = 1 << 21
 
 
 class _Scratch(threading.local):
@@ -136,123 +131,12 @@ def release_scratch() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# little-endian fast path: super-groups of 64 codes = ``width`` int64 words
-
-
-def _lane(width: int) -> int:
-    """Bits per code lane while (un)packing: a byte, or 16 bits for 9-bit codes."""
-    return 8 if width <= 8 else 16
-
-
-def _fields(width: int) -> tuple[int, int]:
-    """``(fields per super-group, bits per field)``: a field is the codes of one int64 lane word."""
-    per_field = 64 // _lane(width)
-    return 64 // per_field, per_field * width
-
-
-def _compact_(words: torch.Tensor, width: int, lane: int, tmp: torch.Tensor) -> None:
-    """In place: gather the ``width``-bit codes in each ``lane``-bit lane of int64 ``words``."""
-    for shift, mask_lo, mask_hi in _swar_steps(width, lane):
-        torch.bitwise_right_shift(words, shift, out=tmp)
-        tmp &= mask_hi
-        words &= mask_lo
-        words |= tmp
-
-
-def _expand_(words: torch.Tensor, width: int, lane: int, tmp: torch.Tensor) -> None:
-    """In place inverse of ``_compact_``; bits above the payload may hold anything on entry."""
-    for shift, mask_lo, mask_hi in reversed(_swar_steps(width, lane)):
-        torch.bitwise_and(words, mask_hi, out=tmp)
-        tmp <<= shift
-        words &= mask_lo
-        words |= tmp
-
-
-def _split_fields(stream: torch.Tensor, width: int, groups: int, fields: torch.Tensor, tmp: torch.Tensor) -> None:
-    """``fields[s, m]`` = the ``m``-th field of super-group ``s`` of ``stream`` (bits above it: anything)."""
-    count, bits = _fields(width)
-    words = stream.view(torch.int64).view(groups, width)
-    for m in range(count):
-        word, shift = divmod(m * bits, 64)
-        col = fields[:, m]
-        if shift == 0:
-            col.copy_(words[:, word])
-            continue
-        torch.bitwise_right_shift(words[:, word], shift, out=col)
-        if shift + bits > 64:  # the field continues in the next word
-            col &= (1 << (64 - shift)) - 1  # drop the sign copies of the arithmetic shift
-            torch.bitwise_left_shift(words[:, word + 1], 64 - shift, out=tmp)
-            col |= tmp
-
-
-def _join_fields(fields: torch.Tensor, width: int, groups: int, out: torch.Tensor, tmp: torch.Tensor) -> None:
-    """Inverse of ``_split_fields``: OR every (clean, non-negative) field into its stream word(s)."""
-    count, bits = _fields(width)
-    words = out.view(torch.int64).view(groups, width)
-    for word in range(width):
-        col = words[:, word]
-        first = True
-        for m in range(count):
-            offset = m * bits - 64 * word
-            if offset >= 64 or offset + bits <= 0:
-                continue
-            dst = col if first else tmp
-            if offset >= 0:
-                torch.bitwise_left_shift(fields[:, m], offset, out=dst)  # wraps: bits >= 64 go to the next word
-            else:
-                torch.bitwise_right_shift(fields[:, m], -offset, out=dst)
-            if not first:
-                col |= tmp
-            first = False
-
-
-# ------------------------------------------------------------------------------------------------
-# portable path (big-endian hosts; also the reference the fast path is tested against)
-
-
-def _byte_terms(width: int) -> list[list[tuple[int, int]]]:
-    """For each byte of an 8-code group: ``(code index, code bit offset - byte bit offset)``."""
-    return [
-        [(k, k * width - 8 * b) for k in range(8) if k * width < 8 * b + 8 and (k + 1) * width > 8 * b]
-        for b in range(width)
-    ]
-
-
-def _pack_columns(groups: torch.Tensor, width: int) -> torch.Tensor:
-    """Portable pack of ``(G, 8)`` codes (uint8, or int16 for width 9) into ``(G, width)`` bytes."""
-    out = torch.empty(groups.shape[0], width, dtype=torch.uint8, device=groups.device)
-    for b, terms in enumerate(_byte_terms(width)):
-        acc = None
-        for k, off in terms:
-            term = groups[:, k] << off if off >= 0 else groups[:, k] >> -off
-            acc = term if acc is None else acc | term
-        out[:, b] = acc & 0xFF  # int16 work values carry bits above the byte
-    return out
-
-
-def _unpack_columns(groups: torch.Tensor, width: int) -> torch.Tensor:
-    """Portable inverse of ``_pack_columns``: ``(G, width)`` bytes to ``(G, 8)`` codes."""
-    dtype = torch.uint8 if width <= 8 else torch.int16
-    src = groups.to(dtype)
-    out = torch.empty(groups.shape[0], 8, dtype=dtype, device=groups.device)
-    terms_of_code: list[list[tuple[int, int]]] = [[] for _ in range(8)]
-    for b, terms in enumerate(_byte_terms(width)):
-        for k, off in terms:
-            terms_of_code[k].append((b, off))
-    for k, terms in enumerate(terms_of_code):
-        acc = None
-        for b, off in terms:
-            term = src[:, b] >> off if off >= 0 else src[:, b] << -off
-            acc = term if acc is None else acc | term
-        out[:, k] = acc & ((1 << width) - 1)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # public API
 
 
-def _check_range(flat: torch.Tensor, width: int) -> None:
+def _check_range(flat: torch.Tensor, width: int, whole: torch.Tensor | None = None) -> None:
+    """Raise unless every code of ``flat`` lies in ``[0, 2**width - 1]``; the message gives the min and max of
+    ``whole`` (default ``flat``), the tensor the caller passed."""
     info = torch.iinfo(flat.dtype)
     if info.min >= 0 and info.max <= (1 << width) - 1:
         return  # every value of this dtype is a valid code: skip the scan
@@ -261,6 +145,8 @@ def _check_range(flat: torch.Tensor, width: int) -> None:
     lo, hi = torch.aminmax(flat)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi > (1 << width) - 1:
+        if whole is not None:
+            _check_range(whole, width)
         raise ValueError(f"codes must lie in [0, {(1 << width) - 1}] for width {width}, got min {lo} and max {hi}")
 
 
@@ -290,30 +176,23 @@ def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
     device = codes.device
     if n == 0:
         return torch.empty(0, dtype=torch.uint8, device=device)
+    if _byte_fields(device, width) and width > 1:
+        return _pack_groups(flat, width, nbytes)
     _check_range(flat, width)
     if width == 8:
         return flat.to(torch.uint8, copy=True)
 
-    lane_dtype = torch.uint8 if width <= 8 else torch.int16
     if not _LITTLE_ENDIAN:
-        buf = torch.zeros(-(-n // 8) * 8, dtype=lane_dtype, device=device)
+        buf = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8 if width <= 8 else torch.int16, device=device)
         buf[:n].copy_(flat)
-        return _pack_columns(buf.view(-1, 8), width).view(-1)[:nbytes]
+        return pack_columns(buf.view(-1, 8), width).view(-1)[:nbytes]
 
-    groups = -(-n // 64)  # super-groups of 64 codes
-    lanes = scratch("codes", groups * 64, lane_dtype, device)
-    lanes[:n].copy_(flat)
-    lanes[n:].zero_()  # padding codes must be zero: they land in the last byte's spare bits
-    words = lanes.view(torch.int64)
     if width == 1:
-        words.mul_(_GATHER_1BIT)  # int64 multiply wraps; the 8 bits land at 56..63
+        src, words = _code_words(flat, -(-n // 8))
+        torch.mul(src, _GATHER_1BIT, out=words)  # int64 multiply wraps; the 8 bits land at 56..63
         words >>= 56
-        return words.to(torch.uint8)[:nbytes]  # truncating cast keeps the low byte: 1 byte per 8 codes
-    tmp = scratch("tmp", words.numel(), torch.int64, device)
-    _compact_(words, width, _lane(width), tmp)
-    out = torch.empty(groups * 8 * width, dtype=torch.uint8, device=device)
-    _join_fields(words.view(groups, -1), width, groups, out, tmp[:groups])
-    return out[:nbytes]
+        return words.to(torch.uint8)  # truncating cast keeps the low byte: 1 byte per 8 codes
+    return _pack_super_groups(flat, width, nbytes)
 
 
 def unpack_codes(packed: torch.Tensor, width: int, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -357,9 +236,11 @@ def unpack_codes(packed: torch.Tensor, width: int, numel: int, out: torch.Tensor
     elif not _LITTLE_ENDIAN:
         stream = torch.zeros(-(-numel // 8) * width, dtype=torch.uint8, device=device)
         stream[:nbytes].copy_(packed)
-        codes = _unpack_columns(stream.view(-1, width), width).view(-1)[:numel]
+        codes = unpack_columns(stream.view(-1, width), width).view(-1)[:numel]
+    elif _byte_fields(device, width):
+        return _unpack_groups(packed, width, numel, out)
     else:
-        codes = _unpack_le(packed, width, numel)
+        codes = _unpack_super_groups(packed, width, numel)
     if out is None:
         return codes.to(lane_dtype, copy=True)
     flat = out.view(-1)
@@ -367,8 +248,86 @@ def unpack_codes(packed: torch.Tensor, width: int, numel: int, out: torch.Tensor
     return flat
 
 
-def _unpack_le(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
-    """Little-endian unpack into scratch: a view of the ``numel`` codes, valid until the next codec call."""
+# ------------------------------------------------------------------------------------------------
+# little-endian paths (kernels in msq_hf.quant.packing_kernels)
+
+
+def _byte_fields(device: torch.device, width: int) -> bool:
+    """Whether the byte-field kernel serves ``width`` on ``device``: little-endian CPU (unaligned int64 words),
+    widths 1..7, eager (dynamo does not trace storage slices)."""
+    return _LITTLE_ENDIAN and device.type == "cpu" and width <= 7 and not torch.compiler.is_compiling()
+
+
+def _code_words(flat: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src, dst)`` for ``groups`` words of 8 byte codes: ``src`` holds the codes zero-padded to whole words,
+    ``dst`` is scratch to write words to. ``src`` is ``flat`` itself when it already is such words (no copy),
+    else it is ``dst``, filled with the codes."""
+    n, device = flat.numel(), flat.device
+    dst = scratch("codes", groups, torch.int64, device)
+    aligned = flat.storage_offset() % 8 == 0 and flat.data_ptr() % 8 == 0
+    if flat.dtype == torch.uint8 and n == 8 * groups and flat.is_contiguous() and aligned:
+        return flat.view(torch.int64), dst
+    lanes = dst.view(torch.uint8)
+    lanes[:n].copy_(flat)
+    lanes[n:].zero_()  # padding codes must be zero: they land in the last byte's spare bits
+    return dst, dst
+
+
+def _pack_groups(flat: torch.Tensor, width: int, nbytes: int) -> torch.Tensor:
+    """Byte-field pack (CPU, widths 2..7) of the 1-D integer ``flat`` into a fresh ``nbytes``-byte stream, checking
+    the codes on the way, one chunk of :data:`CHUNK_CODES` at a time so that its buffers stay in the cache."""
+    n, device = flat.numel(), flat.device
+    out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for start in range(0, n, CHUNK_CODES):
+        chunk = flat[start : start + CHUNK_CODES]
+        _check_range(chunk, width, whole=flat)
+        src, fields = _code_words(chunk, -(-chunk.numel() // 8))
+        compact_groups(src, fields, scratch("tmp", fields.numel(), torch.int64, device), width)
+        stream = out[start // 8 * width :]
+        # zero what this chunk's windows reach just before ORing into it (cache-hot); earlier chunks only
+        # ORed zeros past their own bytes
+        stream[: fields.numel() * width + 8].zero_()
+        write_fields(fields, width, stream)
+    return out
+
+
+def _unpack_groups(packed: torch.Tensor, width: int, numel: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Byte-field unpack (CPU, widths 1..7) into ``out`` (converted to its dtype) or a fresh uint8 tensor, one
+    chunk of :data:`CHUNK_CODES` at a time; returns the 1-D result."""
+    device, packed = packed.device, packed.contiguous()
+    result = torch.empty(numel, dtype=torch.uint8, device=device) if out is None else out.view(-1)
+    for start in range(0, numel, CHUNK_CODES):
+        count = min(numel - start, CHUNK_CODES)
+        groups = -(-count // 8)
+        fields = scratch("codes", groups, torch.int64, device)
+        read_fields(packed[start // 8 * width :], width, fields)
+        tmp = scratch("tmp", groups, torch.int64, device)
+        target = result[start : start + count]
+        if out is None and count == 8 * groups:  # expand straight into the result
+            expand_groups(fields, tmp, width, target.view(torch.int64))
+        else:
+            expand_groups(fields, tmp, width, fields)
+            target.copy_(fields.view(torch.uint8)[:count])
+    return result
+
+
+def _pack_super_groups(flat: torch.Tensor, width: int, nbytes: int) -> torch.Tensor:
+    """Super-group pack of the 1-D integer ``flat`` (valid codes) into a fresh ``nbytes``-byte stream."""
+    n, device = flat.numel(), flat.device
+    groups = -(-n // 64)  # super-groups of 64 codes
+    lanes = scratch("codes", groups * 64, torch.uint8 if width <= 8 else torch.int16, device)
+    lanes[:n].copy_(flat)
+    lanes[n:].zero_()  # padding codes must be zero: they land in the last byte's spare bits
+    words = lanes.view(torch.int64)
+    tmp = scratch("tmp", words.numel(), torch.int64, device)
+    compact_(words, width, tmp)
+    out = torch.empty(groups * 8 * width, dtype=torch.uint8, device=device)
+    join_fields(words.view(groups, -1), width, groups, out, tmp[:groups])
+    return out[:nbytes]
+
+
+def _unpack_super_groups(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    """Super-group unpack into scratch: a view of the ``numel`` codes, valid until the next codec call."""
     device = packed.device
     groups = -(-numel // 64)
     nbytes = packed.numel()
@@ -378,15 +337,16 @@ def _unpack_le(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
         stream = scratch("stream", groups * 8 * width, torch.uint8, device)
         stream[:nbytes].copy_(packed)
         stream[nbytes:].zero_()
-    count = _fields(width)[0]
+    count = field_layout(width)[0]
     fields = scratch("codes", groups * count, torch.int64, device)
     tmp = scratch("tmp", groups * count, torch.int64, device)
-    _split_fields(stream, width, groups, fields.view(groups, count), tmp[:groups])
-    _expand_(fields, width, _lane(width), tmp)
+    split_fields(stream, width, groups, fields.view(groups, count), tmp[:groups])
+    expand_(fields, width, tmp)
     return fields.view(torch.uint8 if width <= 8 else torch.int16)[:numel]
 
 
 __all__ = [
+    "CHUNK_CODES",
     "MAX_WIDTH",
     "MIN_WIDTH",
     "SCRATCH_LIMIT",

@@ -48,7 +48,9 @@ class RunHistory:
         args: the parsed arguments, one dict per argument group (``model``, ``data``, ``msq``, ``run``,
             ``training``, plus the front end's own).
         argv: the command line, when there was one.
-        baselines: ``[label, compression, accuracy %]`` reference points drawn next to the run.
+        baselines: ``[label, paper ratio, accuracy %]`` reference points drawn next to the run, optionally with
+            the method family as a fourth element (else :func:`msq_hf.report.accounting.family_of_label` decides
+            how the point's weights are stored).
         paths: where the run wrote ``model``, ``export`` and ``report`` (``None`` when not written).
     """
 
@@ -106,7 +108,8 @@ class RunData:
     count_sign_bit: bool = False
     total_steps: int | None = None
     summary: dict[str, Any] = field(default_factory=dict)
-    baselines: list[tuple[str, float, float]] = field(default_factory=list)
+    baselines: list[tuple[Any, ...]] = field(default_factory=list)  # (label, paper ratio, accuracy[, family])
+    wnorm: str = "signmag"  # the run's weight quantizer: decides the stored bits per weight
     files: list[str] = field(default_factory=list)  # which files were read
 
 
@@ -165,7 +168,8 @@ def _read_history_file(data: RunData, path: Path) -> None:
     data.count_sign_bit = bool(raw.get("count_sign_bit", False))
     data.total_steps = raw.get("total_steps")
     data.summary = dict(raw.get("summary") or {})
-    data.baselines = [tuple(p) for p in raw.get("baselines") or []]  # type: ignore[misc]
+    data.baselines = [tuple(p) for p in raw.get("baselines") or []]
+    data.wnorm = str((raw.get("msq_config") or {}).get("wnorm") or data.wnorm)
 
 
 def _read_checkpoint(data: RunData, folder: Path) -> None:
@@ -186,6 +190,7 @@ def _read_checkpoint(data: RunData, folder: Path) -> None:
         qc = (_read_json(config_path) or {}).get("quantization_config") or {}
         data.target = qc.get("target_compression")
         data.count_sign_bit = bool(qc.get("count_sign_bit", data.count_sign_bit))
+        data.wnorm = str(qc.get("wnorm") or data.wnorm)
 
 
 def find_run_data(path: str | os.PathLike[str]) -> RunData:

@@ -1,8 +1,10 @@
 """The report's plots: bits per layer, the bit timeline, compression/accuracy curves, accuracy vs compression.
 
 Every function takes plain data (a ``{layer: bits}`` dict, the controller ``history`` list, the Trainer
-``log_history`` list, ``(method, compression, accuracy)`` tuples) and writes one PNG with matplotlib's object
-API on the Agg canvas (no pyplot, no global backend change, works headless). They return the path they wrote.
+``log_history`` list, :class:`~msq_hf.report.accounting.ComparisonPoint` tuples) and writes one PNG with matplotlib's
+object API on the Agg canvas (no pyplot, no global backend change, works headless). They return the path they wrote.
+Wherever a compression ratio is shown, the paper's ratio (magnitude bits) and the stored ratio (sign counted) are
+shown together (:mod:`msq_hf.report.accounting`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from msq_hf.report.accounting import FLOAT_BITS, ComparisonPoint, format_ratio, method_accounting
 from msq_hf.report.history import layer_order
 
 MAX_BITS = 8
@@ -52,11 +55,13 @@ def plot_bits_per_layer(
     path: str | os.PathLike[str],
     numels: Mapping[str, int] | None = None,
     title: str | None = None,
+    wnorm: str = "signmag",
 ) -> Path:
     """Horizontal bar chart of the final bits per layer (model order, top to bottom).
 
     Horizontal bars keep long layer names readable. With ``numels`` each label also shows the layer's
-    weight count and the title the parameter-weighted average and compression ratio.
+    weight count and the title the parameter-weighted average bits and both ratios (paper and stored,
+    the stored width following ``wnorm``).
     """
     if not scheme:
         raise ValueError("plot_bits_per_layer: the bit scheme is empty (no quantized layers)")
@@ -80,11 +85,12 @@ def plot_bits_per_layer(
         ax.text(b + 0.08, i, str(b), va="center", fontsize=6)
     if title is None:
         title = f"MSQ bits per layer ({len(names)} layers"
-        if numels:
-            total = sum(numels.get(n, 0) for n in names)
-            if total:
-                avg = sum(numels.get(n, 0) * scheme[n] for n in names) / total
-                title += f", avg {avg:.2f} bits, {32 / avg:.2f}x"
+        if numels and all(numels.get(n, 0) > 0 for n in names):
+            acc = method_accounting("msq", scheme, numels, wnorm)
+            title += (
+                f", avg {acc.magnitude_bits:.2f} magnitude / {acc.stored_bits:.2f} stored bits; "
+                f"paper {format_ratio(acc.paper_ratio)}, stored {format_ratio(acc.stored_ratio)}"
+            )
         title += ")"
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
@@ -105,12 +111,14 @@ def plot_bits_timeline(
     path: str | os.PathLike[str],
     numels: Mapping[str, int] | None = None,
     total_steps: int | None = None,
+    wnorm: str = "signmag",
 ) -> Path:
     """Heat map of bits per layer (rows, model order) over training steps (columns).
 
     ``history`` is :attr:`MSQController.history`: one entry per pruning step with ``step`` and
-    ``bits``. Each entry's bits hold from its step until the next entry (or ``total_steps``); the
-    compression after each step is written above the map.
+    ``bits``. Each entry's bits hold from its step until the next entry (or ``total_steps``). The title
+    gives the first and last compression: both ratios when ``numels`` covers the layers, else the
+    history's own ``compression`` values (the run's accounting).
     """
     entries = sorted((e for e in history if e.get("bits")), key=lambda e: int(e.get("step", 0)))
     if not entries:
@@ -136,17 +144,27 @@ def plot_bits_timeline(
     ax.set_yticklabels(_short_names(names), fontsize=7 if len(names) <= 60 else 5)
     ax.set_xlabel("training step")
     ticks = fig.colorbar(mesh, ax=ax, pad=0.01, ticks=range(1, MAX_BITS + 1))
-    ticks.set_label("bits")
+    ticks.set_label("magnitude bits")
     comps = [e.get("compression") for e in entries]
     final = next((s for s, e in zip(steps, entries) if e.get("phase") == "final"), None)
     if final is not None:
         ax.axvline(final, color="white", lw=1.2, ls="--")
-    title = "MSQ bits per layer over training"
-    if comps[0] is not None and comps[-1] is not None:
-        title += f" (compression {comps[0]:.2f}x → {comps[-1]:.2f}x"
-        title += f", final round at step {final})" if final is not None else ")"
+    title = "MSQ bits per layer over training" + (f" (final round at step {final})" if final is not None else "")
+    if _covers(numels, entries[0]["bits"], entries[-1]["bits"]):
+        first, last = (method_accounting("msq", e["bits"], numels, wnorm) for e in (entries[0], entries[-1]))
+        title += (
+            f"\npaper ratio (magnitude bits) {format_ratio(first.paper_ratio)} → {format_ratio(last.paper_ratio)}, "
+            f"stored ratio (sign counted) {format_ratio(first.stored_ratio)} → {format_ratio(last.stored_ratio)}"
+        )
+    elif comps[0] is not None and comps[-1] is not None:
+        title += f"\ncompression {comps[0]:.2f}x → {comps[-1]:.2f}x (the run's accounting)"
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def _covers(numels: Mapping[str, int] | None, *schemes: Mapping[str, Any]) -> bool:
+    """True when ``numels`` gives a positive weight count for every layer of every scheme."""
+    return bool(numels) and all(numels.get(n, 0) > 0 for scheme in schemes for n in scheme)  # type: ignore[union-attr]
 
 
 def _series(log_history: Iterable[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -164,11 +182,16 @@ def plot_training_curves(
     path: str | os.PathLike[str],
     log_history: Sequence[Mapping[str, Any]] | None = None,
     target: float | None = None,
+    count_sign_bit: bool = False,
+    numels: Mapping[str, int] | None = None,
+    wnorm: str = "signmag",
 ) -> Path:
     """Compression ratio over training (left axis) and eval accuracy when logged (right axis).
 
     Compression comes from the Trainer ``log_history`` (``msq/compression``, every logging step) when
-    present, else from the controller ``history`` (pruning steps), drawn as a step function.
+    present, else from the controller ``history`` (pruning steps), drawn as a step function. It is in the
+    run's accounting (``count_sign_bit``: stored ratio, else the paper ratio), and so is ``target``. With
+    ``numels`` the other ratio is drawn too (dashed, from the bits of each history entry).
     Accuracy is ``eval_accuracy`` from ``log_history``.
     """
     log_history = list(log_history or [])
@@ -186,12 +209,29 @@ def plot_training_curves(
     fig = _figure(7.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     handles = []
+    own, other = ("stored ratio (sign counted)", "paper ratio (magnitude bits)")
+    if not count_sign_bit:
+        own, other = other, own
     if xs:
-        handles += ax.step(xs, comp, where="post", color="tab:blue", label="compression (x)")
+        handles += ax.step(xs, comp, where="post", color="tab:blue", label=own)
+        top = max(comp + [target or 0])
+        bits = [e for e in hist if isinstance(e.get("bits"), Mapping) and _covers(numels, e["bits"])]
+        if bits:
+            accts = [method_accounting("msq", e["bits"], numels, wnorm) for e in bits]
+            ys = [a.paper_ratio if count_sign_bit else a.stored_ratio for a in accts]
+            handles += ax.step(
+                [int(e["step"]) for e in bits] + [xs[-1]],
+                ys + ys[-1:],
+                where="post",
+                color="tab:blue",
+                ls="--",
+                label=other,
+            )
+            top = max(top, *ys)
         if target:
-            handles.append(ax.axhline(target, color="tab:blue", ls=":", lw=1, label=f"target {target:g}x"))
+            handles.append(ax.axhline(target, color="tab:blue", ls=":", lw=1, label=f"target {target:g}x ({own})"))
         ax.set_ylabel("compression ratio (x)", color="tab:blue")
-        ax.set_ylim(0, max(comp + [target or 0]) * 1.1)
+        ax.set_ylim(0, top * 1.1)
     ax.set_xlabel("training step")
     ax.grid(alpha=0.3)
     if acc_x:
@@ -204,41 +244,120 @@ def plot_training_curves(
     return _save(fig, path)
 
 
-def plot_accuracy_vs_compression(
-    points: Sequence[tuple[str, float, float]], path: str | os.PathLike[str], highlight: str = "MSQ"
+def plot_pruning_trajectories(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike[str], target_bits: float | None = None
 ) -> Path:
-    """Scatter of accuracy (%) vs compression (x) for several methods, e.g. MSQ against baselines.
+    """Average magnitude bits over training for each run (``{label: controller history}``), one panel per run.
 
-    ``points``: ``(method, compression, accuracy)``; accuracy as a fraction (≤ 1) or a percentage.
-    Points of the same method are joined; methods starting with ``highlight`` are drawn larger.
+    Threshold-pruning steps are drawn as dots, the forced final round as a red cross, and the planned trajectory
+    (``planned_bits`` of the history, when recorded) as a dotted line: the plot shows at a glance which mechanism
+    did the pruning.
+    """
+    if not runs:
+        raise ValueError("plot_pruning_trajectories: no runs")
+    cols = min(len(runs), 3)
+    rows = math.ceil(len(runs) / cols)
+    fig = _figure(4.2 * cols, 3.0 * rows)
+    for index, (label, history) in enumerate(runs.items(), start=1):
+        ax = fig.add_subplot(rows, cols, index)
+        hist = sorted(history, key=lambda e: int(e["step"]))
+        steps = [int(e["step"]) for e in hist]
+        bits = [float(e["avg_bits"]) for e in hist]
+        ax.step(steps, bits, where="post", color="tab:blue", lw=1.2, label="average bits")
+        plan = [(int(e["step"]), float(e["planned_bits"])) for e in hist if e.get("planned_bits") is not None]
+        if plan:
+            ax.plot(*zip(*plan), ":", color="gray", lw=1, label="plan")
+        threshold = [(s, b) for s, b, e in zip(steps, bits, hist) if e.get("pruned") and not e.get("forced")]
+        forced = [(s, b) for s, b, e in zip(steps, bits, hist) if e.get("forced")]
+        if threshold:
+            ax.plot(*zip(*threshold), "o", ms=3, color="tab:blue", label="threshold pruning")
+        if forced:
+            ax.plot(*zip(*forced), "x", ms=8, mew=2, color="tab:red", label="forced round")
+        if target_bits is not None:
+            ax.axhline(target_bits, color="tab:green", ls="--", lw=1, label=f"target {target_bits:g} bits")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("average bits", fontsize=8)
+        ax.set_ylim(0, MAX_BITS + 0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def _comparison_points(points: Sequence[Any]) -> list[ComparisonPoint]:
+    checked = []
+    for point in points:
+        if len(point) != 4:
+            raise ValueError(
+                f"plot_accuracy_vs_compression: {tuple(point)!r} is not (method, stored ratio, paper ratio, accuracy); "
+                "build the ratios with msq_hf.report.accounting.method_accounting"
+            )
+        method, stored, paper, acc = point
+        if not all(math.isfinite(float(v)) for v in (stored, paper, acc)):
+            raise ValueError(
+                f"plot_accuracy_vs_compression: non-finite point for {method!r}: "
+                f"(stored {stored}, paper {paper}, accuracy {acc})"
+            )
+        checked.append(ComparisonPoint(str(method), float(stored), float(paper), float(acc)))
+    return checked
+
+
+def plot_accuracy_vs_compression(
+    points: Sequence[ComparisonPoint | tuple[str, float, float, float]],
+    path: str | os.PathLike[str],
+    highlight: str = "MSQ",
+) -> Path:
+    """Accuracy (%) vs compression of several methods: stored ratio (sign counted) left, paper ratio right.
+
+    ``points``: :class:`~msq_hf.report.accounting.ComparisonPoint` or ``(method, stored ratio, paper ratio,
+    accuracy)``; accuracy as a fraction (≤ 1) or a percentage. The left panel is the honest comparison (bits a
+    file holds, with the stored bits per weight on its top axis); the right one repeats the points at the papers'
+    magnitude-only ratio, so a sign-magnitude method's shift between the two is visible. Points of one method are
+    joined; methods starting with ``highlight`` are drawn larger.
     """
     if not points:
-        raise ValueError("plot_accuracy_vs_compression: no (method, compression, accuracy) points")
-    by_method: dict[str, list[tuple[float, float]]] = {}
-    for method, comp, acc in points:
-        if not (math.isfinite(comp) and math.isfinite(acc)):
-            raise ValueError(f"plot_accuracy_vs_compression: non-finite point for {method!r}: ({comp}, {acc})")
-        by_method.setdefault(str(method), []).append((float(comp), float(acc)))
-    percent = max(acc for _, _, acc in points) > 1.0
-    fig = _figure(6.5, 4.2)
-    ax = fig.add_subplot(1, 1, 1)
-    for method, pts in by_method.items():
-        pts.sort()
-        big = method.startswith(highlight)
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] if percent else 100 * p[1] for p in pts],
-            marker="*" if big else "o",
-            markersize=12 if big else 6,
-            lw=1,
-            label=method,
-            zorder=3 if big else 2,
-        )
-    ax.set_xlabel("compression ratio (x)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("accuracy vs compression", fontsize=9)
+        raise ValueError("plot_accuracy_vs_compression: no (method, stored ratio, paper ratio, accuracy) points")
+    checked = _comparison_points(points)
+    by_method: dict[str, list[ComparisonPoint]] = {}
+    for point in checked:
+        by_method.setdefault(point.method, []).append(point)
+    percent = max(p.accuracy for p in checked) > 1.0
+    fig = _figure(11.0, 4.4)
+    stored_ax = fig.add_subplot(1, 2, 1)
+    paper_ax = fig.add_subplot(1, 2, 2, sharey=stored_ax)
+    right = max(max(p.stored_ratio, p.paper_ratio) for p in checked) * 1.08 + 0.5
+    for ax, key, xlabel in (
+        (stored_ax, "stored_ratio", "stored ratio (sign counted), x"),
+        (paper_ax, "paper_ratio", "paper ratio (magnitude bits), x"),
+    ):
+        for method, pts in by_method.items():
+            pts = sorted(pts, key=lambda p: getattr(p, key))
+            big = method.startswith(highlight)
+            ax.plot(
+                [getattr(p, key) for p in pts],
+                [p.accuracy if percent else 100 * p.accuracy for p in pts],
+                marker="*" if big else "o",
+                markersize=12 if big else 6,
+                lw=1,
+                label=method,
+                zorder=3 if big else 2,
+            )
+        ax.set_xlim(0.5, right)  # > 0: the top axis is 32 / x
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    stored_ax.set_ylabel("accuracy (%)")
+    stored_ax.legend(fontsize=7)
+    stored_ax.set_title("what a file stores (sign counted)", fontsize=9)
+    paper_ax.set_title("the papers' accounting (magnitude bits only)", fontsize=9)
+    import numpy as np
+
+    def to_bits(x: Any) -> Any:  # 32 / ratio, its own inverse; non-positive values (never on the axis) map far away
+        x = np.asarray(x, dtype=float)
+        return np.divide(FLOAT_BITS, x, out=np.full_like(x, 1e9), where=x > 0)
+
+    top = stored_ax.secondary_xaxis("top", functions=(to_bits, to_bits))
+    top.set_xticks([b for b in (32, 8, 6, 5, 4, 3, 2) if FLOAT_BITS / b <= right])
+    top.set_xlabel("stored bits per weight", fontsize=8)
     return _save(fig, path)
 
 
@@ -246,5 +365,6 @@ __all__ = [
     "plot_accuracy_vs_compression",
     "plot_bits_per_layer",
     "plot_bits_timeline",
+    "plot_pruning_trajectories",
     "plot_training_curves",
 ]

@@ -100,6 +100,7 @@ class MSQCallback(TrainerCallback):
         self._measuring = False
         self._optimizer: Any = None
         self._hooks: list[Any] = []
+        self._global_step = 0  # optimizer steps done, as of the last on_step_begin
 
     # -- binding ----------------------------------------------------------------------------------
     def attach(self, controller: MSQController) -> None:
@@ -142,7 +143,7 @@ class MSQCallback(TrainerCallback):
         if not self.controller.started:
             self._measuring = True
             try:
-                self.controller.start(self.last_batch)
+                self.controller.maybe_start(self._global_step, self.last_batch)  # after the warm-up
             finally:
                 self._measuring = False
 
@@ -169,7 +170,7 @@ class MSQCallback(TrainerCallback):
             return 0.0
         scaler = getattr(self._optimizer, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        return self.controller.config.reg_strength * scale
+        return self.controller.reg_strength * scale
 
     # -- checkpoints ----------------------------------------------------------------------------
     def stage_resume(self, folder: str) -> None:
@@ -227,6 +228,7 @@ class MSQCallback(TrainerCallback):
             )
 
     def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        self._global_step = state.global_step
         if self.standalone:
             self._reg_pending = set(self.controller.names)
             self._reg_scale = None

@@ -1,28 +1,20 @@
-"""``MSQController``: the training-loop side of MSQ, free of any trainer framework.
+"""``MSQController``: the training-loop side of MSQ (Algorithm 1), free of any trainer framework.
 
-The controller ties the pieces of MSQ Algorithm 1 together for one model:
-
-* it finds the MSQ layers (:func:`msq_hf.convert.msq_layers`) and owns a
-  :class:`~msq_hf.training.schedule.BitPruningSchedule` plus its state;
-* :meth:`MSQController.regularization` returns ``lambda * sum_l R_l`` for the loss, where the
-  per-layer LSB terms ``R_l`` were already computed by the fused quantizer in the training forward
-  (the layers record them; the controller only sums them, so it costs nothing);
-* :meth:`MSQController.maybe_step` runs a pruning step every ``config.prune_interval`` optimizer
-  steps: it measures the LSB nonzero rates, (optionally) the Hessian-trace sensitivities on a slice
-  of the current batch, reduces both across ranks so every process takes the same decision, asks the
-  schedule what to do and writes the new ``bits``/``k`` into the layers. After the final round every
-  ``k`` is 0: the regularizer stops and training continues as plain QAT.
-
-It works in a hand-written loop (see ``docs/training.md``) and is what :class:`msq_hf.MSQTrainer`
-drives from its callback. What is measured on a batch (task loss, Hessian slice, probe seeds) lives in
-:mod:`msq_hf.training.measure`.
+For one model it finds the MSQ layers, sums their LSB terms into the regularizer
+(:class:`~msq_hf.training.regularizer.LSBRegularizer`), and every ``config.prune_interval`` optimizer steps
+measures LSB nonzero rates and Hessian sensitivities (reduced across ranks, so every process decides alike),
+asks the :class:`~msq_hf.training.schedule.BitPruningSchedule` what to prune and writes the new ``bits``/``k``
+into the layers. The :class:`~msq_hf.training.pacing.Pacer` holds the warm-up, the planned trajectory and
+the lambda feedback. After the final round every ``k`` is 0 and training continues as plain QAT. It works in a
+hand-written loop (docs/training.md) and is what :class:`msq_hf.MSQTrainer` drives from its callback.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,7 +23,7 @@ from torch import nn
 from msq_hf.config import MSQConfig
 from msq_hf.convert import msq_layers
 from msq_hf.integrations.guard import mark_driven
-from msq_hf.quant.functional import compression_ratio
+from msq_hf.quant.functional import average_bits, compression_ratio
 from msq_hf.training.measure import (
     Batch,
     LossFn,
@@ -40,12 +32,14 @@ from msq_hf.training.measure import (
     hutchinson_seed,
     layer_sensitivities,
 )
+from msq_hf.training.pacing import Pacer, PruningPlan, pruning_share
+from msq_hf.training.regularizer import LSBRegularizer
 from msq_hf.training.schedule import BitPruningSchedule, PruneDecision, make_state
 from msq_hf.training.sensitivity import reduce_across_ranks
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: lambda feedback, plan and averaged sensitivities (version 1 states still load)
 PHASE_CODES: dict[str, int] = {"regularize": 0, "final": 1, "qat": 2}
 """Numeric code of each phase, logged as ``msq/phase`` (loggers such as TensorBoard want numbers)."""
 
@@ -56,19 +50,17 @@ class MSQController:
     Args:
         model: a model converted by :func:`msq_hf.quantize_model` (the unwrapped module, not DDP).
         config: MSQ hyperparameters; defaults to ``model.msq_config``.
-        total_steps: number of optimizer steps of the run (needed for the forced final round at
-            ``config.final_round_fraction``); can be set later through :attr:`total_steps`.
+        total_steps: optimizer steps of the run (for the warm-up, the planned trajectory and the forced final
+            round); can be set later through :attr:`total_steps`.
         seed: base seed of the Hutchinson probes (a pruning step at ``global_step`` uses a seed derived
             from ``(seed, global_step)`` only).
         loss_fn: ``loss_fn(model, batch) -> loss`` for the Hessian pass; default
             :func:`msq_hf.training.measure.default_loss` (through the fp32 forward under mixed precision).
 
-    Typical loop::
+    Typical loop (``maybe_step`` starts MSQ itself once the warm-up is over)::
 
         ctl = MSQController(model, total_steps=num_steps)
         for step, batch in enumerate(loader, start=1):
-            if step == 1:
-                ctl.start(batch)                        # k from the sensitivities at init_bits
             loss = task_loss(model, batch) + ctl.regularization()
             loss.backward(); optimizer.step(); optimizer.zero_grad()
             ctl.maybe_step(step, batch)                # every config.prune_interval steps
@@ -101,11 +93,12 @@ class MSQController:
         self.loss_fn = loss_fn
         self._total_steps: int | None = None
         self._history: list[dict[str, Any]] = []
-        self._started = False
-        self._finalized = False
+        self._started = self._finalized = False
         self._last_rates: dict[str, float] = {}
         self._last_sens: dict[str, float] = {}
-        self._last_reg: torch.Tensor | float = 0.0  # the last lambda * R (a device tensor while training)
+        self.measure_seconds = 0.0  # wall time spent measuring (nonzero rates, Hessian passes) in this process
+        self._regularizer = LSBRegularizer(self.layers)
+        self._pacer = Pacer.from_config(config)
         self._schedule = BitPruningSchedule(
             config.target_compression,
             config.prune_threshold,
@@ -157,30 +150,44 @@ class MSQController:
     @property
     def compression(self) -> float:
         """``32 * sum N_l / sum b_l N_l`` of the current bits (sign bit counted per the config)."""
+        bits = self.bits
         return float(
             compression_ratio(
-                [self.numels[n] for n in self.names],
-                [self.layers[n].n_bits for n in self.names],
-                self.config.count_sign_bit,
+                [self.numels[n] for n in self.names], [bits[n] for n in self.names], self.config.count_sign_bit
             )
         )
 
     @property
     def avg_bits(self) -> float:
         """Parameter-weighted mean magnitude bits."""
-        total = sum(self.numels.values())
-        return sum(self.numels[n] * self.layers[n].n_bits for n in self.names) / total
+        return average_bits([self.numels[n] for n in self.names], [self.layers[n].n_bits for n in self.names])[0]
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One entry per pruning step (and the start): ``step, bits, k, rates, sensitivities, compression,
-        avg_bits, phase, pruned``."""
+        """One entry per pruning step (and the start): ``step, bits, k, rates, sensitivities, compression, avg_bits,
+        phase, pruned, forced, reg_strength, planned_bits``."""
         return [dict(entry) for entry in self._history]
 
     @property
     def last_regularization(self) -> float:
         """Value of the last :meth:`regularization` term (already multiplied by lambda)."""
-        return float(self._last_reg)
+        return float(self._regularizer.last)
+
+    @property
+    def reg_strength(self) -> float:
+        """The lambda in use now: ``config.reg_strength``, times the feedback multiplier under
+        ``reg_control="trajectory"`` (see :mod:`msq_hf.training.pacing`)."""
+        return self._pacer.strength
+
+    @property
+    def plan(self) -> PruningPlan | None:
+        """The planned average-bits trajectory (``None`` before :meth:`start` or without ``total_steps``)."""
+        return self._pacer.plan
+
+    @property
+    def warmup_step(self) -> int:
+        """Optimizer steps before the start (``warmup_fraction * total_steps``; 0 if the length is unknown)."""
+        return self._pacer.warmup_step(self._total_steps)
 
     @property
     def regularizing(self) -> bool:
@@ -188,26 +195,23 @@ class MSQController:
         return (
             self._started
             and not self._finalized
-            and self.config.reg_strength > 0
+            and self.reg_strength > 0
             and any(layer.n_k > 0 for layer in self.layers.values())
         )
+
+    def pruning_share(self) -> dict[str, float]:
+        """Bits removed by threshold pruning vs the forced round (:func:`msq_hf.training.pacing.pruning_share`)."""
+        return pruning_share(self._history, self.numels)
 
     # -- the regularizer ------------------------------------------------------------------------
     def regularization(self) -> torch.Tensor:
         """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8), to add to the loss.
 
-        The layers computed ``R_l`` inside their fused quantizer during the forward; this only sums
-        them (and clears them, so a term is never added twice). Returns a 0-dim zero tensor without
-        gradient in eval mode, under ``no_grad``, after the final round or with lambda = 0.
+        The layers computed ``R_l`` in their fused quantizer; this sums and clears them (:class:`~msq_hf.training.
+        regularizer.LSBRegularizer`). A 0-dim zero without gradient in eval mode, under ``no_grad``, after the
+        final round or with lambda = 0.
         """
-        terms = [t for t in (layer.pop_regularization() for layer in self.layers.values()) if t is not None]
-        if not terms or self._finalized or self.config.reg_strength == 0:
-            self._last_reg = 0.0
-            device = next(iter(self.layers.values())).weight.device
-            return torch.zeros((), device=device)
-        reg = torch.stack([t.float() for t in terms]).sum() * self.config.reg_strength
-        self._last_reg = reg.detach()  # read on the host only when logged: no device sync per step
-        return reg
+        return self._regularizer.collect(0.0 if self._finalized else self.reg_strength)
 
     # -- measurements ---------------------------------------------------------------------------
     def nonzero_rates(self) -> dict[str, float]:
@@ -228,18 +232,20 @@ class MSQController:
         )
 
     def _measure(
-        self, batch: Batch | None, global_step: int, loss_fn: LossFn | None, need_sens: bool
+        self, batch: Batch | None, global_step: int, loss_fn: LossFn | None
     ) -> tuple[dict[str, float], dict[str, float] | None]:
         check_finite_weights(self.layers, global_step)  # NaN weights have rate 0: never prune on them
+        started, sens = time.perf_counter(), None
         rates = reduce_across_ranks(self.nonzero_rates())
-        sens = None
-        if need_sens and self.config.hessian_guided:
+        if self.config.hessian_guided:
             if batch is None:
                 raise ValueError(
-                    "hessian_guided=True needs a batch for the sensitivity pass; pass batch=... "
-                    "(or set MSQConfig.hessian_guided=False)"
+                    "hessian_guided=True needs a batch for the sensitivity pass; pass batch=... (or "
+                    "set MSQConfig.hessian_guided=False)"
                 )
             sens = reduce_across_ranks(self.sensitivities(batch, global_step, loss_fn))
+            sens = self._pacer.smooth(sens)  # the moving average steadies k (config.hessian_ema)
+        self.measure_seconds += time.perf_counter() - started  # host time of rates + Hessian passes
         return rates, sens
 
     # -- pruning ----------------------------------------------------------------------------------
@@ -248,7 +254,7 @@ class MSQController:
             layer.set_bits(int(bits[name]), int(ks.get(name, 0)))
 
     def _record(
-        self, step: int, rates: Mapping[str, float], sens: Mapping[str, float] | None, phase: str, pruned: Sequence[str]
+        self, step: int, rates: Mapping[str, float], sens: Mapping[str, float] | None, done: PruneDecision | None = None
     ) -> None:
         self._last_rates = dict(rates)
         if sens is not None:
@@ -262,34 +268,41 @@ class MSQController:
                 "sensitivities": dict(sens) if sens is not None else None,
                 "compression": self.compression,
                 "avg_bits": self.avg_bits,
-                "phase": phase,
-                "pruned": list(pruned),
+                "phase": "final" if self._finalized else "regularize",
+                "pruned": list(done.pruned) if done is not None else [],
+                "forced": bool(done is not None and done.forced),
+                "reg_strength": self.reg_strength,
+                "planned_bits": self.plan.planned_bits(step) if self.plan is not None else None,
             }
         )
 
-    def start(self, batch: Batch | None = None, loss_fn: LossFn | None = None) -> None:
-        """Initial ``k`` assignment (step 0): sensitivities at the current bits, ``k = 1`` above the mean, 2 below.
-
-        Raises ``ValueError`` before any training if ``config.target_compression`` cannot be reached
-        (checked by the schedule), naming the target and what is reachable.
-        """
+    def start(self, batch: Batch | None = None, loss_fn: LossFn | None = None, global_step: int = 0) -> None:
+        """Initial ``k`` (sensitivities at the current bits: 1 above the mean, 2 below) and the planned trajectory,
+        at ``global_step`` (end of the warm-up). ``ValueError`` naming what is reachable if the target is not."""
         self._schedule.check_reachable(self.numels)
-        rates, sens = self._measure(batch, 0, loss_fn, need_sens=True)
+        rates, sens = self._measure(batch, global_step, loss_fn)
         ks = self._schedule.assign_k(self.bits, sens)
         self._apply(self.bits, ks)
         self._started = True
-        self._record(0, self.nonzero_rates(), sens, "regularize", [])
-        logger.info("msq_hf: start, %d layers, k=%s", len(self.layers), self.ks)
+        self._pacer.begin(global_step, self._total_steps, self.avg_bits)
+        self._record(global_step, self.nonzero_rates(), sens)
+        logger.info("msq_hf: start at step %d, %d layers, k=%s", global_step, len(self.layers), self.ks)
+
+    def maybe_start(self, global_step: int, batch: Batch | None = None, loss_fn: LossFn | None = None) -> bool:
+        """:meth:`start` once ``global_step`` reached :attr:`warmup_step`; returns whether MSQ has started (an
+        unreachable target fails on the first call, before any optimizer step)."""
+        if not self._started and global_step >= self.warmup_step:
+            self.start(batch, loss_fn, global_step)
+        elif not self._started:
+            self._schedule.check_reachable(self.numels)
+        return self._started
 
     def is_pruning_step(self, global_step: int) -> bool:
         """True if :meth:`maybe_step` would run a pruning step at ``global_step``."""
         if self._finalized or global_step <= 0:
             return False
-        if global_step % self.config.prune_interval == 0:
-            return True
         # the forced final round must happen even if its step is not a multiple of the interval
-        cutoff = self.final_round_step
-        return cutoff is not None and global_step == cutoff
+        return global_step % self.config.prune_interval == 0 or global_step == self.final_round_step
 
     @property
     def final_round_step(self) -> int | None:
@@ -306,15 +319,18 @@ class MSQController:
         Measures nonzero rates and (``hessian_guided``) sensitivities, reduces them across ranks, lets
         the schedule decide, and writes the new bits/k into the layers. Returns the schedule's decision.
         """
-        if not self._started:
-            self.start(batch, loss_fn)
-        if not self.is_pruning_step(global_step):
+        was_started = self._started  # a step that starts MSQ measures once and does not also prune
+        started = self.maybe_start(global_step, batch, loss_fn)
+        if not (started and was_started and self.is_pruning_step(global_step)):
             return None
-        rates, sens = self._measure(batch, global_step, loss_fn, need_sens=True)
-        decision = self._schedule.step(make_state(self.bits, self.ks, self.numels), rates, sens, global_step)
+        rates, sens = self._measure(batch, global_step, loss_fn)
+        state = make_state(self.bits, self.ks, self.numels)
+        decision = self._schedule.step(state, rates, sens, global_step, self._pacer.floor_bits(global_step))
         self._apply(decision.bits, decision.k)
         self._finalized = bool(decision.finalized)
-        self._record(global_step, rates, sens, "final" if self._finalized else "regularize", decision.pruned)
+        if not self._finalized:
+            self._pacer.update(global_step, self.avg_bits)
+        self._record(global_step, rates, sens, decision)
         return decision
 
     # -- logging ----------------------------------------------------------------------------------
@@ -327,7 +343,8 @@ class MSQController:
             "msq/avg_bits": round(self.avg_bits, 4),
             "msq/phase": float(PHASE_CODES[self.phase]),
             "msq/reg": self.last_regularization,
-            "msq/pruning_steps": float(sum(1 for h in self._history if h["step"] > 0)),
+            "msq/lambda": self.reg_strength,
+            "msq/pruning_steps": float(max(len(self._history) - 1, 0)),  # the first entry is the start
         }
         if per_layer:
             for name, layer in self.layers.items():
@@ -355,12 +372,13 @@ class MSQController:
             "last_sensitivities": dict(self._last_sens),
             "history": self.history,
             "schedule": self._schedule.state_dict(),
+            "pacer": self._pacer.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (also re-applies bits/k to the layers)."""
         version = state.get("version")
-        if version != STATE_VERSION:
+        if version not in (1, STATE_VERSION):
             raise ValueError(f"MSQ controller state version {version!r} is not supported (expected {STATE_VERSION})")
         unknown = sorted(set(state["bits"]) ^ set(self.names))
         if unknown:
@@ -376,6 +394,7 @@ class MSQController:
         self._last_sens = {k: float(v) for k, v in state.get("last_sensitivities", {}).items()}
         self._history = [dict(h) for h in state.get("history", [])]
         self._schedule.load_state_dict(state["schedule"])
+        self._pacer.load_state_dict(state.get("pacer") or {})  # version 1: lambda from the config, no plan
 
 
 __all__ = ["PHASE_CODES", "STATE_VERSION", "MSQController"]

@@ -1,21 +1,11 @@
 """The MSQ bit-pruning decision (Algorithm 1 of MSQ; see docs/pruning.md).
 
-This module is pure Python on purpose (it imports nothing from torch): it only sees numbers -- per
-layer precision ``bits``, LSB count ``k``, weight count ``numel``, LSB nonzero rate and HAWQ-V2
-sensitivity -- and decides which layers drop bits. The controller measures those numbers on the
-model, calls :meth:`BitPruningSchedule.step` and writes the returned ``bits``/``k`` back into the
-layers. Keeping the decision separate makes it unit-testable exhaustively and identical on every
-rank (give it rank-reduced inputs and it returns the same answer everywhere).
-
-Contract of one pruning step (``step(state, rates, sensitivities, global_step)``):
-
-* ``state`` holds the bits/k/numel of every layer *as they are now* (before this step);
-* ``rates[l]`` is the nonzero rate of the ``k_l`` LSBs of layer ``l`` at those bits;
-* ``sensitivities[l]`` (optional) is HAWQ-V2 ``S_l`` measured at those same bits;
-* the returned :class:`PruneDecision` carries the bits after this step and the ``k`` to regularize
-  until the next step, computed from ``sensitivities`` (so ``k`` reacts to the Hessian one step
-  late for the layers pruned now; call :meth:`BitPruningSchedule.assign_k` with fresh sensitivities
-  if you want to remove that lag).
+Pure Python on purpose (no torch, no msq_hf: a test loads this file standalone): it only sees numbers --
+per layer ``bits``, ``k``, ``numel``, LSB nonzero rate and HAWQ-V2 sensitivity -- and decides which layers
+drop bits, identically on every rank given rank-reduced inputs. The controller measures the numbers and
+writes the decision back. Contract of ``step(state, rates, sensitivities, global_step)``: ``state`` is every
+layer *before* this step, ``rates``/``sensitivities`` are measured at those bits, and the returned
+:class:`PruneDecision` carries the bits after it and the ``k`` to regularize until the next step.
 """
 
 from __future__ import annotations
@@ -36,9 +26,8 @@ def _real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# These fields are declared and validated in MSQConfig (msq_hf/config.py) and the controller passes validated
-# values; this module must stay importable without torch and msq_hf (it is loaded standalone), so direct users
-# get this minimal check of the same ranges (tests/test_config.py checks that both accept the same values).
+# Declared and validated in MSQConfig; this module stays importable without torch and msq_hf, so direct users get
+# this minimal check of the same ranges (tests/test_config.py checks that both accept the same values).
 _RULES = {
     "target_compression": (lambda v: _real(v) and v >= 1, "a finite number >= 1"),
     "prune_threshold": (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
@@ -51,11 +40,8 @@ _HYPERPARAMETERS = (*_RULES, "count_sign_bit")
 
 
 def compression(bits: Mapping[str, int], numels: Mapping[str, int], count_sign_bit: bool = False) -> float:
-    """Compression ratio ``C = 32 * sum_l N_l / sum_l b_l N_l`` (``b_l = bits_l`` or ``bits_l + 1``).
-
-    Same formula as :func:`msq_hf.quant.functional.compression_ratio`, re-implemented here so that this
-    module stays importable without torch.
-    """
+    """``C = 32 * sum_l N_l / sum_l b_l N_l`` (``b_l = bits_l`` or ``bits_l + 1``); the formula of
+    :func:`msq_hf.quant.functional.compression_ratio`, repeated so that this module needs no torch."""
     if not bits:
         raise ValueError("compression needs at least one layer")
     extra = 1 if count_sign_bit else 0
@@ -96,6 +82,7 @@ class PruneDecision:
     finalized: bool  # True from the final round on (regularizer and pruning are off)
     reason: str  # one human-readable sentence explaining the decision (for logs)
     step: int = 0  # the ``global_step`` the decision was taken at
+    forced: bool = False  # True for the forced final round (the safety net), not threshold pruning
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""
@@ -249,8 +236,12 @@ class BitPruningSchedule:
         nonzero_rates: Mapping[str, float],
         sensitivities: Mapping[str, float] | None,
         global_step: int,
+        floor_bits: float | None = None,
     ) -> PruneDecision:
         """Take one pruning decision (see the module docstring for the contract).
+
+        ``floor_bits`` (the pacing plan, :mod:`msq_hf.training.pacing`): threshold candidates are pruned by
+        ascending rate only while the parameter-weighted average bits stay at or above it; the rest wait.
 
         Order of the rules: (1) already finalized -> no-op ``"qat"``; (2) target already met ->
         finalize without pruning; (3) at/after the forced-round cut-off -> forced final round over all
@@ -287,6 +278,13 @@ class BitPruningSchedule:
             for name, layer in state.items()
             if rates[name] < self.prune_threshold and layer.k >= 1 and layer.bits - layer.k >= self.min_bits
         ]
+        if floor_bits is not None:  # paced: the candidates with the fewest nonzero LSBs, down to the floor
+            total, stored, paced = sum(numels.values()) or 1, sum(numels[n] * bits[n] for n in bits), []
+            for name in sorted(candidates, key=lambda n: (rates[n], n)):
+                if (stored - numels[name] * state[name].k) / total >= floor_bits - 1e-9:
+                    stored -= numels[name] * state[name].k
+                    paced.append(name)
+            candidates = paced
         after_all = {name: b - (state[name].k if name in candidates else 0) for name, b in bits.items()}
         if candidates and self._reached(after_all, numels):
             new_bits = dict(bits)
@@ -341,17 +339,24 @@ class BitPruningSchedule:
                 f"forced final round ({cutoff}): every layer is at min_bits={self.min_bits} and the target "
                 f"{self.target_compression:g}x is still not met"
             )
-        return self._record(new_bits, numels, pruned, reason, global_step)
+        return self._record(new_bits, numels, pruned, reason, global_step, forced=True)
 
     def _record(
-        self, bits: dict[str, int], numels: dict[str, int], pruned: list[str], reason: str, step: int, k: Any = None
+        self,
+        bits: dict[str, int],
+        numels: dict[str, int],
+        pruned: list[str],
+        reason: str,
+        step: int,
+        k: Any = None,
+        forced: bool = False,
     ) -> PruneDecision:
         """Take and remember a decision: an ordinary step with ``k``, or (``k=None``) the final round."""
         if k is None:  # the final round: no layer is regularized any more
             self._finalized_step, k = step, dict.fromkeys(bits, 0)
         phase = "final" if self.finalized else "regularize"
         decision = PruneDecision(
-            bits, k, list(pruned), phase, self.compression(bits, numels), self.finalized, reason, step
+            bits, k, list(pruned), phase, self.compression(bits, numels), self.finalized, reason, step, forced
         )
         self._history.append(decision.to_dict())
         return decision

@@ -264,6 +264,14 @@ def _default_quantized_weight(module: nn.Module) -> torch.Tensor:
     return fn()
 
 
+def _float_reference(module: nn.Module) -> torch.Tensor:
+    # the float weight Q(W) approximates, in Q's own domain: W itself for sign-magnitude, the normalized
+    # 2u - 1 in [-1, 1] for DoReFa (comparing that Q with the raw W would measure the normalization, not the
+    # rounding)
+    fn = getattr(module, "quantization_reference", None)
+    return fn() if fn is not None else module.weight.detach()
+
+
 def estimate_sensitivities(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -283,7 +291,9 @@ def estimate_sensitivities(
             (no regularizer), and must use ``layers`` (submodules of ``model``) in its forward.
         layers: ``{name: module}``; each module needs a ``.weight`` tensor.
         quantized_weight_fn: ``module -> Q(W)`` at the current precision; default
-            ``module.quantized_weight()`` (what MSQ layers provide).
+            ``module.quantized_weight()`` (what MSQ layers provide). ``||Q(W) - W||`` compares it with
+            ``module.quantization_reference()`` where the module has one (MSQ layers: the float weight in the
+            quantizer's domain, see :meth:`msq_hf.nn.layers.MSQLayerMixin.quantization_reference`), else ``W``.
         max_probes, tol, min_probes: Hutchinson stopping rule (see :func:`hutchinson_trace`).
         normalize: ``"avg"`` (``Tr/N``, HAWQ-V2) or ``"sum"`` (``Tr``).
         seed: seeds a private CPU generator for the probes (``None``: torch's global RNG).
@@ -324,5 +334,6 @@ def estimate_sensitivities(
             p.requires_grad_(False)
     with torch.no_grad():
         quantized = {name: qfn(module) for name, module in layers.items()}
-    sens = hawq_sensitivity(est.trace, params, quantized, normalize)
+        references = {name: _float_reference(module) for name, module in layers.items()}
+    sens = hawq_sensitivity(est.trace, references, quantized, normalize)
     return sens, est

@@ -205,8 +205,7 @@ class MSQTrainer(Trainer):
         controller = self.msq_controller
         if training:
             self.msq_callback.last_batch = detach_batch(inputs)
-            if not controller.started:
-                controller.start(self.msq_callback.last_batch)
+            controller.maybe_start(self.state.global_step, self.msq_callback.last_batch)  # after the warm-up
         if self._msq_raw:
             loss, outputs = self._raw_compute_loss(model, inputs, num_items_in_batch)
         else:

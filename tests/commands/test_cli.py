@@ -309,7 +309,9 @@ def test_train_writes_everything(tiny_run: tuple[Path, str]) -> None:
     assert sum(history["numels"].values()) == RESNET20_QUANTIZED_WEIGHTS
     assert history["total_steps"] == 6 and history["target_compression"] == TINY_TARGET
     steps = [h["step"] for h in history["history"]]
-    assert steps[0] == 0 and steps == sorted(steps)
+    # MSQ starts after the warm-up (warmup_fraction 0.05 of 6 steps: step 1), then prunes at later steps
+    assert steps[0] == 1 and steps == sorted(steps)
+    assert {"threshold_share", "k_flip_rate", "measure_share"} <= set(history["summary"])
     assert any(h["phase"] == "final" for h in history["history"])
     assert any("msq/compression" in e for e in history["log_history"])
     summary = history["summary"]

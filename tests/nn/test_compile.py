@@ -156,7 +156,7 @@ def test_tensor_bits_quantizer_is_the_export_formula(bits: int, dtype: torch.dty
     assert torch.equal(fake_quantize(w, b), ref)
     k = torch.tensor(min(1, bits - 1), dtype=torch.int32)
     for fused in (fused_forward_eager, fused_forward_graph):
-        wq, _, _, _ = fused(w, b, k, True, True, False)
+        wq, _, _, _ = fused(w, b, k, True, "step", False)
         assert wq.dtype == dtype and torch.equal(wq, ref), fused.__name__
 
 

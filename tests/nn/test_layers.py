@@ -14,7 +14,9 @@ from msq_hf.nn.layers import MSQConv2d, MSQLinear, msq_quantize_weight
 from msq_hf.quant import functional as QF
 from msq_hf.quant.kernels import KERNELS
 
-VARIANTS = list(itertools.product([True, False], [True, False], [True, False]))  # continuous, code, mean
+VARIANTS = list(
+    itertools.product([True, False], ["scale", "step", "code", "value"], [True, False])
+)  # continuous, units, mean
 
 
 def _weight(shape=(6, 5), seed=0) -> torch.Tensor:
@@ -24,13 +26,13 @@ def _weight(shape=(6, 5), seed=0) -> torch.Tensor:
     return w.requires_grad_(True)
 
 
-def _reference(w: torch.Tensor, n: int, k: int, continuous: bool, code: bool, mean: bool):
+def _reference(w: torch.Tensor, n: int, k: int, continuous: bool, units: str, mean: bool):
     return QF.lsb_l1(
         w,
         n,
         k,
         form="continuous" if continuous else "discrete",
-        units="code" if code else "value",
+        units=units,
         reduction="mean" if mean else "sum",
     )
 
@@ -38,14 +40,14 @@ def _reference(w: torch.Tensor, n: int, k: int, continuous: bool, code: bool, me
 # -- fused quantizer + regularizer ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("continuous, code, mean", VARIANTS)
+@pytest.mark.parametrize("continuous, units, mean", VARIANTS)
 @pytest.mark.parametrize("n, k", [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2), (8, 7)])
 @pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 3)])
-def test_fused_regularizer_matches_autograd_reference(n, k, continuous, code, mean, shape) -> None:
+def test_fused_regularizer_matches_autograd_reference(n, k, continuous, units, mean, shape) -> None:
     w = _weight(shape)
     g = torch.randn(shape)
-    wq, reg = msq_quantize_weight(w, n, k, continuous=continuous, code_units=code, mean=mean)
-    ref_reg = _reference(w, n, k, continuous, code, mean)
+    wq, reg = msq_quantize_weight(w, n, k, continuous=continuous, units=units, mean=mean)
+    ref_reg = _reference(w, n, k, continuous, units, mean)
     torch.testing.assert_close(reg, ref_reg, rtol=1e-5, atol=1e-6)
     assert torch.equal(wq, QF.fake_quantize_signmag(w.detach(), n, QF.max_abs_scale(w)))
 
@@ -57,21 +59,21 @@ def test_fused_regularizer_matches_autograd_reference(n, k, continuous, code, me
     assert ref_grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("continuous, code, mean", VARIANTS[:2])
-def test_regularizer_gradient_scales_with_its_loss_weight(continuous, code, mean) -> None:
+@pytest.mark.parametrize("continuous, units, mean", VARIANTS[:6])
+def test_regularizer_gradient_scales_with_its_loss_weight(continuous, units, mean) -> None:
     """Whatever multiplies R in the loss (lambda, 1/GA) multiplies dR/dW."""
-    g = torch.randn(6, 5)
+    g = torch.randn(6, 5) * 1e-6  # a small task gradient: (w.grad - g) then keeps the regularizer's digits
     grads = {}
     for factor in (1.0, 0.25, 1e-3 / 4):  # lambda = 1, 1/GA with GA = 4, lambda/GA
         w = _weight()
-        wq, reg = msq_quantize_weight(w, 6, 1, continuous=continuous, code_units=code, mean=mean)
+        wq, reg = msq_quantize_weight(w, 6, 1, continuous=continuous, units=units, mean=mean)
         ((wq * g).sum() + factor * reg).backward()
         grads[factor] = w.grad - g
-    torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0], rtol=1e-5, atol=1e-7)
-    # (w.grad - g) loses ~1e-7 absolute to cancellation against the O(1) task gradient
-    torch.testing.assert_close(grads[1e-3 / 4], 1e-3 / 4 * grads[1.0], rtol=0, atol=2e-7)
-    assert grads[1e-3 / 4].abs().max() > 1e-6
-    assert grads[1.0].abs().max() > 0
+    unit = grads[1.0].abs().max()
+    assert unit > 0
+    torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0], rtol=1e-4, atol=1e-4 * float(unit))
+    torch.testing.assert_close(grads[1e-3 / 4], 1e-3 / 4 * grads[1.0], rtol=1e-3, atol=1e-6 * float(unit))
+    assert grads[1e-3 / 4].abs().max() > 0.5 * 1e-3 / 4 * unit
 
 
 def test_k_zero_gives_zero_regularizer_and_pure_ste() -> None:
@@ -107,8 +109,8 @@ def test_compiled_and_eager_kernels_agree() -> None:
 
     w = _weight((8, 4, 3, 3)).detach()
     for n, k, cont in [(8, 1, True), (3, 2, False), (2, 1, True), (5, 0, True)]:
-        wq, sign, reg, coef = KERNELS.forward(w, n, k, cont, True, False)
-        ref = fused_forward_eager(w, as_int_tensor(n, w.device), as_int_tensor(k, w.device), cont, True, False)
+        wq, sign, reg, coef = KERNELS.forward(w, n, k, cont, "step", False)
+        ref = fused_forward_eager(w, as_int_tensor(n, w.device), as_int_tensor(k, w.device), cont, "step", False)
         assert torch.equal(wq, ref[0]) and torch.equal(sign, ref[1]) and torch.equal(coef, ref[3])
         torch.testing.assert_close(reg, ref[2])
         g = torch.randn_like(w)

@@ -13,9 +13,11 @@ from safetensors.torch import save_file
 from msq_hf.report import (
     HISTORY_NAME,
     HISTORY_VERSION,
+    ComparisonPoint,
     RunHistory,
     bit_table_markdown,
     find_run_data,
+    method_accounting,
     plot_accuracy_vs_compression,
     plot_bits_per_layer,
     plot_bits_timeline,
@@ -80,7 +82,8 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         plot_bits_timeline(HISTORY, tmp_path / "timeline.png", NUMELS, total_steps=30),
         plot_training_curves(HISTORY, tmp_path / "curves.png", LOG_HISTORY, target=10.0),
         plot_accuracy_vs_compression(
-            [("MSQ", 11.1, 0.71), ("DoReFa 2-bit", 16.0, 0.64), ("DoReFa 4-bit", 8.0, 0.7)], tmp_path / "acc.png"
+            [("MSQ", 8.1, 11.1, 0.71), ("DoReFa 2-bit", 16.0, 16.0, 0.64), ("DoReFa 4-bit", 8.0, 8.0, 0.7)],
+            tmp_path / "acc.png",
         ),
     ]
     assert paths[0] == tmp_path / "a" / "bits.png"  # parent folder created
@@ -106,7 +109,8 @@ def test_training_curves_from_history_only(tmp_path: Path) -> None:
         (lambda p: plot_bits_timeline([{"step": 3}], p), "no entry with 'bits'"),
         (lambda p: plot_training_curves([], p, [{"step": 1, "loss": 2.0}]), "neither compression"),
         (lambda p: plot_accuracy_vs_compression([], p), "no \\(method"),
-        (lambda p: plot_accuracy_vs_compression([("LSQ", float("nan"), 0.5)], p), "'LSQ'"),
+        (lambda p: plot_accuracy_vs_compression([("LSQ", float("nan"), 8.0, 0.5)], p), "'LSQ'"),
+        (lambda p: plot_accuracy_vs_compression([("MSQ", 16.0, 0.5)], p), "stored ratio, paper ratio"),
     ],
 )
 def test_plot_errors(tmp_path: Path, call, match: str) -> None:
@@ -120,20 +124,30 @@ def test_plot_errors(tmp_path: Path, call, match: str) -> None:
 
 
 def test_bit_table_numbers() -> None:
+    """Both ratios side by side: paper 32*400/1400, stored (sign counted) 32*400/(300+1500); the share column is
+    the share of the stored bits."""
     table = bit_table_markdown({"a": 2, "b": 4}, {"a": 100, "b": 300})
     lines = table.strip().splitlines()
-    assert lines[0] == "| layer | weights | bits | share of packed bits |"
-    assert lines[2] == "| `a` | 100 | 2 | 14.3% |"  # 200 of 1400 bits
-    assert lines[3] == "| `b` | 300 | 4 | 85.7% |"
-    assert lines[4] == "| **total** (2 layers) | 400 | 3.50 avg | 9.14x compression |"  # 32*400/1400
-    signed = bit_table_markdown({"a": 2, "b": 4}, {"a": 100, "b": 300}, count_sign_bit=True)
-    assert "7.11x compression" in signed  # 32*400/(300+1500)
-    assert "| `a` | 100 | 2 | 16.7% |" in signed
+    assert lines[0] == "| layer | weights | bits | stored bits | share of stored bits |"
+    assert lines[2] == "| `a` | 100 | 2 | 3 | 16.7% |"  # 300 of 1800 stored bits
+    assert lines[3] == "| `b` | 300 | 4 | 5 | 83.3% |"
+    assert lines[4] == (
+        "| **total** (2 layers) | 400 | 3.50 avg | 4.50 avg | paper ratio (magnitude bits) 9.14x, "
+        "stored ratio (sign counted) 7.11x |"
+    )
+    # a DoReFa-normalized MSQ run stores its n bits as they are: both ratios agree
+    dorefa = bit_table_markdown({"a": 2, "b": 4}, {"a": 100, "b": 300}, wnorm="dorefa")
+    assert "| `a` | 100 | 2 | 2 | 14.3% |" in dorefa and "9.14x, stored ratio (sign counted) 9.14x" in dorefa
 
 
 def test_bit_table_without_numels_and_errors() -> None:
     table = bit_table_markdown({"x.conv": 3, "y.fc": 1})
-    assert table.splitlines() == ["| layer | bits |", "|---|---:|", "| `x.conv` | 3 |", "| `y.fc` | 1 |"]
+    assert table.splitlines() == [
+        "| layer | bits | stored bits |",
+        "|---|---:|---:|",
+        "| `x.conv` | 3 | 4 |",
+        "| `y.fc` | 1 | 2 |",
+    ]
     with pytest.raises(ValueError, match="empty"):
         bit_table_markdown({})
     with pytest.raises(ValueError, match="y.fc"):
@@ -235,7 +249,12 @@ def test_find_run_data_export(export_dir: Path) -> None:
     written = write_report(export_dir, export_dir.parent / "rep")
     assert [p.name for p in written] == ["bits_per_layer.png", "report.md"]
     text = (export_dir.parent / "rep" / "report.md").read_text()
-    assert "| **total** (22 layers)" in text and f"{manifest['totals']['compression_ratio']:.2f}x" in text
+    totals = manifest["totals"]
+    assert "| **total** (22 layers)" in text
+    # the report's two ratios are the export's own two totals (what the file really stores)
+    assert f"paper ratio (magnitude bits) {totals['compression_ratio']:.2f}x" in text
+    assert f"stored ratio (sign counted) {totals['storage_compression_ratio']:.2f}x" in text
+    assert totals["storage_compression_ratio"] < totals["compression_ratio"]
 
 
 def test_write_report_run_dir(tmp_path: Path) -> None:
@@ -255,7 +274,11 @@ def test_write_report_run_dir(tmp_path: Path) -> None:
         assert f"]({png})" in text  # every plot is linked, relative to report.md
         png_size(root / "report" / png)
     assert "| test_accuracy | 0.71 |" in text
-    assert "| 20 | final | 11.10x | 2.90 |" in text  # pruning history row
+    # pruning history row: both ratios from the entry's bits, not the entry's own 11.1 -- paper
+    # 32*7984/(4*432+2*2304+3*4608+5*640) = 32*7984/23360, stored 32*7984/(23360+7984)
+    assert "| 20 | final | 10.94x | 8.15x | 2.90 |" in text
+    assert "| paper ratio (magnitude bits) | 2.93 | 10.94x |" in text
+    assert "| stored ratio (sign counted, `wnorm=signmag`) | 3.93 | 8.15x |" in text
 
 
 def test_find_run_data_errors(tmp_path: Path) -> None:
@@ -328,5 +351,11 @@ def test_write_history_is_what_find_run_data_reads(tmp_path: Path, monkeypatch: 
     written = write_report(tmp_path / "run")
     text = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "accuracy_vs_compression.png" in {p.name for p in written}
-    assert drawn == [("paper", 10.0, 69.5), ("MSQ (this run)", 11.1, pytest.approx(71.0))]
+    # the paper point has no family: "paper" is a uniform label, stored as quoted; this run gets both ratios from
+    # its scheme (numels known), not from the summary's 11.1
+    own = method_accounting("msq", SCHEME, NUMELS)
+    assert drawn == [
+        ComparisonPoint("paper", 10.0, 10.0, 69.5),
+        ComparisonPoint("MSQ (this run)", own.stored_ratio, own.paper_ratio, pytest.approx(71.0)),
+    ]
     assert "eval_images" not in text  # a None entry (a step switched off) is not listed

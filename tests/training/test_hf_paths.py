@@ -52,12 +52,13 @@ def config(**kw) -> msq_hf.MSQConfig:
     base = dict(
         init_bits=6,
         target_compression=10.0,
-        reg_strength=5e-3,
+        reg_strength=5.0,
         prune_threshold=0.9,
         prune_interval=2,
         hessian_max_probes=2,
         hessian_batch_size=4,
         final_round_fraction=0.8,
+        warmup_fraction=0.0,  # the first step's gradient already carries the regularizer
     )
     return msq_hf.MSQConfig(**{**base, **kw})
 

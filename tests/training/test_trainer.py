@@ -111,7 +111,9 @@ class LogCapture(TrainerCallback):
 
 
 def test_regularizer_joins_the_loss_only_in_training(tmp_path) -> None:
-    cfg = msq_hf.MSQConfig(reg_strength=1e-3, hessian_guided=False, target_compression=5.0, prune_interval=100)
+    cfg = msq_hf.MSQConfig(
+        reg_strength=1.0, hessian_guided=False, target_compression=5.0, prune_interval=100, warmup_fraction=0.0
+    )
     model = tiny_resnet()
     trainer = MSQTrainer(model=model, args=args_for(tmp_path), train_dataset=make_dataset(), msq_config=cfg)
     batch = trainer.data_collator(make_dataset(8))
@@ -136,7 +138,9 @@ def test_regularizer_joins_the_loss_only_in_training(tmp_path) -> None:
 
 def _grads(model_fn, tmp_path, name, ga, reg, data) -> dict[str, torch.Tensor]:
     # target 1.0: one optimizer step cannot prune anything, and the test is about the step-0 regularizer
-    cfg = msq_hf.MSQConfig(reg_strength=reg, hessian_guided=False, target_compression=1.0, prune_interval=100)
+    cfg = msq_hf.MSQConfig(
+        reg_strength=reg, hessian_guided=False, target_compression=1.0, prune_interval=100, warmup_fraction=0.0
+    )
     cap = GradCapture()
     args = args_for(
         tmp_path,
@@ -156,7 +160,7 @@ def _grads(model_fn, tmp_path, name, ga, reg, data) -> dict[str, torch.Tensor]:
 def test_gradient_accumulation_matches_one_big_batch(model_fn, tmp_path) -> None:
     # models without BatchNorm, so micro-batches see the same function as the full batch
     data = make_dataset(8)
-    reg = 3e-3
+    reg = 10.0  # step units: the pull must stand out of the task gradient for the comparison to mean anything
     g1 = _grads(model_fn, tmp_path, "ga1", 1, reg, data)
     g2 = _grads(model_fn, tmp_path, "ga2", 2, reg, data)
     g0 = _grads(model_fn, tmp_path, "noreg", 1, 0.0, data)
@@ -201,7 +205,7 @@ def test_pruning_lowers_bits_at_the_interval_then_qat(tmp_path) -> None:
     )
     trainer.train()
     ctl = trainer.msq_controller
-    pruning_steps = [h["step"] for h in ctl.history if h["step"] > 0]
+    pruning_steps = [h["step"] for h in ctl.history[1:]]  # history[0] is the start (after the warm-up)
     assert pruning_steps and all(step % 2 == 0 for step in pruning_steps)
     avg_bits = [h["avg_bits"] for h in ctl.history]
     assert avg_bits[-1] < avg_bits[0] == 8.0
@@ -268,7 +272,7 @@ def test_checkpoint_has_msq_state_and_resume_gives_same_scheme(tmp_path) -> None
     assert state is not None and (ckpt / MSQ_STATE_NAME).is_file()
     json.dumps(state)  # JSON-able
     assert state["phase"] == "regularize", "checkpoint-4 must be mid-pruning for this test"
-    assert any(h["step"] > 0 for h in full.msq_controller.history), "pruning must have happened"
+    assert len(full.msq_controller.history) > 1, "pruning must have happened"
     # a raw timm checkpoint can be rebuilt from config.json + model.safetensors
     rebuilt = load_timm_checkpoint(ckpt)
     assert msq_hf.bit_scheme(rebuilt) == state["bits"]
@@ -353,9 +357,10 @@ def test_resnet20_fashion_mnist_reaches_target_and_learns(tmp_path) -> None:
     cfg = msq_hf.MSQConfig(
         init_bits=8,
         target_compression=8.0,
-        reg_strength=1e-5,
         prune_threshold=0.3,
-        prune_interval=10,
+        prune_interval=3,  # 90 steps: the feedback needs a few pruning steps to find lambda
+        reg_strength=2.0,
+        reg_gain=2.0,
         hessian_max_probes=2,
         hessian_batch_size=32,
         final_round_fraction=0.7,
@@ -384,6 +389,9 @@ def test_resnet20_fashion_mnist_reaches_target_and_learns(tmp_path) -> None:
     avg = [h["avg_bits"] for h in ctl.history]
     assert avg[0] == 8.0 and all(b <= a for a, b in zip(avg, avg[1:])) and len(set(avg)) >= 3
     assert ctl.compression >= 8.0 and ctl.phase == "qat"
+    # MSQ's own mechanism did the pruning: threshold steps paced by the lambda feedback, not the forced round
+    share = ctl.pruning_share()
+    assert share["threshold_share"] >= 0.9 and share["forced_layers"] <= 3, share
     metrics = trainer.evaluate()
     assert metrics["eval_acc"] > 0.4, metrics
 
@@ -399,7 +407,7 @@ def test_default_logs_hold_only_the_global_msq_values(tmp_path) -> None:
         callbacks=[logs],
     )
     trainer.train()
-    assert any(h["step"] > 0 for h in trainer.msq_controller.history), "the run pruned nothing"
+    assert len(trainer.msq_controller.history) > 1, "the run pruned nothing"
     train_logs = [entry for entry in logs.logs if "loss" in entry or "train_runtime" in entry]
     assert train_logs
     for entry in train_logs:

@@ -1,0 +1,49 @@
+"""Summing the LSB regularizer (MSQ Eq. 8) from the terms the MSQ layers recorded in a training forward.
+
+The fused quantizer of every MSQ layer computes its ``R_l`` during the forward and keeps it on the layer
+(:meth:`msq_hf.nn.layers.MSQLayerMixin.pop_regularization`); this module only adds them up, times lambda. It
+costs no pass over the weights and never reads a value on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["LSBRegularizer"]
+
+
+class LSBRegularizer:
+    """``lambda * sum_l R_l`` of the last training forward of ``layers`` (name -> MSQ layer)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self.layers = dict(layers)
+        self.last: torch.Tensor | float = 0.0  # the last lambda * R (a device tensor while training)
+
+    def collect(self, strength: float) -> torch.Tensor:
+        """Pop every layer's term and return their sum times ``strength`` (a 0-d zero without gradient when no
+        layer recorded a term -- eval mode, ``no_grad``, every ``k = 0`` -- or ``strength == 0``).
+
+        Raises ``RuntimeError`` if, in one training forward, some layers recorded their term and a layer with
+        ``k > 0`` ran without gradients: the signature of reentrant activation checkpointing, under which the
+        checkpointed layers cannot record their term and the regularizer would silently skip them. (A forward
+        entirely under ``no_grad`` records nothing and is fine.)
+        """
+        silent = [name for name, layer in self.layers.items() if layer.forward_without_grad and layer.n_k > 0]
+        terms = [t for t in (layer.pop_regularization() for layer in self.layers.values()) if t is not None]
+        if terms and silent:
+            # some layers recorded a term in this forward, others ran without gradients: checkpointed segments
+            raise RuntimeError(
+                f"msq_hf: MSQ layer(s) {silent[:3]} ran their training forward without gradients while others "
+                "recorded their LSB term, so the regularizer would silently skip them. This is reentrant "
+                "activation checkpointing (torch.utils.checkpoint(..., use_reentrant=True), or "
+                "gradient_checkpointing_kwargs={'use_reentrant': True}): use use_reentrant=False, which MSQ supports"
+            )
+        if not terms or strength == 0:
+            self.last = 0.0
+            return torch.zeros((), device=next(iter(self.layers.values())).weight.device)
+        reg = torch.stack([t.float() for t in terms]).sum() * strength
+        self.last = reg.detach()  # read on the host only when logged: no device sync per step
+        return reg

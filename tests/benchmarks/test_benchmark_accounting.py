@@ -1,0 +1,219 @@
+"""benchmarks/accuracy.py and benchmarks/harness.py: both ratios in the tables, the equal-stored-bits pairing, and
+one activation-quantizer declaration for every method."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
+from msq_hf.nn.act import LSQActQuantizer, PACTActQuantizer
+from msq_hf.report.accounting import method_accounting
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import accuracy  # noqa: E402
+import harness  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# pairing at equal stored bits
+
+
+def row(method: str, family: str, bits: float, accuracy_: float = 50.0, act: str = "float") -> accuracy.MethodRow:
+    return accuracy.MethodRow(
+        method=method,
+        family=family,
+        title=method,
+        seeds=[0],
+        accuracies=[accuracy_],
+        act=act,
+        act_recorded=True,
+        accounting=method_accounting(family, bits),
+        wall_min=1.0,
+    )
+
+
+def test_pairing_picks_the_uniform_run_with_the_same_stored_bits() -> None:
+    rows = [
+        row("float", "float", 32),
+        row("msq16", "msq", 1.98),  # 2.98 stored bits: pairs with 3-bit DoReFa, not the 2-bit one of its paper ratio
+        row("msq10.7", "msq", 2.9),  # 3.90 stored bits: no 4-bit run below
+        row("msq_ternary", "msq", 1.0),  # 2 stored bits: DoReFa 2-bit
+        row("dorefa2", "dorefa", 2),
+        row("dorefa3", "dorefa", 3),
+        row("csq", "csq", 2.61),  # 3.61 stored bits
+    ]
+    pairs = {a.method: [p.method for p in ps] for a, ps in accuracy.pair_equal_stored_bits(rows, tolerance=0.25)}
+    assert pairs == {"msq16": ["dorefa3"], "msq10.7": [], "msq_ternary": ["dorefa2"]}
+    wide = {a.method: [p.method for p in ps] for a, ps in accuracy.pair_equal_stored_bits(rows, tolerance=0.7)}
+    assert wide["msq10.7"] == ["csq"]  # nearest first; dorefa3 is 0.9 bit away
+    assert wide["msq16"] == ["dorefa3", "csq"]  # 0.02 then 0.63 bit away; never float or another MSQ run
+
+
+def record(method: str, family: str, seed: int, acc: float, scheme: dict | None, **extra) -> dict:
+    numels = {"conv1": 100, "fc": 300}
+    paper = 1.0 if scheme is None else method_accounting(family, scheme, numels).paper_ratio
+    return {
+        "method": method,
+        "family": family,
+        "seed": seed,
+        "accuracy": acc,
+        "compression": paper,
+        "avg_bits": 32.0,
+        "bit_scheme": scheme,
+        "wall_s": 60.0,
+        "settings": {},
+        **extra,
+    }
+
+
+def test_tables_show_both_ratios_and_the_pairs() -> None:
+    numels = {"conv1": 100, "fc": 300}
+    records = [
+        record("float", "float", 0, 90.0, None),
+        record("msq16", "msq", 0, 88.0, {"conv1": 3, "fc": 2}, numels=numels),  # 2.25 magnitude, 3.25 stored
+        record("dorefa3", "dorefa", 0, 70.0, {"conv1": 3, "fc": 3}),  # no numels: an old record, uniform anyway
+        record("bsq", "bsq", 0, 80.0, {"conv1": 6, "fc": 5}),  # no numels: borrowed from the MSQ record
+    ]
+    table = accuracy.summary_table(records).splitlines()
+    assert "| paper ratio (magnitude bits) | stored ratio (sign counted) | stored bits / weight |" in table[0]
+    msq = next(line for line in table if "`msq16`" in line)
+    assert "| 14.22x | 9.85x | 3.25 | 2.25 |" in msq  # 32*400/900 and 32*400/1300
+    assert "| -2.00 |" in msq  # vs float on the same seed
+    assert "| 10.67x | 10.67x | 3.00 | 3.00 |" in next(line for line in table if "`dorefa3`" in line)
+    assert "| 6.10x | 5.12x | 6.25 | 5.25 |" in next(line for line in table if "`bsq`" in line)
+    assert "float ¹" in msq and table[-1].startswith("¹ not recorded")  # no act entry: predates the flags
+    pairs = accuracy.pairing_table(records, tolerance=0.25)
+    assert "DoReFa 3-bit (`dorefa3`) | 3.00 | 10.67x / 10.67x | 70.00 (1 seed) | +18.00 |" in pairs
+    # a record whose layer sizes do not reproduce its own paper ratio is refused
+    records[3]["compression"] = 7.0
+    with pytest.raises(ValueError, match="bsq seed 0: recomputed paper ratio"):
+        accuracy.summary_table(records)
+
+
+def test_pairing_refuses_different_activations() -> None:
+    act = {"bits": 4, "quantizer": "pact", "skip_first": True}
+    records = [
+        record("msq16", "msq", 0, 88.0, {"conv1": 2, "fc": 2}, numels={"conv1": 100, "fc": 300}, act=act),
+        record("dorefa3", "dorefa", 0, 70.0, {"conv1": 3, "fc": 3}),  # float activations
+    ]
+    with pytest.raises(ValueError, match="different activations"):
+        accuracy.pairing_table(records)
+
+
+# ------------------------------------------------------------------------------------------------
+# one activation quantizer for every method
+
+
+def resnet20() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("resnet20_cifar", pretrained=False, num_classes=10, in_chans=1)
+
+
+def converted(method: str, flags: list[str]) -> torch.nn.Module:
+    args = accuracy.build_parser().parse_args(flags)
+    model = resnet20()
+    accuracy.make_method(method, model, args, total_steps=100, steps_per_epoch=10, seed=0)
+    return model
+
+
+ACCURACY_METHODS = ["float", "msq16", "dorefa2", "bsq", "csq"]  # one per family
+
+
+@pytest.mark.parametrize(
+    "flags, first, conv, fc",
+    [
+        ([], None, None, None),
+        (["--act-bits", "4"], None, PACTActQuantizer, PACTActQuantizer),
+        (["--act-bits", "4", "--act-quantizer", "auto"], None, PACTActQuantizer, LSQActQuantizer),
+        (["--act-bits", "3", "--act-quantizer", "lsq", "--no-act-skip-first"], LSQActQuantizer, LSQActQuantizer, None),
+    ],
+)
+def test_every_accuracy_method_gets_the_declared_act_quantizers(flags, first, conv, fc) -> None:
+    signatures = {m: harness.act_signature(converted(m, flags)) for m in ACCURACY_METHODS}
+    reference = signatures["msq16"]
+    for method, signature in signatures.items():
+        assert signature == reference, f"{method} quantizes activations differently from msq16"
+    bits = int(flags[1]) if flags else None
+    expected_first = None if first is None else (first.__name__, bits)
+    assert reference.get("conv1") == expected_first
+    if conv is not None:
+        assert reference["layer1.0.conv1"] == (conv.__name__, bits)
+        assert reference["fc"] == ((fc or conv).__name__, bits)
+    else:
+        assert reference == {}
+
+
+def test_every_cost_method_gets_the_same_act_quantizers() -> None:
+    act = harness.ActQuant(4, "auto")
+    case = harness.Case("tiny", "resnet20_cifar", {"in_chans": 3}, batch=2)
+    signatures = {m: harness.act_signature(harness.build(case, m, act=act)[0]) for m in harness.METHODS}
+    assert len({tuple(sorted(s.items())) for s in signatures.values()}) == 1, signatures
+    assert signatures["float"]["fc"] == ("LSQActQuantizer", 4) and "conv1" not in signatures["float"]
+
+
+def test_a_method_with_another_act_quantizer_is_caught() -> None:
+    model = converted("dorefa2", ["--act-bits", "4"])
+    other = converted("msq16", ["--act-bits", "4"])
+    model.layer2[0].conv1.act_quant = LSQActQuantizer(4)  # one layer drifts to another quantizer
+    assert harness.act_signature(model) != harness.act_signature(other)
+    with pytest.raises(RuntimeError, match="'layer2.0.conv1' quantizes its input with LSQActQuantizer"):
+        harness.check_act_quantizers(model, harness.ActQuant(4))
+    with pytest.raises(RuntimeError, match="layer 'conv1'"):  # the first layer must stay float under skip_first
+        first = converted("bsq", ["--act-bits", "4"])
+        first.conv1.act_quant = PACTActQuantizer(4)
+        harness.check_act_quantizers(first, harness.ActQuant(4))
+
+
+def test_act_options_only_come_from_the_declaration() -> None:
+    with pytest.raises(ValueError, match="act_bits.*ActQuant declaration"):
+        harness.convert_model(resnet20(), "dorefa", harness.ActQuant(), bits=2, act_bits=4)
+    with pytest.raises(ValueError, match="act_quantizer.*ActQuant declaration"):
+        harness.convert_model(resnet20(), "msq", harness.ActQuant(), init_bits=8, act_quantizer="lsq")
+    with pytest.raises(ValueError, match="act bits"):
+        harness.ActQuant(1)
+
+
+def test_cost_benchmark_accounting_table() -> None:
+    table = harness.accounting_table()
+    assert "| msq | 8 | 9 | 4.00x | 3.56x | float |" in table
+    assert "| dorefa | 2 | 2 | 16.00x | 16.00x | float |" in table
+    assert "| float | 32 | 32 | 1.00x | 1.00x | float |" in table
+
+
+def test_result_records_hold_the_act_declaration_and_both_ratios(tmp_path: Path, monkeypatch) -> None:
+    """Two short runs through the real loop (random images instead of Fashion-MNIST): each record names its
+    activation quantizers (declared and installed, identical across methods) and both ratios."""
+    gen = torch.Generator().manual_seed(0)
+
+    def fake_tensors(split: str, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = 48 if split == "train" else 16
+        return torch.randn(n, 1, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+    monkeypatch.setattr(accuracy, "load_tensors", fake_tensors)
+    monkeypatch.setattr(accuracy, "machine_description", lambda: "test")
+    flags = ["--epochs", "1", "--batch-size", "16", "--results-dir", str(tmp_path), "--act-bits", "4"]
+    args = accuracy.build_parser().parse_args(flags + ["--hessian-batch-size", "8", "--hessian-max-probes", "1"])
+    records = {m: accuracy.run_one(m, 0, args, "test") for m in ("dorefa2", "msq16")}
+    acts = [r["act"] for r in records.values()]
+    assert (
+        acts[0]
+        == acts[1]
+        == {
+            "bits": 4,
+            "quantizer": "pact",
+            "skip_first": True,
+            "installed": {"none": 1, "PACTActQuantizer": 21},
+        }
+    )
+    assert records["dorefa2"]["accounting"]["stored_ratio"] == pytest.approx(16.0)
+    msq = records["msq16"]["accounting"]
+    assert msq["stored_bits"] == pytest.approx(msq["magnitude_bits"] + 1)
+    assert msq["paper_ratio"] == pytest.approx(records["msq16"]["compression"])
+    assert "pact A4 (first layer float)" in accuracy.summary_table(accuracy.load_results(tmp_path))
