@@ -37,6 +37,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import add_regularizer_arguments, regularizer_settings  # noqa: E402
 
 from msq_hf.report.accounting import method_accounting  # noqa: E402
 
@@ -152,10 +155,7 @@ def run_variant(name: str, overrides: dict, args: argparse.Namespace, train, tes
         hessian_batch_size=32,
         final_round_fraction=0.7,
     )
-    if args.previous_regularizer:
-        base.update(lsb_units="code", reg_control="fixed", reg_strength=1e-5, warmup_fraction=0.0, hessian_ema=0.0)
-    if args.reg_strength is not None:
-        base["reg_strength"] = args.reg_strength
+    base.update(regularizer_settings(args))
     base.update(overrides)
     msq_hf.quantize_model(model, msq_hf.MSQConfig(**base))
     if overrides.get("reg_reduction") == "mean":
@@ -217,13 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int, default=4000)
     parser.add_argument("--eval-limit", type=int, default=2000)
     parser.add_argument("--target", type=float, default=16.0)
-    parser.add_argument("--reg-strength", type=float, default=None, help="lambda (default: MSQConfig's)")
-    parser.add_argument(
-        "--previous-regularizer",
-        action="store_true",
-        help="the regularizer before issue 14, which produced the recorded rows: code units, fixed lambda 1e-5 "
-        "(unless --reg-strength), no warm-up, no sensitivity averaging",
-    )
+    add_regularizer_arguments(parser)
     parser.add_argument("--prune-threshold", type=float, default=0.3)
     parser.add_argument("--prune-interval", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)

@@ -56,7 +56,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ActQuant, act_from_args, add_act_arguments, check_act_quantizers, convert_model  # noqa: E402
+from harness import (  # noqa: E402
+    ActQuant,
+    act_from_args,
+    add_act_arguments,
+    add_regularizer_arguments,
+    check_act_quantizers,
+    convert_model,
+    regularizer_settings,
+)
 
 from msq_hf.report.accounting import (  # noqa: E402
     Accounting,
@@ -135,13 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_act_arguments(p)
     # MSQ
     g = p.add_argument_group("MSQ")
-    g.add_argument("--reg-strength", type=float, default=None, help="lambda (default: MSQConfig's)")
-    g.add_argument(
-        "--previous-regularizer",
-        action="store_true",
-        help="the regularizer before issue 14, which produced the recorded MSQ rows: code units, fixed lambda "
-        "1e-5 (unless --reg-strength), no warm-up, no sensitivity averaging",
-    )
+    add_regularizer_arguments(g)
     g.add_argument("--prune-threshold", type=float, default=0.3)
     g.add_argument("--prune-interval", type=int, default=10)
     g.add_argument("--final-round-fraction", type=float, default=0.65)
@@ -829,16 +831,6 @@ def child_command(method: str, seed: int, argv: list[str]) -> list[str]:
         "--jobs",
         "1",
     ]
-
-
-def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The MSQConfig regularizer fields of ``args`` (``--previous-regularizer``: the settings before issue 14)."""
-    settings: dict[str, Any] = {}
-    if args.previous_regularizer:
-        settings = dict(lsb_units="code", reg_control="fixed", reg_strength=1e-5, warmup_fraction=0.0, hessian_ema=0.0)
-    if args.reg_strength is not None:
-        settings["reg_strength"] = args.reg_strength
-    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,19 +34,22 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import PREVIOUS_REGULARIZER  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "gradual"
 PLOT = ROOT / "docs" / "img" / "pruning_trajectories.png"
 
 VARIANTS: dict[str, list[str]] = {
     # the README's default run, unchanged: step-unit regularizer with the lambda feedback
     "default": [],
+    # the default without re-estimating BatchNorm statistics after a pruning step
+    "no_bn_recalibration": ["--bn_recalibration", "false"],
     # the paper's constant lambda with this package's other defaults (what the feedback replaces)
     "fixed_lambda": ["--reg_control", "fixed"],
-    # the pre-issue-14 regularizer: code units, constant lambda 1e-5, no warm-up, no sensitivity averaging
-    "previous": [
-        "--lsb_units", "code", "--reg_control", "fixed", "--reg_strength", "1e-5",
-        "--warmup_fraction", "0", "--hessian_ema", "0",
-    ],
+    # before issue 14 (benchmarks/harness.PREVIOUS_REGULARIZER)
+    "previous": [arg for key, value in PREVIOUS_REGULARIZER.items() for arg in (f"--{key}", str(value).lower())],
 }  # fmt: skip
 
 

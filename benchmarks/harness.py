@@ -35,6 +35,36 @@ from msq_hf.nn.act import MAX_ACT_BITS, MIN_ACT_BITS, make_act_quantizer  # noqa
 from msq_hf.quant.functional import check_bits  # noqa: E402
 from msq_hf.report.accounting import Accounting, method_accounting  # noqa: E402
 
+# The MSQ regularizer settings before issue 14 (code units, fixed lambda, no warm-up, no sensitivity averaging, no
+# BatchNorm re-estimation): what produced the recorded MSQ rows of the accuracy and ablation benchmarks.
+PREVIOUS_REGULARIZER: dict[str, Any] = {
+    "lsb_units": "code",
+    "reg_control": "fixed",
+    "reg_strength": 1e-5,
+    "warmup_fraction": 0.0,
+    "hessian_ema": 0.0,
+    "bn_recalibration": False,
+}
+
+
+def add_regularizer_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """``--reg-strength`` and ``--previous-regularizer`` (see :data:`PREVIOUS_REGULARIZER`)."""
+    parser.add_argument("--reg-strength", type=float, default=None, help="lambda (default: MSQConfig's)")
+    parser.add_argument(
+        "--previous-regularizer",
+        action="store_true",
+        help="the MSQ regularizer before issue 14, which produced the recorded MSQ rows (PREVIOUS_REGULARIZER)",
+    )
+
+
+def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The MSQConfig regularizer fields chosen by :func:`add_regularizer_arguments`'s flags."""
+    settings = dict(PREVIOUS_REGULARIZER) if args.previous_regularizer else {}
+    if args.reg_strength is not None:
+        settings["reg_strength"] = args.reg_strength
+    return settings
+
+
 ACT_KINDS = ("pact", "lsq", "auto")
 
 

@@ -117,6 +117,9 @@ class MSQConfig(QuantizationConfigMixin):
     hessian_tol: float = param(1e-2, "relative tolerance of the Hutchinson estimate", OPEN_UNIT)
     hessian_batch_size: int = param(64, "samples of the last training batch used by the Hessian pass", integer(1))
     sensitivity_norm: Literal["avg", "sum"] = param("avg", "'avg' (Tr/N, HAWQ-V2) or 'sum' (Tr)")
+    bn_recalibration: bool = param(
+        True, "after a pruning step that lowered bits, re-estimate BatchNorm running statistics on the current batch"
+    )
     hessian_ema: float = param(
         0.5,
         "weight of the previous sensitivities in their moving average across pruning steps (0: no averaging)",

@@ -115,7 +115,7 @@ def test_defaults() -> None:
         1,
         "signmag",
         "continuous",
-        "step",
+        "scale",
     )
     assert (cfg.reg_control, cfg.target_fraction, cfg.warmup_fraction) == ("trajectory", 0.5, 0.05)
     assert cfg.msq_format == "fake" and cfg.dequantize is False and cfg.bit_scheme is None

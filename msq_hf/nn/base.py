@@ -7,7 +7,7 @@ weight. The pieces that guarantee that live here once:
 * :data:`LINEAR_TYPES` / :data:`CONV_TYPES` -- the float layers whose ``forward`` is the plain op;
 * :func:`copy_geometry` -- the shape/stride/padding attributes a replacement copies from the original;
 * :func:`conv_forward` -- the convolution of a layer's geometry with a given weight (padding modes and
-  timm's per-input "SAME" padding included);
+  timm's per-input "SAME" padding included; :func:`conv_input` is its input side);
 * :func:`float_twin` -- the plain float layer holding a given weight (``to_float`` of every layer).
 """
 
@@ -55,14 +55,21 @@ def copy_geometry(dst: nn.Module, src: nn.Module) -> None:
         setattr(dst, name, getattr(src, name))
 
 
-def conv_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``layer``'s convolution of ``x`` with ``weight`` (``nn.Conv2d._conv_forward`` plus timm SAME padding)."""
+def conv_input(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(x, padding)`` as ``layer``'s convolution op sees them: timm SAME and non-zero padding modes applied to
+    ``x`` here (the op's ``padding`` is then 0), else ``layer.padding`` (a tuple, or ``"same"``/``"valid"``)."""
     if getattr(layer, "same_pad", False):
         x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
     padding = layer.padding
     if layer.padding_mode != "zeros":
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-        padding = 0
+        padding = (0, 0)
+    return x, padding
+
+
+def conv_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``layer``'s convolution of ``x`` with ``weight`` (``nn.Conv2d._conv_forward`` plus timm SAME padding)."""
+    x, padding = conv_input(layer, x)
     return F.conv2d(x, weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups)
 
 
@@ -86,4 +93,4 @@ def float_twin(layer: Any, weight: torch.Tensor) -> nn.Module:
     return twin
 
 
-__all__ = ["CONV_TYPES", "LINEAR_TYPES", "conv_forward", "copy_geometry", "float_twin"]
+__all__ = ["CONV_TYPES", "LINEAR_TYPES", "conv_forward", "conv_input", "copy_geometry", "float_twin"]

@@ -8,11 +8,13 @@ trainable-parameter count are those of the float model) and two persistent integ
 
 so the bit scheme lives in ``state_dict`` and in every Trainer checkpoint.
 
-The LSB regularizer is fused into the quantizer (``MSQWeightQuantize``): one autograd node per
-layer returns the fake-quantized weight *and* the layer's L1 LSB term. Its backward adds
-``dR/dW = c * sign(l)`` to the straight-through gradient in the same elementwise pass, so the
-regularizer costs no second graph over the weights and is scaled by whatever multiplies it in the
-loss (lambda, gradient accumulation, AMP loss scaling) exactly like any other loss term.
+The LSB regularizer is fused into the quantizer (``msq_hf.nn.quantizer``): one autograd node per
+layer returns the layer's output *and* its L1 LSB term. Its backward adds ``dR/dW = c * sign(l)`` to
+the straight-through gradient in the same elementwise pass, so the regularizer costs no second graph
+over the weights and is scaled by whatever multiplies it in the loss (lambda, gradient accumulation,
+AMP loss scaling) exactly like any other loss term. In training the node also covers the linear /
+convolution op, so that no fake-quantized weight is kept from the forward to the backward
+(``MSQWeightOp``; ``recompute_weight = False`` restores the two-node path).
 """
 
 from __future__ import annotations
@@ -23,89 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msq_hf.nn.base import conv_forward, copy_geometry, float_twin
+from msq_hf.nn.base import conv_input, copy_geometry, float_twin
+from msq_hf.nn.quantizer import (
+    MSQWeightQuantize,
+    conv_spec,
+    msq_quantize_weight,
+    msq_weight_op,
+    op_supported,
+)
 from msq_hf.quant import functional as QF
-from msq_hf.quant.kernels import KERNELS
 
 REG_ATTR = "_msq_reg"
-
-
-class MSQWeightQuantize(torch.autograd.Function):
-    """``(W) -> (W_q, R)``: sign-magnitude RoundClamp fake quantization fused with the L1 LSB term.
-
-    Forward::
-
-        S   = max|W|
-        W_q = S/2^n * clamp(round(2^n W / S), -(2^n-1), 2^n-1)
-        W_lo= S/2^(n-k) * clamp(round(2^(n-k) W / S), ...)            (nearest (n-k)-bit level)
-        D   = W - W_lo  (continuous)  or  W_q - W_lo  (discrete)
-        R   = sum|D| in grid steps, times S^2/(2^8 2^n) ("scale"), S^2/4^n ("step"), 1 ("code") or 1/2^n
-              ("value"); /N for "mean"
-
-    Backward: ``dL/dW = dL/dW_q + (dL/dR) * c * sign(D)`` with ``c = S/2^8`` (scale), ``S/2^n`` (step),
-    ``2^n/S`` (code) or ``1/S`` (value). "scale" and "step" pull a layer scaled by any constant by the same
-    number of grid steps (docs/pruning.md, "Pacing"). The first term is the
-    STE for the task loss, the second MSQ Eq. 7. ``bits`` and ``k`` are 0-d integer tensors (never read on the
-    host); at ``k == 0`` the kernels give ``R = 0`` and ``c = 0``. ``k=None``: straight-through quantization
-    only (``R`` is a constant 0, nothing is saved for the backward).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        weight: torch.Tensor,
-        bits: torch.Tensor,
-        k: torch.Tensor | None,
-        continuous: bool,
-        units: str,
-        mean: bool,
-        owns_grad: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weight.detach()
-        ctx.reg = k is not None
-        ctx.owns_grad = owns_grad
-        if k is None:
-            return KERNELS.fake_quantize(w, bits), w.new_zeros(())
-        wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, units, mean)
-        ctx.save_for_backward(sign, coef)
-        return wq, reg
-
-    @staticmethod
-    def backward(ctx: Any, grad_wq: torch.Tensor, grad_reg: torch.Tensor):  # type: ignore[override]
-        grad = grad_wq
-        if ctx.reg and grad_reg is not None:
-            sign, coef = ctx.saved_tensors
-            grad = KERNELS.backward(grad_wq, sign, grad_reg, coef, may_overwrite=ctx.owns_grad)
-        return grad, None, None, None, None, None, None
-
-
-def msq_quantize_weight(
-    weight: torch.Tensor,
-    bits: int | torch.Tensor,
-    k: int | torch.Tensor | None = 0,
-    *,
-    continuous: bool = True,
-    units: str = "scale",
-    mean: bool = False,
-    owns_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Functional entry point of :class:`MSQWeightQuantize` (returns ``(W_q, R)``).
-
-    ``units``: ``"scale"``, ``"step"``, ``"code"`` or ``"value"`` (see :class:`MSQWeightQuantize`).
-    ``bits``/``k``: Python ints or 0-d integer tensors (a layer passes its buffers, so no value is read on
-    the host). ``k=0`` or ``None`` (as ints): straight-through quantization only, ``R = 0``; a tensor ``k``
-    always runs the fused regularizer (``R = 0`` and no regularizer gradient where it holds 0).
-
-    ``owns_grad=True`` promises that ``W_q`` feeds exactly one linear/convolution op, whose backward
-    hands the quantizer a freshly allocated weight gradient; the backward may then add the
-    regularizer gradient into that buffer in place. Leave it ``False`` whenever ``W_q`` is used
-    anywhere else (the incoming gradient could be shared, expanded or the caller's own tensor).
-    """
-    if not isinstance(bits, torch.Tensor):
-        bits = torch.tensor(QF.check_bits(bits), dtype=torch.int32, device=weight.device)
-    if k is not None and not isinstance(k, torch.Tensor):
-        k = torch.tensor(int(k), dtype=torch.int32, device=weight.device) if int(k) > 0 else None
-    return MSQWeightQuantize.apply(weight, bits, k, continuous, units, mean, owns_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +48,8 @@ class MSQLayerMixin:
     weight: nn.Parameter
     bits: torch.Tensor
     k: torch.Tensor
+    #: train through MSQWeightOp (no W_q kept for the backward); False: quantizer node + F.linear/F.conv2d
+    recompute_weight: bool = True
 
     def _init_msq(
         self,
@@ -264,6 +196,25 @@ class MSQLayerMixin:
     def _msq_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_quant(x) if self.act_quant is not None else x
 
+    def _msq_op(self, x: torch.Tensor, padding: Any = None) -> torch.Tensor | None:
+        # Training (signmag) through MSQWeightOp: quantizer + op as one node that saves x and the latent weight,
+        # not W_q (msq_hf.nn.quantizer). None when that node does not apply (eval, no_grad, DoReFa, autocast,
+        # inputs it cannot reproduce bit for bit); the caller then runs the two-node path.
+        if not (
+            self.recompute_weight
+            and self.wnorm == "signmag"
+            and self.training
+            and torch.is_grad_enabled()
+            and op_supported(x, self.weight, padding, linear=padding is None)
+        ):
+            return None
+        quant = (self.lsb_form == "continuous", self.lsb_units, self.reg_reduction == "mean")
+        conv = None if padding is None else conv_spec(self, padding)
+        out, reg = msq_weight_op(x, self.weight, self.bias, self.bits, self.k, quant, conv)
+        setattr(self, REG_ATTR, reg)
+        self.forward_without_grad = False
+        return out
+
     def _msq_weight(self) -> torch.Tensor:
         # W_q goes straight into this layer's F.linear/conv, whose weight gradient is a fresh buffer
         wq, reg = self._quantized_weight_and_reg(owns_grad=True)
@@ -293,7 +244,9 @@ class MSQLinear(MSQLayerMixin, nn.Linear):
         self._init_msq(bits, **msq_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._msq_input(x), self._msq_weight(), self.bias)
+        x = self._msq_input(x)
+        out = self._msq_op(x)
+        return out if out is not None else F.linear(x, self._msq_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self.msq_extra_repr()}"
@@ -341,7 +294,12 @@ class MSQConv2d(MSQLayerMixin, nn.Conv2d):
         self._init_msq(bits, **msq_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_forward(self, self._msq_input(x), self._msq_weight())
+        x = self._msq_input(x)
+        x, padding = conv_input(self, x)
+        out = self._msq_op(x, padding)
+        if out is None:
+            out = F.conv2d(x, self._msq_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+        return out
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self.msq_extra_repr()}"

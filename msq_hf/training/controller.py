@@ -31,6 +31,7 @@ from msq_hf.training.measure import (
     fp32_default_loss,
     hutchinson_seed,
     layer_sensitivities,
+    recalibrate_batchnorm,
 )
 from msq_hf.training.pacing import Pacer, PruningPlan, pruning_share
 from msq_hf.training.regularizer import LSBRegularizer
@@ -164,8 +165,7 @@ class MSQController:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One entry per pruning step (and the start): ``step, bits, k, rates, sensitivities, compression, avg_bits,
-        phase, pruned, forced, reg_strength, planned_bits``."""
+        """One entry per pruning step and the start (bits, k, rates, sensitivities, pruned, forced, lambda, plan...)."""
         return [dict(entry) for entry in self._history]
 
     @property
@@ -175,8 +175,7 @@ class MSQController:
 
     @property
     def reg_strength(self) -> float:
-        """The lambda in use now: ``config.reg_strength``, times the feedback multiplier under
-        ``reg_control="trajectory"`` (see :mod:`msq_hf.training.pacing`)."""
+        """The lambda in use now (``config.reg_strength`` times the pacing feedback's multiplier)."""
         return self._pacer.strength
 
     @property
@@ -298,10 +297,9 @@ class MSQController:
         return self._started
 
     def is_pruning_step(self, global_step: int) -> bool:
-        """True if :meth:`maybe_step` would run a pruning step at ``global_step``."""
+        """True if :meth:`maybe_step` would run a pruning step at ``global_step`` (the forced round's step too)."""
         if self._finalized or global_step <= 0:
             return False
-        # the forced final round must happen even if its step is not a multiple of the interval
         return global_step % self.config.prune_interval == 0 or global_step == self.final_round_step
 
     @property
@@ -316,8 +314,8 @@ class MSQController:
     ) -> PruneDecision | None:
         """Run a pruning step if ``global_step`` (optimizer steps done) is one; else return ``None``.
 
-        Measures nonzero rates and (``hessian_guided``) sensitivities, reduces them across ranks, lets
-        the schedule decide, and writes the new bits/k into the layers. Returns the schedule's decision.
+        Measures rates and sensitivities (rank-reduced), lets the schedule decide, writes the new bits/k into the
+        layers and (``bn_recalibration``) re-estimates BatchNorm statistics on ``batch`` if bits were lowered.
         """
         was_started = self._started  # a step that starts MSQ measures once and does not also prune
         started = self.maybe_start(global_step, batch, loss_fn)
@@ -327,6 +325,8 @@ class MSQController:
         state = make_state(self.bits, self.ks, self.numels)
         decision = self._schedule.step(state, rates, sens, global_step, self._pacer.floor_bits(global_step))
         self._apply(decision.bits, decision.k)
+        if decision.pruned and self.config.bn_recalibration and batch is not None:  # stale statistics otherwise
+            recalibrate_batchnorm(self.model, batch, loss_fn or self.loss_fn or fp32_default_loss)
         self._finalized = bool(decision.finalized)
         if not self._finalized:
             self._pacer.update(global_step, self.avg_bits)

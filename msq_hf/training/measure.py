@@ -143,6 +143,35 @@ def check_finite_weights(layers: Mapping[str, nn.Module], step: int) -> None:
         raise MSQTrainingError(f"non-finite (NaN/inf) weights in {shown} at step {step}: {_DIVERGED_HINT}")
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def recalibrate_batchnorm(model: nn.Module, batch: Batch, loss_fn: LossFn = fp32_default_loss) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batch``; returns how many BatchNorms there were.
+
+    Called right after a pruning step changed quantized weights: the running statistics still describe the
+    previous weights, so an evaluation right after the step would normalise with stale statistics (in training,
+    BatchNorm uses the batch's own). One train-mode forward without gradients, with cumulative averaging over
+    that single batch, replaces them; momentum and the training flags are restored afterwards.
+    """
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum, m.training) for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, exactly its statistics
+            m.train()
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+    return len(norms)
+
+
 def hutchinson_seed(seed: int, global_step: int) -> int:
     """Probe seed for a pruning step: a pure function of ``(seed, global_step)``.
 
@@ -191,6 +220,7 @@ __all__ = [
     "fp32_default_loss",
     "hutchinson_seed",
     "layer_sensitivities",
+    "recalibrate_batchnorm",
     "output_logits",
     "slice_batch",
 ]

@@ -4,14 +4,14 @@ Pure Python (no torch), like :mod:`msq_hf.training.schedule`: the controller fee
 results back into the model.
 
 Why a feedback on lambda. Threshold pruning drops a layer's ``k`` LSBs once fewer than ``tau`` of its codes
-have them set, and the L1 regularizer is what empties them. How fast it empties them depends on the balance
-between its pull (``eta * lambda`` grid steps per SGD step in "step" units) and the noise of the task gradient
-in grid steps, which shrinks as the learning rate decays and doubles with every bit a layer loses. A fixed
-lambda is therefore either too weak early (nothing is pruned until the learning rate is small, and a forced
-round does the work) or too strong late. The feedback keeps the compression close to a linear plan in average
-bits that reaches the target at ``target_fraction`` of training, well before the forced round at
-``final_round_fraction``: lambda is multiplied by ``gain`` at every pruning step that finds the run behind the
-plan and divided by it when the run is more than ``tolerance_bits`` ahead.
+have them set, and the L1 regularizer is what empties them. How fast depends on the balance between its pull
+(``eta * lambda * 2^(n-8)`` grid steps per SGD step in the default "scale" units) and the noise the task gradient
+adds in grid steps, which shrinks as the learning rate decays. A fixed lambda is therefore too weak early (nothing
+is pruned until the learning rate is small, and a forced round does the work) or too strong late. The feedback
+keeps the compression close to a linear plan in average bits that reaches the target at ``target_fraction`` of
+training, well before the forced round at ``final_round_fraction``: lambda is multiplied by ``gain`` at every
+pruning step that finds the run behind the plan and not closing the gap, and divided by it when the run is more
+than ``tolerance_bits`` ahead; the plan also caps how far one step may prune (:meth:`Pacer.floor_bits`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Pacer:
         target_bits: float = 2.0,
         hessian_ema: float = 0.0,
         tolerance_bits: float = 0.5,
-        span: float = 1e4,
+        span: float = 100.0,
     ):
         if not (math.isfinite(reg_strength) and reg_strength >= 0):
             raise ValueError(f"Pacer: reg_strength={reg_strength!r} must be a finite number >= 0")
@@ -129,10 +129,12 @@ class Pacer:
         return 0 if total_steps is None else _fraction_of(self.warmup_fraction, total_steps)
 
     def begin(self, step: int, total_steps: int | None, avg_bits: float) -> PruningPlan | None:
-        """Fix the plan from ``avg_bits`` at ``step`` (the start) to the target at ``target_fraction``."""
+        """Fix the plan from ``avg_bits`` at ``step`` (the start) to the target at ``target_fraction`` (``None`` with a
+        fixed lambda, an unknown run length, or a reach step not after the start)."""
         self.last = (int(step), float(avg_bits))
         reach = None if total_steps is None else _fraction_of(self.target_fraction, total_steps)
-        self.plan = PruningPlan(int(step), reach, avg_bits, self.target_bits) if reach and reach > step else None
+        usable = self.feedback and reach is not None and reach > step  # a fixed lambda follows no plan
+        self.plan = PruningPlan(int(step), reach, avg_bits, self.target_bits) if usable else None
         return self.plan
 
     def floor_bits(self, step: int) -> float | None:

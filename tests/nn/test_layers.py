@@ -99,7 +99,7 @@ def test_fused_gradient_with_any_downstream_graph(downstream: str) -> None:
     (out + reg).backward()
     rq = QF.quantize_weight(ref_w, 4)
     rout = rq.sum() if downstream == "plain_sum" else ((rq + ref_w) * torch.linspace(-1, 1, 30).view(6, 5)).sum()
-    (rout + QF.lsb_l1(ref_w, 4, 1)).backward()
+    (rout + QF.lsb_l1(ref_w, 4, 1, units="scale")).backward()
     torch.testing.assert_close(w.grad, ref_w.grad, atol=1e-5, rtol=1e-5)
 
 
@@ -175,7 +175,7 @@ def test_no_regularizer_in_eval_or_no_grad() -> None:
     layer(x)
     reg = layer.pop_regularization()
     assert reg is not None and reg.requires_grad
-    torch.testing.assert_close(reg, QF.lsb_l1(layer.weight, 6, 2))
+    torch.testing.assert_close(reg, QF.lsb_l1(layer.weight, 6, 2, units="scale"))
     assert layer.pop_regularization() is None  # popping clears it
     layer.eval()
     layer(x)
@@ -425,7 +425,7 @@ def test_layer_backward_uses_the_in_place_kernel_and_stays_exact(monkeypatch) ->
     x = torch.randn(2, 4, 5, 5)
     (layer(x).square().sum() + layer.pop_regularization()).backward()
     ref = F.conv2d(x, QF.quantize_weight(ref_w, 5), layer.bias.detach(), padding=1)
-    (ref.square().sum() + QF.lsb_l1(ref_w, 5, 2)).backward()
+    (ref.square().sum() + QF.lsb_l1(ref_w, 5, 2, units="scale")).backward()
     torch.testing.assert_close(layer.weight.grad, ref_w.grad, atol=1e-4, rtol=1e-5)
     if KERNELS.state == "compiled":
         assert calls["inplace"] == 1

@@ -374,7 +374,9 @@ def test_resnet20_fashion_mnist_reaches_target_and_learns(tmp_path) -> None:
         weight_decay=5e-4,
         optim="sgd",
         logging_steps=30,
-        max_grad_norm=1.0,
+        # no clipping: the clip would scale the regularizer's pull down with the task gradient once lambda
+        # grows (docs/pruning.md, "Pacing"), and this 90-step run needs the feedback's full range
+        max_grad_norm=0.0,
     )
     trainer = MSQTrainer(
         model=model,
