@@ -2,13 +2,15 @@
 
 Runners (one model each, same data, SGD with momentum):
 
-* ``float``      -- the float model;
-* ``regularize`` -- MSQ before the final round: every layer at 8 bits with ``k = 1``, the fused LSB regularizer
+* ``float``          -- the float model;
+* ``regularize/...`` -- MSQ before the final round: every layer at 8 bits with ``k = 1``, the fused LSB regularizer
   in the loss (``lambda * sum R``);
-* ``qat``        -- MSQ after the final round: every ``k = 0``, the terms popped but not in the loss (what
+* ``qat/...``        -- MSQ after the final round: every ``k = 0``, the terms popped but not in the loss (what
   ``MSQController.regularization`` does then);
-* with ``--two-node``, the same two MSQ phases with ``recompute_weight = False`` (the quantizer node, then
-  ``F.linear``/``F.conv2d``, which keep ``W_q`` for the backward): the before/after comparison.
+
+each MSQ phase on the paths given by ``--paths``: ``two-node`` (the default of the layers, ``recompute_weight =
+False``: the quantizer node, then ``F.linear``/``F.conv2d``, which keep ``W_q`` for the backward) and ``one-node``
+(``recompute_weight = True``: ``msq_hf.nn.quantizer.MSQWeightOp``, ``W_q`` recomputed in the backward).
 
 Before timing, one step of every MSQ runner counts the quantizer calls: each layer must go through the fused
 kernel (``KERNELS.forward``, in the forward and, for the one-node path, again in the backward) and never through
@@ -29,7 +31,7 @@ the eager fake quantizer, in both phases. The script stops if not.
 Usage::
 
     python benchmarks/step_cost.py --rounds 3                       # ResNet-18 and DeiT-tiny
-    python benchmarks/step_cost.py --rounds 3 --two-node --saved --json benchmarks/results/step_cost.json
+    python benchmarks/step_cost.py --rounds 3 --saved --json benchmarks/results/step_cost.json
 
 Goals (issue 13): each MSQ phase <= 1.15x float step time on ResNet-18 (32 px, batch 64) and <= 1.10x on
 DeiT-tiny (patch 4, 32 px, batch 32); peak training memory <= 1.15x float on both.
@@ -68,8 +70,11 @@ logging.getLogger("msq_hf.integrations.guard").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*nothing drives MSQ")
 
 
-def runner_names(two_node: bool) -> list[str]:
-    return ["float", *PHASES, *([f"{p}/two-node" for p in PHASES] if two_node else [])]
+PATHS = ("two-node", "one-node")
+
+
+def runner_names(paths: list[str]) -> list[str]:
+    return ["float", *(f"{phase}/{path}" for path in paths for phase in PHASES)]
 
 
 def build_runner(case_key: str, name: str, seed: int = 0) -> tuple[torch.nn.Module, Callable[[], None], list]:
@@ -83,7 +88,7 @@ def build_runner(case_key: str, name: str, seed: int = 0) -> tuple[torch.nn.Modu
     layers = [m for _, m in iter_msq_layers(model)]
     for layer in layers:
         layer.set_bits(8, k=1 if phase == "regularize" else 0)
-        layer.recompute_weight = variant != "two-node"
+        layer.recompute_weight = variant == "one-node"
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)  # the data of harness.build
     x = torch.randn(case.batch, 3, case.img, case.img, generator=gen)
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=5, help="timed steps per runner per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mem-steps", type=int, default=3, help="steps per memory child process")
-    parser.add_argument("--two-node", action="store_true", help="also run both phases on the two-node path")
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="MSQ layer paths to run")
     parser.add_argument("--saved", action="store_true", help="print the saved-for-backward table per layer")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory child processes")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    names = runner_names(args.two_node)
+    names = runner_names(args.paths)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {load}")
     results = []
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             _, step, layers = build_runner(key, name)
             if layers:
                 step()  # compile outside the count
-                calls = count_kernel_calls(step, layers, one_node=not name.endswith("two-node"))
+                calls = count_kernel_calls(step, layers, one_node=name.endswith("one-node"))
                 print(f"{case.name} {name}: {len(layers)} layers, kernel calls in one step {calls}")
             runners[name] = step
         times = {n: median_ms(t) for n, t in interleaved_times(runners, args.rounds, args.block, args.warmup).items()}

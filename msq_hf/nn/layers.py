@@ -12,9 +12,10 @@ The LSB regularizer is fused into the quantizer (``msq_hf.nn.quantizer``): one a
 layer returns the layer's output *and* its L1 LSB term. Its backward adds ``dR/dW = c * sign(l)`` to
 the straight-through gradient in the same elementwise pass, so the regularizer costs no second graph
 over the weights and is scaled by whatever multiplies it in the loss (lambda, gradient accumulation,
-AMP loss scaling) exactly like any other loss term. In training the node also covers the linear /
-convolution op, so that no fake-quantized weight is kept from the forward to the backward
-(``MSQWeightOp``; ``recompute_weight = False`` restores the two-node path).
+AMP loss scaling) exactly like any other loss term. With ``recompute_weight = True`` the node also covers the
+linear / convolution op and no fake-quantized weight is kept from the forward to the backward (``MSQWeightOp``:
+same numbers, ~1.25x the weight bytes less memory per step, one more pass over the weights; docs/results.md,
+"Step cost").
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class MSQLayerMixin:
     weight: nn.Parameter
     bits: torch.Tensor
     k: torch.Tensor
-    #: train through MSQWeightOp (no W_q kept for the backward); False: quantizer node + F.linear/F.conv2d
-    recompute_weight: bool = True
+    #: True: train through MSQWeightOp (W_q recomputed in the backward, not kept: float's saved-tensor memory, ~4%
+    #: slower steps on CPU); False: the quantizer node, then F.linear/F.conv2d, which keep W_q and the LSB sign.
+    #: Same outputs and gradients either way. Set it on the class to switch every layer.
+    recompute_weight: bool = False
 
     def _init_msq(
         self,

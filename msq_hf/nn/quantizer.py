@@ -3,8 +3,8 @@
 * :class:`MSQWeightQuantize` / :func:`msq_quantize_weight` -- ``W -> (W_q, R)``, a node of its own; ``W_q`` then
   goes into whatever op the caller runs (the Hessian passes, the reference for everything below).
 * :class:`MSQWeightOp` / :func:`msq_weight_op` -- ``(x, W, b) -> (op(x, W_q, b), R)`` for ``op`` = linear or
-  2-D convolution as *one* node that keeps no quantized weight from the forward to the backward. This is
-  what the MSQ layers train with.
+  2-D convolution as *one* node that keeps no quantized weight from the forward to the backward. The MSQ
+  layers train through it when ``recompute_weight`` is set (``msq_hf.nn.layers.MSQLayerMixin``).
 
 Why the second node: with the quantizer as a node of its own, ``F.linear``/``F.conv2d`` save their weight
 argument for the input gradient. For a float layer that is the ``Parameter``, alive anyway; for an MSQ layer
@@ -16,6 +16,10 @@ fused forward kernel on the latent weight (one more elementwise pass over each w
 sign and ``c`` back, calls the gradient kernels autograd would call for the op, and adds the regularizer
 gradient into the op's fresh weight gradient. The kernels are deterministic and see the same inputs, so
 outputs and gradients are bit-identical to the two-node path (``tests/nn/test_quantizer_op.py``).
+
+The price is that extra fused-kernel pass: ~4% of a CPU step on ResNet-18 and DeiT-tiny at 32 px, where the
+weights are large next to the activations (docs/results.md, "Step cost"), hence opt-in. Returning the scale from
+the fused forward would let the backward rebuild ``W_q`` in one elementwise pass instead.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""``MSQWeightOp``: the one-node quantizer + op path the MSQ layers train with.
+"""``MSQWeightOp``: the one-node quantizer + op path the MSQ layers train with when ``recompute_weight`` is set.
 
 It must give exactly the numbers of the two-node path (``msq_quantize_weight`` then ``F.linear``/``F.conv2d``,
-selected with ``recompute_weight = False``): outputs, the LSB term and every gradient bit for bit, for conv and
+``recompute_weight = False``, the default): outputs, the LSB term and every gradient bit for bit, for conv and
 linear layers, with activation quantizers on and off, in both LSB phases (regularizing, k > 0, with R in the
 loss; QAT, k = 0, R popped but not in the loss). And it must keep no weight-sized tensor for the backward other
 than the latent ``Parameter`` itself, which is the reason it exists.
@@ -16,15 +16,24 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from conftest import IMAGE_SIZE, NUM_CLASSES, TINY_MODELS, is_hf_model
 from timm.layers import Conv2dSame
 from torch import nn
 
+import msq_hf
+from msq_hf.convert import iter_msq_layers
 from msq_hf.nn.act import make_act_quantizer
-from msq_hf.nn.layers import MSQConv2d, MSQLinear
+from msq_hf.nn.layers import MSQConv2d, MSQLayerMixin, MSQLinear
 from msq_hf.nn.quantizer import MSQWeightOp
 from msq_hf.quant.kernels import KERNELS
 
 LAMBDA = 0.37
+
+
+@pytest.fixture(autouse=True)
+def _one_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers built in these tests train through the op node unless a test turns it off."""
+    monkeypatch.setattr(MSQLayerMixin, "recompute_weight", True)
 
 
 @pytest.fixture(scope="module")
@@ -282,9 +291,10 @@ def test_op_node_only_in_training_with_grad() -> None:
         assert type(layer(x).grad_fn).__name__ == "ConvolutionBackward0"  # autocast keeps the two-node path
 
 
-def test_qat_phase_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    # after the final round every k is 0; the training step still goes through the fused kernel (no
-    # eager multi-op fake quantizer): once in the forward and once in the backward (the recompute)
+@pytest.mark.parametrize("one_node", [True, False], ids=["one-node", "two-node"])
+def test_qat_phase_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch, one_node: bool) -> None:
+    # after the final round every k is 0; the training step still goes through the fused kernel (no eager
+    # multi-op fake quantizer): once per layer in the forward, and once more in the backward on the one-node path
     calls = {"fused": 0, "fake_quantize": 0}
     fused, fake = KERNELS.forward, KERNELS.fake_quantize
 
@@ -298,6 +308,7 @@ def test_qat_phase_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(KERNELS, "forward", count_fused)
     monkeypatch.setattr(KERNELS, "fake_quantize", count_fake)
+    monkeypatch.setattr(MSQLayerMixin, "recompute_weight", one_node)
     model = nn.Sequential(_conv(False, padding=1), nn.Flatten(), MSQLinear(12 * 36, 5, bits=8)).train()
     for layer in (model[0], model[2]):
         layer.set_bits(4, 0)
@@ -305,4 +316,42 @@ def test_qat_phase_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> Non
     assert calls == {"fused": 2, "fake_quantize": 0}
     assert all(layer.pop_regularization().item() == 0 for layer in (model[0], model[2]))
     F.cross_entropy(out, torch.tensor([0, 1])).backward()
-    assert calls == {"fused": 4, "fake_quantize": 0}
+    assert calls == {"fused": 4 if one_node else 2, "fake_quantize": 0}
+
+
+# -- whole models: torch.compile fullgraph and no host reads on the one-node path -------------------------------
+
+
+def _tiny_model_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    inner = getattr(model, "_orig_mod", model)
+    for p in inner.parameters():
+        p.grad = None
+    logits = model(pixel_values=x).logits if is_hf_model(inner) else model(x)
+    layers = [layer for _, layer in iter_msq_layers(inner)]
+    reg = torch.stack([layer.pop_regularization() for layer in layers]).sum()
+    (F.cross_entropy(logits, y) + 1e-3 * reg).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["hf/vit", "timm/test_resnet"])
+def test_one_node_model_compiles_fullgraph_and_equals_eager(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setattr(KERNELS, "_state", "eager")  # the reference numbers (aot_eager runs the same aten kernels)
+    torch._dynamo.reset()
+    eager = TINY_MODELS[name]()
+    msq_hf.quantize_model(eager, msq_hf.MSQConfig(init_bits=8, act_bits=4))
+    for i, (_, layer) in enumerate(iter_msq_layers(eager)):
+        layer.set_bits(8 - i % 5, min(i % 3, 7 - i % 5))  # regularized and k = 0 layers
+    eager.train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # the first batch initialises the activation quantizers
+        x, y = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g), torch.randint(0, NUM_CLASSES, (4,), generator=g)
+        ref_logits, ref_grads = _tiny_model_step(eager, x, y)
+        logits, grads = _tiny_model_step(compiled, x, y)
+        assert torch.equal(logits, ref_logits)
+        assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[k], v) for k, v in ref_grads.items())
+    # and the eager one-node step reads nothing on the host
+    for method in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, **k: pytest.fail("host read in the training step"))
+    _tiny_model_step(eager, x, y)
