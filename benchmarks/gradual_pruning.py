@@ -44,6 +44,8 @@ PLOT = ROOT / "docs" / "img" / "pruning_trajectories.png"
 VARIANTS: dict[str, list[str]] = {
     # the README's default run, unchanged: step-unit regularizer with the lambda feedback
     "default": [],
+    # the Hessian at every sensitivity pass (the default reuses the last traces at every second pass)
+    "hessian_every_pass": ["--hessian_interval", "1"],
     # the default without re-estimating BatchNorm statistics after a pruning step
     "no_bn_recalibration": ["--bn_recalibration", "false"],
     # the paper's constant lambda with this package's other defaults (what the feedback replaces)

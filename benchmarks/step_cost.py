@@ -8,13 +8,15 @@ Runners (one model each, same data, SGD with momentum):
 * ``qat/...``        -- MSQ after the final round: every ``k = 0``, the terms popped but not in the loss (what
   ``MSQController.regularization`` does then);
 
-each MSQ phase on the paths given by ``--paths``: ``two-node`` (the default of the layers, ``recompute_weight =
-False``: the quantizer node, then ``F.linear``/``F.conv2d``, which keep ``W_q`` for the backward) and ``one-node``
+each MSQ phase on the paths given by ``--paths``: ``two-node`` (``recompute_weight = False``: the quantizer node,
+then ``F.linear``/``F.conv2d``, which keep ``W_q`` for the backward), ``auto`` (the layers' default: one node where
+the weight has at least as many elements as the layer's input) and ``one-node``
 (``recompute_weight = True``: ``msq_hf.nn.quantizer.MSQWeightOp``, ``W_q`` recomputed in the backward).
 
-Before timing, one step of every MSQ runner counts the quantizer calls: each layer must go through the fused
-kernel (``KERNELS.forward``, in the forward and, for the one-node path, again in the backward) and never through
-the eager fake quantizer, in both phases. The script stops if not.
+Before timing, one step of every MSQ runner counts the quantizer calls: each layer must go through one fused
+forward kernel (``KERNELS.forward``; ``KERNELS.op_forward`` on the one-node path, whose backward rebuilds ``W_q``
+with ``KERNELS.requantize`` from the saved scale) and never through the eager fake quantizer, in both phases. The
+script stops if not.
 
 * step time: the runners take turns in interleaved blocks (``--block`` timed steps each after one untimed
   re-warm step, ``--rounds`` times); medians and ratios against float;
@@ -70,7 +72,8 @@ logging.getLogger("msq_hf.integrations.guard").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*nothing drives MSQ")
 
 
-PATHS = ("two-node", "one-node")
+# path -> MSQLayerMixin.recompute_weight
+PATHS = {"two-node": False, "auto": "auto", "one-node": True}
 
 
 def runner_names(paths: list[str]) -> list[str]:
@@ -88,7 +91,7 @@ def build_runner(case_key: str, name: str, seed: int = 0) -> tuple[torch.nn.Modu
     layers = [m for _, m in iter_msq_layers(model)]
     for layer in layers:
         layer.set_bits(8, k=1 if phase == "regularize" else 0)
-        layer.recompute_weight = variant == "one-node"
+        layer.recompute_weight = PATHS[variant]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)  # the data of harness.build
     x = torch.randn(case.batch, 3, case.img, case.img, generator=gen)
@@ -106,11 +109,13 @@ def build_runner(case_key: str, name: str, seed: int = 0) -> tuple[torch.nn.Modu
     return model, step, layers
 
 
-def count_kernel_calls(step: Callable[[], None], layers: list, one_node: bool) -> dict[str, int]:
-    """Run one step counting fused-kernel and eager fake-quantizer calls; raise unless every layer used the
-    fused kernel (once in the forward, once more in the backward on the one-node path) and none the eager one."""
+def count_kernel_calls(step: Callable[[], None], layers: list, path: str) -> dict[str, int]:
+    """Run one step counting the calls of the kernels' entry points; raise unless every layer ran one fused forward
+    (``forward``, or ``op_forward`` where the layer runs the one-node path, whose backward then only
+    ``requantize``-s W_q from the saved scale) and none the eager fake quantizer."""
     calls = Counter()
-    fused, fake = KERNELS.forward, KERNELS.fake_quantize
+    names = ("forward", "op_forward", "requantize", "fake_quantize")
+    originals = {name: getattr(KERNELS, name) for name in names}
 
     def count(key: str, fn: Callable) -> Callable:
         def wrapped(*args, **kwargs):
@@ -119,14 +124,22 @@ def count_kernel_calls(step: Callable[[], None], layers: list, one_node: bool) -
 
         return wrapped
 
-    KERNELS.forward, KERNELS.fake_quantize = count("fused", fused), count("fake_quantize", fake)
+    for name, fn in originals.items():
+        setattr(KERNELS, name, count(name, fn))
     try:
         step()
     finally:
-        del KERNELS.forward, KERNELS.fake_quantize  # the class attributes again
-    expected = len(layers) * (2 if one_node else 1)
-    if calls["fused"] != expected or calls["fake_quantize"]:
-        raise RuntimeError(f"kernel calls per step {dict(calls)}, expected fused={expected} and no fake_quantize")
+        for name in names:
+            delattr(KERNELS, name)  # the class attributes again
+    n = len(layers)
+    one_node = calls["op_forward"]
+    ok = calls["forward"] + one_node == n and calls["requantize"] == one_node and not calls["fake_quantize"]
+    ok = ok and {"one-node": one_node == n, "two-node": one_node == 0}.get(path, True)
+    if not ok:
+        raise RuntimeError(
+            f"kernel calls per step {dict(calls)}: expected one fused forward per layer ({n}) on the "
+            f"{path} path, a requantize per op_forward and no fake_quantize"
+        )
     return dict(calls)
 
 
@@ -178,7 +191,7 @@ def saved_table(case_key: str, names: list[str]) -> tuple[str, dict]:
         model, step, _ = build_runner(case_key, name)
         step()  # warm (and compile)
         results[name] = saved_bytes(model, step)
-    msq_layers = [n for n, _ in iter_msq_layers(build_runner(case_key, "qat")[0])]
+    msq_layers = [n for n, _ in iter_msq_layers(build_runner(case_key, "qat/two-node")[0])]
     mb = lambda c: sum(c.values()) / 1e6  # noqa: E731
     rows = [f"| layer | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
     for layer in msq_layers:
@@ -269,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=5, help="timed steps per runner per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mem-steps", type=int, default=3, help="steps per memory child process")
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="MSQ layer paths to run")
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS), help="MSQ layer paths")
     parser.add_argument("--saved", action="store_true", help="print the saved-for-backward table per layer")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory child processes")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             _, step, layers = build_runner(key, name)
             if layers:
                 step()  # compile outside the count
-                calls = count_kernel_calls(step, layers, one_node=name.endswith("one-node"))
+                calls = count_kernel_calls(step, layers, name.partition("/")[2])
                 print(f"{case.name} {name}: {len(layers)} layers, kernel calls in one step {calls}")
             runners[name] = step
         times = {n: median_ms(t) for n, t in interleaved_times(runners, args.rounds, args.block, args.warmup).items()}

@@ -18,9 +18,11 @@ if they are loaded already), through a ``sys.meta_path`` finder that runs a call
   executing on this thread, the real quantizer replaces the stand-in and :mod:`msq_hf.io.save` binds the
   ``save_pretrained``/``push_to_hub`` of MSQ models (what ``import msq_hf`` used to do eagerly).
 
-This file is the one place that imports msq_hf modules by name (``importlib.import_module`` over the tables
-below) instead of with import statements: that is what makes the package lazy. Everywhere else the
-architecture rule holds (docs/architecture.md: no function-level import of msq_hf's own modules).
+This file imports msq_hf modules by name (``importlib.import_module`` over the tables below, through
+:mod:`msq_hf.lazy`) instead of with import statements: that is what makes the package lazy.
+``msq_hf/pipeline/__init__.py`` does the same for the pipeline, and ``msq_hf.commands.main`` for its command
+table. Everywhere else the architecture rule holds (docs/architecture.md: no function-level import of msq_hf's
+own modules).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import threading
 import warnings
 from types import ModuleType
 from typing import Any
+
+from msq_hf.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -58,25 +62,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "msq_hf.training.sensitivity": ("estimate_sensitivities", "hutchinson_trace"),
     "msq_hf.training.trainer": ("MSQCallback", "MSQTrainer", "load_timm_checkpoint"),
 }
-_HOME: dict[str, str] = {name: module for module, names in _PUBLIC.items() for name in names}
-
-__all__ = sorted([*_HOME, "__version__"])
-
-
-def __getattr__(name: str) -> Any:
-    """``msq_hf.<public name>``: import its module now (PEP 562) and keep the value in the namespace."""
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module 'msq_hf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public names and the msq_hf subpackages loaded so far."""
-    loaded = {name for name, value in globals().items() if getattr(value, "__name__", None) == f"{__name__}.{name}"}
-    return sorted(set(__all__) | loaded)
+__all__ = sorted([*(name for names in _PUBLIC.values() for name in names), "__version__"])
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, globals())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from transformers import HfArgumentParser
 
 import msq_hf
 from msq_hf import BitPruningSchedule, MSQConfig, MSQQuantizer
-from msq_hf.arguments import MSQArguments, config_from_args, make_msq_arguments
+from msq_hf.arguments import MSQArguments, cli_config_values, make_msq_arguments
 from msq_hf.commands.main import main
 from msq_hf.config import PARAMS, ConfigFieldError, check_bits, user_params, validate_config, validate_field
 from msq_hf.fields import Param
@@ -277,7 +277,7 @@ def test_arguments_hold_only_user_fields_and_negations() -> None:
     names = {f.name for f in dataclasses.fields(MSQArguments)}
     assert names == {s.name for s in user_params()} | set(MSQArguments.NEGATIONS)
     assert MSQArguments.NEGATIONS == {"no_hessian": "hessian_guided"}
-    assert MSQArguments().to_config().to_dict() == MSQConfig().to_dict()
+    assert MSQConfig(**MSQArguments().config_values()).to_dict() == MSQConfig().to_dict()
 
 
 def parse(*argv: str, cls: type = MSQArguments) -> tuple[HfArgumentParser, object]:
@@ -292,14 +292,16 @@ def test_generated_parser_flags_and_aliases() -> None:
         "--wnorm", "dorefa", "--default-k", "2", "--act-bits", "4", "--no-act-skip-first",
         "--modules-to-not-convert", "head", "re:.*fc",
     )  # fmt: skip
-    cfg = config_from_args(parser, args)
+    cfg = MSQConfig(**cli_config_values(parser, args))
     assert (cfg.target_compression, cfg.init_bits, cfg.min_bits, cfg.hessian_max_probes) == (10.0, 6, 2, 3)
     assert cfg.hessian_guided is False and cfg.act_skip_first is False
     assert (cfg.wnorm, cfg.default_k, cfg.act_bits) == ("dorefa", 2, 4)
     assert cfg.modules_to_not_convert == ["head", "re:.*fc"]
-    assert config_from_args(*parse("--hessian_guided", "false")).hessian_guided is False
-    assert config_from_args(*parse()).hessian_guided is True
-    assert config_from_args(parser, args, act_bits=None).act_bits is None  # overrides win
+    assert cli_config_values(*parse("--hessian_guided", "false"))["hessian_guided"] is False
+    assert cli_config_values(*parse())["hessian_guided"] is True
+    assert cli_config_values(parser, args, act_bits=None)["act_bits"] is None  # overrides win
+    with pytest.raises(ValueError, match="unknown field"):
+        cli_config_values(parser, args, no_such_field=1)
 
 
 OUT_OF_RANGE = [
@@ -319,6 +321,7 @@ OUT_OF_RANGE = [
     (["--target-fraction", "0"], "--target-fraction 0", "(0, 1]"),
     (["--warmup-fraction", "1"], "--warmup-fraction 1", "[0, 1)"),
     (["--hessian-ema", "1"], "--hessian-ema 1", "[0, 1)"),
+    (["--hessian-interval", "0"], "--hessian-interval 0", "positive integer"),
 ]
 
 
@@ -328,7 +331,7 @@ def test_generated_parser_rejects_out_of_range_values(
 ) -> None:
     parser, args = parse(*argv)
     with pytest.raises(SystemExit) as info:
-        config_from_args(parser, args)
+        cli_config_values(parser, args)
     assert info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("msq-test: error: ") and flag in line and allowed in line, line
@@ -362,7 +365,7 @@ cli_flag_to_field = {
 def test_generated_parser_names_every_flag_of_a_bad_combination(argv: list[str], needles: list[str]) -> None:
     parser, args = parse(*argv)
     with pytest.raises(ValueError) as info:
-        config_from_args(parser, args)
+        cli_config_values(parser, args)
     for needle in needles:
         assert needle in str(info.value)
 
@@ -370,7 +373,7 @@ def test_generated_parser_names_every_flag_of_a_bad_combination(argv: list[str],
 def test_other_defaults_for_a_front_end() -> None:
     demo = make_msq_arguments({"prune_interval": 10, "modules_to_not_convert": ["head"]}, name="DemoArguments")
     assert demo.__name__ == "DemoArguments"
-    assert demo().prune_interval == 10 and demo().to_config().modules_to_not_convert == ["head"]
+    assert demo().prune_interval == 10 and demo().config_values()["modules_to_not_convert"] == ["head"]
     assert demo().modules_to_not_convert is not demo().modules_to_not_convert  # no shared mutable default
     help_text = HfArgumentParser(demo).format_help()
     assert "(default: 10)" in " ".join(help_text.split())

@@ -159,6 +159,64 @@ def layers_of(model: nn.Module, cls: type[L], method: str) -> dict[str, L]:
     return layers
 
 
+class UniformMethod:
+    """The module-level interface of a uniform (one bit width for every layer, no regularizer) baseline.
+
+    ``dorefa`` and ``lsq`` bind their module functions to one instance: ``convert``, ``layers``, ``regularization``
+    (a zero tensor), ``bit_scheme`` and ``compression_ratio``, and :meth:`check_bits` for their layers.
+    """
+
+    def __init__(self, method: str, layer_cls: type[QuantLayerBase], allowed_bits: tuple[int, ...]) -> None:
+        self.method, self.layer_cls, self.allowed_bits = method, layer_cls, tuple(allowed_bits)
+
+    def check_bits(self, bits: int) -> int:
+        """``bits`` if it is one of the method's weight bit widths, else ``ValueError`` naming the method."""
+        if isinstance(bits, bool) or bits not in self.allowed_bits:
+            raise ValueError(f"{self.method} weight bits={bits!r} must be one of {self.allowed_bits}")
+        return int(bits)
+
+    def convert(
+        self,
+        model: nn.Module,
+        init_bits: int = 8,
+        *,
+        bits: int | None = None,
+        act_bits: int | None = None,
+        act_skip_first: bool = True,
+        act_init_alpha: float = 10.0,
+        modules_to_not_convert: Sequence[str] | None = None,
+    ) -> nn.Module:
+        """Replace every Linear/Conv2d in place by the method's layer with ``bits`` weight bits.
+
+        ``bits`` is an alias of ``init_bits`` (the common baseline signature); giving both with different values is
+        an error. ``act_bits`` (2..8) adds PACT input quantizers (the first layer keeps float inputs when
+        ``act_skip_first``). Raises ``ValueError`` if nothing was converted.
+        """
+        if bits is not None and bits != init_bits and init_bits != 8:
+            raise ValueError(f"{self.method}.convert got init_bits={init_bits} and bits={bits}; pass only one")
+        weight_bits = self.check_bits(init_bits if bits is None else bits)
+        replace_layers(
+            model, self.method, modules_to_not_convert, act_bits, act_skip_first, act_init_alpha, bits=weight_bits
+        )
+        return model
+
+    def layers(self, model: nn.Module) -> dict[str, QuantLayerBase]:
+        """``{name: layer}`` of every layer of the method (``ValueError`` if none)."""
+        return layers_of(model, self.layer_cls, self.method)
+
+    def regularization(self, model: nn.Module) -> torch.Tensor:
+        """No regularizer: a zero scalar on the model's device (keeps training loops uniform)."""
+        return next(iter(self.layers(model).values())).weight.new_zeros(())
+
+    def bit_scheme(self, model: nn.Module) -> dict[str, int]:
+        """``{layer: k}``."""
+        return {name: layer.n_bits for name, layer in self.layers(model).items()}
+
+    def compression_ratio(self, model: nn.Module) -> float:
+        """``32 * sum_l numel_l / sum_l k_l numel_l`` over the converted weights (``32/k`` when uniform)."""
+        return layers_compression(self.layers(model))
+
+
 # ------------------------------------------------------------------------------------------------
 # accounting
 

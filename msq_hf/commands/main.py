@@ -11,9 +11,10 @@ Commands (one module each in :mod:`msq_hf.commands`, listed in :data:`COMMANDS`)
 Startup: this module imports only the standard library and :mod:`msq_hf.commands.common`. The options of
 ``inspect``, ``export`` and ``report`` are declared here with argparse alone; a command's module (torch,
 transformers, ...) is imported by name from :data:`COMMANDS` only once that command runs. ``train`` declares its
-own parser, generated from ``MSQConfig`` and the pipeline's dataclasses, so only ``msq-hf train ...`` imports it.
-``msq-hf --help`` and ``msq-hf inspect|export|report --help`` therefore answer without torch (docs/cli.md,
-"Startup time").
+own parser, generated from ``MSQConfig``'s declarations and the pipeline's dataclasses, in a light module of its
+own (:mod:`msq_hf.commands.train_args`: ``transformers.hf_argparser``, no torch), imported only for
+``msq-hf train ...``. ``msq-hf --help``, ``msq-hf inspect|export|report --help`` and ``msq-hf train --help``
+therefore answer without torch (docs/cli.md, "Startup time").
 
 User errors (bad option values, missing files, unreadable exports) end with exit code 1 or 2 and one line
 ``msq-hf: error: ...`` on stderr, without a traceback; ``--debug`` (or ``MSQ_HF_DEBUG=1``) shows it.
@@ -75,9 +76,10 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
 class Command:
     """One ``msq-hf`` command: its line in ``msq-hf --help`` and where its code is.
 
-    ``module.run`` runs it (``run(args) -> exit code``); the module is imported only when the command is chosen.
-    ``options`` declares its arguments with argparse alone. Otherwise ``module.add_parser(sub)`` adds the
-    subparser itself (``train``: its flags are generated from dataclasses that import torch and transformers).
+    ``module.run`` runs it (``run(args) -> exit code``); the module is imported only when the command runs.
+    ``options`` declares its arguments with argparse alone. Otherwise ``parser_module.add_parser(sub)`` adds the
+    subparser itself (``train``: its flags are generated from dataclasses); that module is imported when the
+    command is named, also for its ``--help``, so it must stay light (no torch).
     """
 
     help: str
@@ -85,6 +87,7 @@ class Command:
     run: str
     options: Callable[[argparse.ArgumentParser], None] | None = None
     description: str = ""
+    parser_module: str = ""
     add_parser: str = ""
 
 
@@ -93,6 +96,7 @@ COMMANDS: dict[str, Command] = {
         help="train with MSQ, evaluate, export and write a report",
         module="msq_hf.commands.train",
         run="cmd_train",
+        parser_module="msq_hf.commands.train_args",
         add_parser="add_train_parser",
     ),
     "inspect": Command(
@@ -133,8 +137,8 @@ def chosen_command(argv: Sequence[str]) -> str | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``msq-hf`` parser. Every command is listed; a command whose module declares its parser (``train``)
-    gets its real parser only when it is ``command`` (that imports its module), else a stand-in."""
+    """The ``msq-hf`` parser. Every command is listed; a command that declares its parser in a module (``train``)
+    gets its real parser only when it is ``command`` (that imports its ``parser_module``), else a stand-in."""
     parser = OneLineParser(
         prog=PROG,
         description="MSQ mixed-precision quantization-aware training for Hugging Face "
@@ -151,7 +155,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if spec.options is not None:
             spec.options(sub.add_parser(name, help=spec.help, description=spec.description))
         elif name == command:
-            getattr(importlib.import_module(spec.module), spec.add_parser)(sub)
+            getattr(importlib.import_module(spec.parser_module), spec.add_parser)(sub)
         else:
             sub.add_parser(name, help=spec.help, add_help=False)  # stand-in: listed, never parsed
     return parser

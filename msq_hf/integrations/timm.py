@@ -23,7 +23,6 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.models._hub import save_config_for_hf
 from torch import nn
 from transformers import TimmWrapperImageProcessor
@@ -225,14 +224,16 @@ def load_timm_export(
     directory: Path,
     config: dict[str, Any],
     msq_config: MSQConfig,
-    weight_files: list[Path],
+    state: dict[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
     stored_shapes: dict[str, list[int]] | None = None,
 ) -> nn.Module:
-    """Rebuild a raw timm export: skeleton, packed layers, strict safetensors load, decode.
+    """Rebuild a raw timm export from its checked tensors ``state``: skeleton, packed layers, strict load, decode.
 
-    With ``stored_shapes`` (the safetensors headers) the skeleton is first built on the meta device and compared
-    key by key, so a config that does not fit the weights (e.g. a huge ``num_classes``) allocates nothing.
+    ``state`` holds the bytes the export checks ran on (:func:`msq_hf.io.load.read_weight_file`), so what was
+    verified is what the model gets; the files are not read again. With ``stored_shapes`` (the safetensors headers)
+    the skeleton is first built on the meta device and compared key by key, so a config that does not fit the
+    weights (e.g. a huge ``num_classes``) allocates nothing.
     """
     if stored_shapes is not None:
         meta = build_timm_skeleton(config, msq_config, dtype, device="meta")
@@ -240,9 +241,6 @@ def load_timm_export(
             directory, config["architecture"], {k: list(v.shape) for k, v in meta.state_dict().items()}, stored_shapes
         )
     model = build_timm_skeleton(config, msq_config, dtype)
-    state: dict[str, torch.Tensor] = {}
-    for path in weight_files:
-        state.update(load_file(str(path)))
     current = model.state_dict()
     _compare_shapes(
         directory,

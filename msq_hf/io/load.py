@@ -259,8 +259,6 @@ def from_pretrained(
     contents = read_export(directory, verify=verify, read_weights=read_weight_file)
     if contents.kind == "hf":
         return _with_cache(_load_hf(contents, dequantize, **kwargs), decode_cache)
-    # integrations.timm.load_timm_export reads the (checked) files itself: free the copy before it does
-    contents.state = None
     dtype = kwargs.pop("dtype", None) or getattr(torch, contents.manifest["model"]["dtype"])  # checked name
     if kwargs:
         raise TypeError(
@@ -268,7 +266,8 @@ def from_pretrained(
         )
     msq_config = contents.msq_config.copy(dequantize=bool(dequantize))
     shapes = {key: entry["shape"] for key, (_, entry) in contents.tensors.items()}
-    model = load_timm_export(directory, contents.config, msq_config, contents.weight_files, dtype, shapes)
+    state, contents.state = contents.state, None  # the model takes the checked bytes; keep no second reference
+    model = load_timm_export(directory, contents.config, msq_config, state, dtype, shapes)
     return _with_cache(model, decode_cache)
 
 

@@ -12,10 +12,10 @@ The LSB regularizer is fused into the quantizer (``msq_hf.nn.quantizer``): one a
 layer returns the layer's output *and* its L1 LSB term. Its backward adds ``dR/dW = c * sign(l)`` to
 the straight-through gradient in the same elementwise pass, so the regularizer costs no second graph
 over the weights and is scaled by whatever multiplies it in the loss (lambda, gradient accumulation,
-AMP loss scaling) exactly like any other loss term. With ``recompute_weight = True`` the node also covers the
-linear / convolution op and no fake-quantized weight is kept from the forward to the backward (``MSQWeightOp``:
-same numbers, ~1.25x the weight bytes less memory per step, one more pass over the weights; docs/results.md,
-"Step cost").
+AMP loss scaling) exactly like any other loss term. Where the quantized weight would dominate a layer's saved
+memory, the node also covers the linear / convolution op and keeps no float ``W_q`` from the forward to the
+backward (``MSQWeightOp``, chosen per layer by ``recompute_weight``: same numbers, 4 bytes per weight less memory
+per step, one more elementwise pass over the weight; docs/results.md, "Step cost").
 """
 
 from __future__ import annotations
@@ -49,10 +49,14 @@ class MSQLayerMixin:
     weight: nn.Parameter
     bits: torch.Tensor
     k: torch.Tensor
-    #: True: train through MSQWeightOp (W_q recomputed in the backward, not kept: float's saved-tensor memory, ~4%
-    #: slower steps on CPU); False: the quantizer node, then F.linear/F.conv2d, which keep W_q and the LSB sign.
-    #: Same outputs and gradients either way. Set it on the class to switch every layer.
-    recompute_weight: bool = False
+    #: How training keeps the quantized weight for the backward (same outputs and gradients either way):
+    #: True: MSQWeightOp, one node that keeps the latent weight, the scale and the int8 LSB sign and rebuilds W_q in
+    #: the backward (1 byte per weight saved instead of 5; one more elementwise pass over the weight per step);
+    #: False: the quantizer node, then F.linear/F.conv2d, which keep the float W_q and the sign;
+    #: "auto" (default): MSQWeightOp where the weight has at least as many elements as the layer's input batch,
+    #: i.e. where W_q would dominate the layer's saved memory (late CNN stages at small resolution), else two nodes.
+    #: Set it on the class to switch every layer (docs/results.md, "Step cost of both MSQ phases").
+    recompute_weight: bool | str = "auto"
 
     def _init_msq(
         self,
@@ -203,8 +207,9 @@ class MSQLayerMixin:
         # Training (signmag) through MSQWeightOp: quantizer + op as one node that saves x and the latent weight,
         # not W_q (msq_hf.nn.quantizer). None when that node does not apply (eval, no_grad, DoReFa, autocast,
         # inputs it cannot reproduce bit for bit); the caller then runs the two-node path.
+        mode = self.recompute_weight
         if not (
-            self.recompute_weight
+            (mode is True or (mode == "auto" and self.weight.numel() >= x.numel()))
             and self.wnorm == "signmag"
             and self.training
             and torch.is_grad_enabled()

@@ -3,23 +3,21 @@
 * :class:`MSQWeightQuantize` / :func:`msq_quantize_weight` -- ``W -> (W_q, R)``, a node of its own; ``W_q`` then
   goes into whatever op the caller runs (the Hessian passes, the reference for everything below).
 * :class:`MSQWeightOp` / :func:`msq_weight_op` -- ``(x, W, b) -> (op(x, W_q, b), R)`` for ``op`` = linear or
-  2-D convolution as *one* node that keeps no quantized weight from the forward to the backward. The MSQ
-  layers train through it when ``recompute_weight`` is set (``msq_hf.nn.layers.MSQLayerMixin``).
+  2-D convolution as *one* node that keeps no float quantized weight from the forward to the backward. The MSQ
+  layers train through it where ``recompute_weight`` selects it (``msq_hf.nn.layers.MSQLayerMixin``).
 
 Why the second node: with the quantizer as a node of its own, ``F.linear``/``F.conv2d`` save their weight
 argument for the input gradient. For a float layer that is the ``Parameter``, alive anyway; for an MSQ layer
 it is ``W_q``, a new weight-sized float tensor, and the quantizer node adds the int8 LSB sign (a quarter of
 that): ~1.25x the model's weight bytes held from every forward to its backward (ResNet-18: 56 MB next to
 27 MB of float activations at 32 px, batch 64; docs/results.md, "Step cost"). :class:`MSQWeightOp` saves what
-float training saves (the input and the latent ``Parameter``) plus two 0-d tensors; its backward reruns the
-fused forward kernel on the latent weight (one more elementwise pass over each weight) to get ``W_q``, the
-sign and ``c`` back, calls the gradient kernels autograd would call for the op, and adds the regularizer
-gradient into the op's fresh weight gradient. The kernels are deterministic and see the same inputs, so
-outputs and gradients are bit-identical to the two-node path (``tests/nn/test_quantizer_op.py``).
-
-The price is that extra fused-kernel pass: ~4% of a CPU step on ResNet-18 and DeiT-tiny at 32 px, where the
-weights are large next to the activations (docs/results.md, "Step cost"), hence opt-in. Returning the scale from
-the fused forward would let the backward rebuild ``W_q`` in one elementwise pass instead.
+float training saves (the input and the latent ``Parameter``) plus the int8 sign and four 0-d tensors (bits, k,
+the scale ``S`` and the coefficient ``c``). Its backward rebuilds ``W_q`` from ``(W, S)`` in one elementwise pass
+(``KERNELS.requantize``: the forward's operations, no reduction), calls the gradient kernels autograd would call
+for the op, and adds the regularizer gradient into the op's fresh weight gradient (skipped when ``R`` did not
+reach the loss). The kernels are deterministic and see the same inputs, so outputs and gradients are
+bit-identical to the two-node path (``tests/nn/test_quantizer_op.py``). The price is that rebuilding pass, which
+is why the layers choose per layer (``recompute_weight = "auto"``).
 """
 
 from __future__ import annotations
@@ -72,6 +70,8 @@ class MSQWeightQuantize(torch.autograd.Function):
         w = weight.detach()
         ctx.reg = k is not None
         ctx.owns_grad = owns_grad
+        # R not in the loss (the QAT phase pops the terms but leaves them out): grad_reg is None, no kernel pass
+        ctx.set_materialize_grads(False)
         if k is None:
             return KERNELS.fake_quantize(w, bits), w.new_zeros(())
         wq, sign, reg, coef = KERNELS.forward(w, bits, k, continuous, units, mean)
@@ -83,7 +83,11 @@ class MSQWeightQuantize(torch.autograd.Function):
         grad = grad_wq
         if ctx.reg and grad_reg is not None:
             sign, coef = ctx.saved_tensors
-            grad = KERNELS.backward(grad_wq, sign, grad_reg, coef, may_overwrite=ctx.owns_grad)
+            if grad is None:  # only R reached the loss
+                grad, owned = torch.zeros_like(sign, dtype=coef.dtype), True
+            else:
+                owned = ctx.owns_grad
+            grad = KERNELS.backward(grad, sign, grad_reg, coef, may_overwrite=owned)
         return grad, None, None, None, None, None, None
 
 
@@ -161,22 +165,27 @@ class MSQWeightOp(torch.autograd.Function):
         quant: QuantSpec,
         conv: ConvSpec,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        wq, _, reg, _ = KERNELS.forward(weight.detach(), bits, k, *quant)
+        wq, sign, reg, coef, scale = KERNELS.op_forward(weight.detach(), bits, k, *quant)
         out = _op(x, wq, bias, conv)
-        ctx.quant, ctx.conv, ctx.has_bias = quant, conv, bias is not None
+        ctx.quant, ctx.conv, ctx.has_bias, ctx.out_shape = quant, conv, bias is not None, out.shape
+        # R unused in the loss (the QAT phase, or a caller that ignores it): no gradient, no regularizer pass
+        ctx.set_materialize_grads(False)
         # bits/k are snapshot (two 0-d copies): the backward quantizes at the precision of the forward, as the
-        # two-node path does, even if the buffers change in between
-        ctx.save_for_backward(x, weight, bias, bits.clone(), k.clone())
+        # two-node path does, even if the buffers change in between; S lets it rebuild W_q without a reduction,
+        # and the int8 sign of the LSB part (1 byte per weight, not W_q's 4) gives the regularizer gradient
+        ctx.save_for_backward(x, weight, bias, bits.clone(), k.clone(), scale, sign, coef)
         return out, reg
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, grad_reg: torch.Tensor):  # type: ignore[override]
-        x, weight, bias, bits, k = ctx.saved_tensors
+        x, weight, bias, bits, k, scale, sign, coef = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
+        if grad_out is None:  # only R reached the loss
+            grad_out = torch.zeros(ctx.out_shape, dtype=x.dtype, device=x.device)
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
             grads = _retraced_backward(ctx, x, weight, bias, bits, k, grad_out, grad_reg, needs)
             return (*grads, None, None, None, None)
-        wq, sign, _, coef = KERNELS.forward(weight.detach(), bits, k, *ctx.quant)
+        wq = KERNELS.requantize(weight.detach(), scale, bits)
         if ctx.conv is None:
             gx, gw, gb = _linear_backward(grad_out, x, wq, needs)
         else:
@@ -185,7 +194,7 @@ class MSQWeightOp(torch.autograd.Function):
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 grad_out, x, wq, bias_sizes, stride, padding, dilation, False, [0, 0], groups, list(needs)
             )
-        if gw is not None:  # the op's weight gradient is a fresh buffer: the regularizer term goes into it
+        if gw is not None and grad_reg is not None:  # the op's fresh weight gradient takes the regularizer term
             gw = KERNELS.backward(gw, sign, grad_reg, coef, may_overwrite=True)
         return gx, gw, gb, None, None, None, None
 
@@ -198,7 +207,9 @@ def _retraced_backward(ctx, x, weight, bias, bits, k, grad_out, grad_reg, needs)
         wq, reg = msq_quantize_weight(weight, bits, k, continuous=continuous, units=units, mean=mean)
         out = _op(x, wq, bias, ctx.conv)
     inputs = [t for t, need in zip((x, weight, bias), needs) if need]
-    grads = iter(torch.autograd.grad((out, reg), inputs, (grad_out, grad_reg), create_graph=True, allow_unused=True))
+    # grad_reg None: R did not reach the loss (a None grad_output would mean 1 for the 0-d R)
+    outputs, grads_in = ((out, reg), (grad_out, grad_reg)) if grad_reg is not None else ((out,), (grad_out,))
+    grads = iter(torch.autograd.grad(outputs, inputs, grads_in, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in needs)
 
 

@@ -4,6 +4,9 @@ Dataclasses for ``transformers.HfArgumentParser`` (``--model_name_or_path`` and 
 both work; short aliases such as ``--model``, ``--dataset``, ``--train-limit`` too). The MSQ hyperparameters
 are :class:`msq_hf.arguments.MSQArguments`, generated from :class:`msq_hf.MSQConfig`; nothing here repeats
 them. ``_argument_group_name`` titles each group in ``--help``.
+
+This module imports only ``transformers.hf_argparser`` (no torch, no ``TrainingArguments``: those are in
+:mod:`msq_hf.pipeline.trainer_arguments`), so ``msq-hf train --help`` builds its parser at once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import TrainingArguments
 from transformers.hf_argparser import HfArg
 
 
@@ -128,13 +130,4 @@ class RunArguments:
             raise ValueError(f"--prune_interval_epochs {self.prune_interval_epochs} must be > 0")
 
 
-class GroupedTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` under their own ``--help`` heading, so a front end's own groups come first.
-
-    (``HfArgumentParser`` puts a dataclass without ``_argument_group_name`` into the parser's first group.)
-    """
-
-    _argument_group_name = "training (transformers.TrainingArguments)"
-
-
-__all__ = ["DataArguments", "GroupedTrainingArguments", "ModelArguments", "RunArguments"]
+__all__ = ["DataArguments", "ModelArguments", "RunArguments"]

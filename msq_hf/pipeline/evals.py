@@ -72,7 +72,8 @@ def pacing_summary(
 ) -> dict[str, Any]:
     """The run-summary fields about how the target was reached: the share of the bit reduction done by threshold
     pruning, the forced round's extent, the ``k`` flip rate, the final lambda, the largest post-pruning drop and
-    the share of training time spent measuring (nonzero rates and Hessian passes)."""
+    the share of training time spent measuring (nonzero rates and sensitivity passes) and how many of those passes
+    ran the Hessian (``hessian_interval``)."""
     share = controller.pruning_share()
     drops = pruning_drops(controller.history, log_history)
     return {
@@ -83,4 +84,6 @@ def pacing_summary(
         "final_reg_strength": controller.reg_strength,
         "max_pruning_eval_drop": max((row["drop"] for row in drops), default=None),
         "measure_share": round(controller.measure_seconds / train_seconds, 4) if train_seconds > 0 else None,
+        "hessian_passes": controller.traces.hessian_passes,
+        "sensitivity_passes": controller.traces.passes,
     }

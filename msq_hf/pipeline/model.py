@@ -251,16 +251,22 @@ def _per_channel(value: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
 
 
+def _size_field(size: Any, key: str) -> Any:
+    # a processor's size is a dict in transformers 4.x and a SizeDict (attributes, not a Mapping) in 5.x
+    return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+
+
 def _fit_size(processor: Any, image_size: int) -> None:
     """Make ``processor`` produce ``image_size`` square inputs, the size the network is trained at."""
     size = getattr(processor, "size", None)
-    if not isinstance(size, Mapping):
+    if size is None or not (isinstance(size, Mapping) or hasattr(size, "height")):
         return  # TimmWrapperImageProcessor: its input size is config.json's pretrained_cfg
-    if "shortest_edge" in size and "height" not in size:
+    if _size_field(size, "shortest_edge") is not None and _size_field(size, "height") is None:
         processor.size = {"shortest_edge": image_size}
     else:
         processor.size = {"height": image_size, "width": image_size}
-    if isinstance(getattr(processor, "crop_size", None), Mapping):
+    crop = getattr(processor, "crop_size", None)
+    if crop is not None and (isinstance(crop, Mapping) or hasattr(crop, "height")):
         processor.crop_size = {"height": image_size, "width": image_size}
 
 

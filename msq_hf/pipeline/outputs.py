@@ -87,6 +87,8 @@ SUMMARY_KEYS = (
     "final_reg_strength",
     "max_pruning_eval_drop",
     "measure_share",
+    "hessian_passes",
+    "sensitivity_passes",
     "storage_compression",
     "export_weight_bytes",
     "float_weight_bytes",

@@ -151,8 +151,9 @@ def steps_per_epoch(num_samples: int, training: TrainingArguments) -> int:
 def make_msq_config(msq_args: MSQArguments, run_args: RunArguments, steps_in_epoch: int) -> MSQConfig:
     """The run's :class:`MSQConfig`: ``--prune_interval_epochs``, when set, gives ``prune_interval`` in steps."""
     if run_args.prune_interval_epochs is None:
-        return msq_args.to_config()
-    return msq_args.to_config(prune_interval=max(1, round(run_args.prune_interval_epochs * steps_in_epoch)))
+        return MSQConfig(**msq_args.config_values())
+    interval = max(1, round(run_args.prune_interval_epochs * steps_in_epoch))
+    return MSQConfig(**msq_args.config_values(prune_interval=interval))
 
 
 def _arguments_record(*groups: Any, training: TrainingArguments, extra: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -26,37 +26,17 @@ All functions here are side-effect free; none of them knows about modules or tra
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 
+# the supported precisions (declared in quant.bits, torch-free, so the CLI can build its flags without torch)
+from msq_hf.quant.bits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS, check_bits
+
 WeightNorm = Literal["signmag", "dorefa"]
 LSBForm = Literal["continuous", "discrete"]
 LSBUnits = Literal["scale", "step", "code", "value"]
-
-# The supported precisions, declared once: MSQConfig, the layers, the packing codec and the baselines
-# validate against these through check_bits. Activations: no 1-bit quantizer (PACT/LSQ need 2+ levels).
-MIN_BITS = 1
-MAX_BITS = 8
-MIN_ACT_BITS = 2
-MAX_ACT_BITS = 8
-
-
-def check_bits(bits: int, what: str = "bits", lo: int = MIN_BITS, hi: int = MAX_BITS) -> int:
-    """The one bit-width check: ``bits`` as a Python int, or ``ValueError`` naming ``what`` and the range.
-
-    Accepts ints and integer scalars (numpy, 0-d integer tensors: anything with ``__index__``); rejects
-    bools, floats and strings.
-    """
-    try:
-        value = None if isinstance(bits, bool) else operator.index(bits)
-    except TypeError:
-        value = None
-    if value is None or not lo <= value <= hi:
-        raise ValueError(f"{what}={bits!r} is invalid: expected an integer in {lo}..{hi}")
-    return value
 
 
 def max_abs_scale(weight: torch.Tensor) -> torch.Tensor:

@@ -26,62 +26,9 @@ import threading
 
 import torch
 
+from msq_hf.quant.grid import grid_constants, grid_values, max_abs_scale, scale_factors
+
 logger = logging.getLogger(__name__)
-
-
-REFERENCE_LEVELS = 256.0  # 2^8: "scale" units measure the pull in grid steps of an 8-bit grid of the layer
-
-
-def grid_constants(
-    bits: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, units: str, numel: int | None
-) -> tuple[torch.Tensor, ...]:
-    """The kernels' scalars from the 0-d integer tensors ``bits``/``k`` -- on the device, no host read.
-
-    Returns ``(levels, qmax, 2^-k, low_max, 2^k)`` in ``dtype`` (exact: powers of two and ``2^m - 1``
-    for m <= 8) and ``(coef_mult, reg_mult)`` in float32, both 0 when ``k == 0`` (a layer that is not
-    regularized gets ``R = 0`` and no regularizer gradient). Reading ``bits``/``k`` as Python ints would
-    cost one host synchronisation per layer and step, and would make ``torch.compile`` specialize
-    (recompile) on every bit-width change; computed here they are ordinary graph inputs.
-
-    ``units`` (see :data:`msq_hf.quant.functional.LSBUnits`) fixes how the layer scale ``S`` enters: the
-    kernels form ``c = coef_mult * S^p`` and ``R = reg_mult * S^(p+1) * sum|l|`` with ``p = +1`` for
-    ``"scale"``/``"step"`` and ``-1`` otherwise (:func:`scale_powers`).
-    """
-    one = torch.ones_like(bits)
-    levels = torch.bitwise_left_shift(one, bits).to(torch.float32)
-    two_k = torch.bitwise_left_shift(one, k).to(torch.float32)
-    low_max = (torch.bitwise_left_shift(one, bits - k) - 1).to(dtype)
-    active = (k > 0).to(torch.float32) * (1.0 / numel if numel else 1.0)
-    if units == "code":  # dR/dW = 2^n/S sign(l): one grid step of l per grid step of W
-        coef_mult, reg_mult = levels * active, active
-    elif units == "value":  # dR/dW = sign(l)/S: l measured as a fraction of S
-        coef_mult, reg_mult = active, active / levels
-    elif units == "scale":  # dR/dW = S/2^8 sign(l): lr*lambda*2^(n-8) grid steps, in proportion to S
-        coef_mult, reg_mult = active / REFERENCE_LEVELS, active / (REFERENCE_LEVELS * levels)
-    else:  # "step": dR/dW = S/2^n sign(l): SGD moves W by lr*lambda grid steps, whatever S and n are
-        coef_mult, reg_mult = active / levels, active / (levels * levels)
-    return (
-        levels.to(dtype),
-        (levels - 1).to(dtype),
-        (1.0 / two_k).to(dtype),
-        low_max,
-        two_k.to(dtype),
-        coef_mult,
-        reg_mult,
-    )
-
-
-def scale_powers(units: str) -> tuple[int, int]:
-    """``(p, p + 1)``: the powers of the layer scale ``S`` in ``c`` and in ``R`` (see :func:`grid_constants`)."""
-    if units not in ("scale", "step", "code", "value"):
-        raise ValueError(f"units={units!r} is not one of 'scale', 'step', 'code', 'value'")
-    return (1, 2) if units in ("scale", "step") else (-1, 0)
-
-
-def _scale_factors(scale: torch.Tensor, units: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # S^p and S^(p+1) in float32 for the coefficient and the regularizer value
-    s = scale.float()
-    return (s, s * s) if scale_powers(units)[0] == 1 else (1.0 / s, torch.ones_like(s))
 
 
 def fake_quantize(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -115,15 +62,13 @@ def fused_forward_eager(
     levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult = grid_constants(
         bits, k, w.dtype, units, w.numel() if mean else None
     )
-    lo, hi = torch.aminmax(w)
-    scale = torch.maximum(-lo, hi)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = max_abs_scale(w)
     step = scale / levels
     x = torch.div(w, step)
     q = torch.round(x).clamp_(-qmax, qmax)
     low = torch.mul(x, low_scale).round_().clamp_(-low_max, low_max).mul_(two_k)
     ell = torch.sub(x if continuous else q, low, out=low)
-    s_coef, s_reg = _scale_factors(scale, units)
+    s_coef, s_reg = scale_factors(scale, units)
     reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult * s_reg).to(w.dtype)
     return q.mul_(step), ell.sign_().to(torch.int8), reg, (coef_mult * s_coef).to(w.dtype)
 
@@ -137,20 +82,8 @@ def fused_forward_graph(
     w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, units: str, mean: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_forward_eager` without in-place ops or ``out=``: the form ``torch.compile`` traces."""
-    levels, qmax, low_scale, low_max, two_k, coef_mult, reg_mult = grid_constants(
-        bits, k, w.dtype, units, w.numel() if mean else None
-    )
-    lo, hi = torch.aminmax(w)
-    scale = torch.maximum(-lo, hi)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    step = scale / levels
-    x = w / step
-    q = torch.clamp(torch.round(x), -qmax, qmax)
-    low = torch.clamp(torch.round(x * low_scale), -low_max, low_max) * two_k
-    ell = (x if continuous else q) - low
-    s_coef, s_reg = _scale_factors(scale, units)
-    reg = (torch.linalg.vector_norm(ell, 1).float() * reg_mult * s_reg).to(w.dtype)
-    return q * step, torch.sign(ell).to(torch.int8), reg, (coef_mult * s_coef).to(w.dtype)
+    q, step, ell, reg, coef = grid_values(w, max_abs_scale(w), bits, k, continuous, units, mean)
+    return q * step, torch.sign(ell).to(torch.int8), reg, coef
 
 
 def fused_backward_graph(grad: torch.Tensor, sign: torch.Tensor, grad_reg: torch.Tensor, coef: torch.Tensor):
@@ -165,6 +98,34 @@ def _fused_backward_inplace_graph(grad, sign, grad_reg, coef):
     return grad
 
 
+# -- the kernels of the one-node path (msq_hf.nn.quantizer.MSQWeightOp) -------------------------------------
+# The forward also returns the scale S it used; the backward rebuilds W_q from (W, S) in one elementwise pass (no
+# reduction) for the op's input gradient, then adds c sign(l) into the op's fresh weight gradient with the saved
+# int8 sign (the ordinary backward kernel). The same operations as the forward: the same bits.
+
+
+def op_forward_graph(
+    w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, units: str, mean: bool
+) -> tuple[torch.Tensor, ...]:
+    """``(W_q, sign(l), R, c, S)``: :func:`fused_forward_graph` plus the scale it used."""
+    scale = max_abs_scale(w)
+    q, step, ell, reg, coef = grid_values(w, scale, bits, k, continuous, units, mean)
+    return q * step, torch.sign(ell).to(torch.int8), reg, coef, scale
+
+
+def requantize_graph(w: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``W_q`` of ``w`` at the given scale: bit-identical to the ``W_q`` of :func:`op_forward_graph`."""
+    q, step, *_ = grid_values(w, scale, bits, torch.zeros_like(bits), True, "scale", False)
+    return q * step
+
+
+def requantize_eager(w: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """:func:`requantize_graph` with in-place ops (one allocation): the operations of :func:`fused_forward_eager`."""
+    levels, qmax, *_ = grid_constants(bits, torch.zeros_like(bits), w.dtype, "scale", None)
+    step = scale / levels
+    return torch.div(w, step).round_().clamp_(-qmax, qmax).mul_(step)
+
+
 def as_int_tensor(value: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     """``value`` as a 0-d int32 tensor on ``device`` (tensors are passed through: no host read)."""
     if isinstance(value, torch.Tensor):
@@ -172,20 +133,47 @@ def as_int_tensor(value: int | torch.Tensor, device: torch.device) -> torch.Tens
     return torch.tensor(int(value), dtype=torch.int32, device=device)
 
 
+# name -> (traced form, eager form); the traced forms are compiled together and checked against eager first
+_FORMS = {
+    "forward": (fused_forward_graph, fused_forward_eager),
+    "backward": (fused_backward_graph, fused_backward_eager),
+    "backward_inplace": (_fused_backward_inplace_graph, None),
+    "op_forward": (op_forward_graph, None),
+    "requantize": (requantize_graph, requantize_eager),
+}
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    # a flat contiguous vector that is not a view (detach drops ``_base``, on whose strides dynamo would
+    # otherwise guard): the compiled graphs see one input layout whatever the weight's rank, size-1 dims or
+    # memory format, so layer variety causes no recompiles
+    return t.reshape(-1).contiguous().detach()
+
+
+def _owned(grad: torch.Tensor, may_overwrite: bool) -> bool:
+    # whether ``grad`` may be updated in place: the caller owns it, and it is plain contiguous storage with no
+    # graph recorded through it (inside a compiled graph autograd's buffers are never ours to overwrite)
+    return (
+        may_overwrite
+        and grad.is_contiguous()
+        and not grad.requires_grad
+        and not torch.is_grad_enabled()
+        and grad._base is None
+    )
+
+
 class _Kernels:
     """Lazily compiled per-layer kernels with a one-time self-check against the eager versions.
 
-    Inside a model that is itself being compiled (``torch.compile(model)``, ``TrainingArguments(torch_compile=
-    True)``) the graph forms are traced straight into the model's graph instead (no nested compile, no
-    in-place update of a tensor autograd owns), so the whole forward and backward is one graph.
+    Each kernel runs compiled for float32 CPU tensors when compiling works here, traced into the caller's graph
+    inside a model that is itself being compiled (``torch.compile(model)``, ``TrainingArguments(torch_compile=
+    True)``: no nested compile, no in-place update of a tensor autograd owns), and eager otherwise.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._state: str | None = None  # None (untried), "compiled", "eager"
-        self._fwd = None
-        self._bwd = None
-        self._bwd_inplace = None
+        self._compiled: dict[str, object] = {}
 
     @staticmethod
     def mode() -> str:
@@ -198,41 +186,16 @@ class _Kernels:
             self._state = "eager"
             return
         try:
-            fwd = torch.compile(fused_forward_graph, dynamic=True, fullgraph=True)
-            bwd = torch.compile(fused_backward_graph, dynamic=True, fullgraph=True)
-            bwd_inplace = torch.compile(_fused_backward_inplace_graph, dynamic=True, fullgraph=True)
-            self._self_check(fwd, bwd, bwd_inplace)
+            compiled = {name: torch.compile(g, dynamic=True, fullgraph=True) for name, (g, _) in _FORMS.items()}
+            _self_check(compiled)
         except Exception as exc:  # no compiler, unsupported platform, mismatch, ...
             if mode in ("1", "true", "yes", "compile"):
                 raise RuntimeError(f"MSQ_HF_COMPILE={mode}: compiling the MSQ kernels failed: {exc}") from exc
             logger.warning("msq_hf: using eager MSQ kernels (torch.compile unavailable here: %s)", exc)
             self._state = "eager"
             return
-        self._fwd, self._bwd, self._bwd_inplace = fwd, bwd, bwd_inplace
+        self._compiled = compiled
         self._state = "compiled"
-
-    @staticmethod
-    def _self_check(fwd, bwd, bwd_inplace) -> None:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(4099, generator=gen)
-        w[:64] = torch.arange(-32, 32) / 16.0  # exact ties on several grids
-        for bits, k in ((8, 1), (3, 2), (2, 1), (4, 0)):
-            for continuous in (True, False):
-                b, kk = torch.tensor(bits, dtype=torch.int32), torch.tensor(k, dtype=torch.int32)
-                ref = fused_forward_eager(w, b, kk, continuous, "step", False)
-                got = fwd(w, b, kk, continuous, "step", False)
-                if not (
-                    torch.equal(ref[0], got[0])
-                    and torch.equal(ref[1], got[1])
-                    and torch.allclose(ref[2], got[2], rtol=1e-5)
-                    and torch.equal(ref[3], got[3])
-                ):
-                    raise RuntimeError(f"compiled forward kernel disagrees with eager at bits={bits}, k={k}")
-        g = torch.randn(4099, generator=gen)
-        args = (got[1], torch.tensor(0.5), torch.tensor(0.25))
-        ref = fused_backward_eager(g, *args)
-        if not (torch.allclose(bwd(g, *args), ref) and torch.allclose(bwd_inplace(g.clone(), *args), ref)):
-            raise RuntimeError("compiled backward kernel disagrees with the eager reference")
 
     def _ready(self) -> bool:
         if self._state is None:
@@ -250,6 +213,16 @@ class _Kernels:
         )
         self._state = "eager"
 
+    def _compiled_call(self, name: str, like: torch.Tensor, *args):
+        """The compiled kernel ``name`` on ``args`` if it applies to tensors like ``like``, else None."""
+        if not (self._ready() and like.device.type == "cpu" and like.dtype == torch.float32):
+            return None
+        try:
+            return self._compiled[name](*args)
+        except Exception as exc:  # noqa: BLE001 -- any compiler failure must not break training
+            self._fall_back(exc)
+            return None
+
     def forward(
         self,
         w: torch.Tensor,
@@ -259,26 +232,15 @@ class _Kernels:
         units: str,
         mean: bool,
     ):
-        """``(W_q, sign, R, c)`` of one layer; ``bits``/``k`` as 0-d int tensors (or ints, for tests and tools).
-
-        Compiled per layer when possible (float32 CPU weights), traced into the caller's graph under
-        ``torch.compile``, eager otherwise.
-        """
+        """``(W_q, sign, R, c)`` of one layer; ``bits``/``k`` as 0-d int tensors (or ints, for tests and tools)."""
         bits, k = as_int_tensor(bits, w.device), as_int_tensor(k, w.device)
         if torch.compiler.is_compiling():
             return fused_forward_graph(w, bits, k, continuous, units, mean)
-        if self._ready() and w.device.type == "cpu" and w.dtype == torch.float32:
-            # always a flat contiguous vector that is not a view (detach drops ``_base``, on whose
-            # strides dynamo would otherwise guard): the compiled graph sees one input layout whatever
-            # the weight's rank, size-1 dims or memory format, so layer variety causes no recompiles
-            flat = w.reshape(-1).contiguous().detach()
-            try:
-                wq, sign, reg, coef = self._fwd(flat, bits, k, bool(continuous), str(units), bool(mean))
-            except Exception as exc:  # noqa: BLE001 -- any compiler failure must not break training
-                self._fall_back(exc)
-            else:
-                return wq.view(w.shape), sign.view(w.shape), reg, coef
-        return fused_forward_eager(w, bits, k, continuous, units, mean)
+        out = self._compiled_call("forward", w, _flat(w), bits, k, bool(continuous), str(units), bool(mean))
+        if out is None:
+            return fused_forward_eager(w, bits, k, continuous, units, mean)
+        wq, sign, reg, coef = out
+        return wq.view(w.shape), sign.view(w.shape), reg, coef
 
     def backward(
         self,
@@ -288,31 +250,37 @@ class _Kernels:
         coef: torch.Tensor,
         may_overwrite: bool = False,
     ):
-        """Straight-through gradient plus the regularizer gradient, compiled when possible.
+        """Straight-through gradient plus the regularizer gradient.
 
         ``may_overwrite``: the caller owns ``grad`` (see ``msq_quantize_weight(owns_grad=...)``); the
-        sum is then written into it when that is safe (contiguous, no graph recorded through it, not
-        inside a compiled graph, where autograd's buffers are not ours to overwrite).
+        sum is then written into it when that is safe.
         """
         if torch.compiler.is_compiling():
             return fused_backward_graph(grad, sign, grad_reg, coef)
-        if self._state == "compiled" and grad.device.type == "cpu" and grad.dtype == torch.float32:
-            inplace = (
-                may_overwrite
-                and grad.is_contiguous()
-                and not grad.requires_grad
-                and not torch.is_grad_enabled()
-                and grad._base is None
-            )
-            flat = (grad.reshape(-1) if inplace else grad.reshape(-1).contiguous()).detach()
-            try:
-                kernel = self._bwd_inplace if inplace else self._bwd
-                out = kernel(flat, sign.reshape(-1).contiguous().detach(), grad_reg.detach(), coef.detach())
-            except Exception as exc:  # noqa: BLE001
-                self._fall_back(exc)
-            else:
-                return out.view(grad.shape)
-        return fused_backward_eager(grad, sign, grad_reg, coef)
+        inplace = _owned(grad, may_overwrite)
+        flat = grad.reshape(-1).detach() if inplace else _flat(grad)
+        name = "backward_inplace" if inplace else "backward"
+        out = self._compiled_call(name, grad, flat, _flat(sign), grad_reg.detach(), coef.detach())
+        return fused_backward_eager(grad, sign, grad_reg, coef) if out is None else out.view(grad.shape)
+
+    def op_forward(
+        self, w: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, continuous: bool, units: str, mean: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """``(W_q, sign, R, c, S)`` of one layer for the one-node path (:meth:`forward` plus the scale)."""
+        if torch.compiler.is_compiling():
+            return op_forward_graph(w, bits, k, continuous, units, mean)
+        out = self._compiled_call("op_forward", w, _flat(w), bits, k, bool(continuous), str(units), bool(mean))
+        if out is None:
+            return (*fused_forward_eager(w, bits, k, continuous, units, mean), max_abs_scale(w))
+        wq, sign, reg, coef, scale = out
+        return wq.view(w.shape), sign.view(w.shape), reg, coef, scale
+
+    def requantize(self, w: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """``W_q`` rebuilt from ``W`` and the forward's scale: bit-identical to :meth:`op_forward`'s."""
+        if torch.compiler.is_compiling():
+            return requantize_graph(w, scale, bits)
+        out = self._compiled_call("requantize", w, _flat(w), scale, bits)
+        return requantize_eager(w, scale, bits) if out is None else out.view(w.shape)
 
     @staticmethod
     def fake_quantize(w: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
@@ -325,6 +293,34 @@ class _Kernels:
         return self._state
 
 
+def _self_check(compiled: dict) -> None:
+    """Raise unless every compiled kernel reproduces its eager reference (ties on several grids included)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4099, generator=gen)
+    w[:64] = torch.arange(-32, 32) / 16.0  # exact ties on several grids
+    for bits, k in ((8, 1), (3, 2), (2, 1), (4, 0)):
+        for continuous in (True, False):
+            b, kk = torch.tensor(bits, dtype=torch.int32), torch.tensor(k, dtype=torch.int32)
+            wq, sign, reg, coef = fused_forward_eager(w, b, kk, continuous, "step", False)
+            got = compiled["forward"](w, b, kk, continuous, "step", False)
+            ok = torch.equal(wq, got[0]) and torch.equal(sign, got[1]) and torch.equal(coef, got[3])
+            ok = ok and torch.allclose(reg, got[2], rtol=1e-5)
+            op = compiled["op_forward"](w, b, kk, continuous, "step", False)
+            ok = ok and all(torch.equal(a, c) for a, c in zip(op[:4:2], got[:4:2], strict=True))
+            ok = ok and torch.equal(op[1], sign) and torch.equal(op[3], coef)
+            ok = ok and torch.equal(compiled["requantize"](w, op[4], b), wq)
+            if not ok:
+                raise RuntimeError(f"compiled MSQ kernels disagree with eager at bits={bits}, k={k}")
+    g = torch.randn(4099, generator=gen)
+    args = (sign, torch.tensor(0.5), torch.tensor(0.25))
+    ref = fused_backward_eager(g, *args)
+    if not (
+        torch.allclose(compiled["backward"](g, *args), ref)
+        and torch.allclose(compiled["backward_inplace"](g.clone(), *args), ref)
+    ):
+        raise RuntimeError("compiled backward kernel disagrees with the eager reference")
+
+
 KERNELS = _Kernels()
 
 __all__ = [
@@ -335,6 +331,7 @@ __all__ = [
     "fused_backward_graph",
     "fused_forward_eager",
     "fused_forward_graph",
-    "grid_constants",
-    "scale_powers",
+    "op_forward_graph",
+    "requantize_eager",
+    "requantize_graph",
 ]

@@ -27,6 +27,7 @@ from msq_hf.quant.functional import average_bits, compression_ratio
 from msq_hf.training.measure import (
     Batch,
     LossFn,
+    TraceReuse,
     check_finite_weights,
     fp32_default_loss,
     hutchinson_seed,
@@ -97,6 +98,7 @@ class MSQController:
         self._started = self._finalized = False
         self._last_rates: dict[str, float] = {}
         self._last_sens: dict[str, float] = {}
+        self.traces = TraceReuse(config.hessian_interval)  # Hutchinson traces kept between Hessian passes
         self.measure_seconds = 0.0  # wall time spent measuring (nonzero rates, Hessian passes) in this process
         self._regularizer = LSBRegularizer(self.layers)
         self._pacer = Pacer.from_config(config)
@@ -151,12 +153,8 @@ class MSQController:
     @property
     def compression(self) -> float:
         """``32 * sum N_l / sum b_l N_l`` of the current bits (sign bit counted per the config)."""
-        bits = self.bits
-        return float(
-            compression_ratio(
-                [self.numels[n] for n in self.names], [bits[n] for n in self.names], self.config.count_sign_bit
-            )
-        )
+        numels, bits = [self.numels[n] for n in self.names], [self.layers[n].n_bits for n in self.names]
+        return float(compression_ratio(numels, bits, self.config.count_sign_bit))
 
     @property
     def avg_bits(self) -> float:
@@ -191,12 +189,8 @@ class MSQController:
     @property
     def regularizing(self) -> bool:
         """Whether the regularizer is on (started, not finalized, lambda > 0, some layer with k > 0)."""
-        return (
-            self._started
-            and not self._finalized
-            and self.reg_strength > 0
-            and any(layer.n_k > 0 for layer in self.layers.values())
-        )
+        active = self._started and not self._finalized and self.reg_strength > 0
+        return active and any(layer.n_k > 0 for layer in self.layers.values())
 
     def pruning_share(self) -> dict[str, float]:
         """Bits removed by threshold pruning vs the forced round (:func:`msq_hf.training.pacing.pruning_share`)."""
@@ -226,9 +220,8 @@ class MSQController:
         ranks (see :meth:`maybe_step`).
         """
         loss_fn = loss_fn or self.loss_fn or fp32_default_loss
-        return layer_sensitivities(
-            self.model, self.layers, batch, self.config, hutchinson_seed(self.seed, global_step), loss_fn
-        )
+        seed = hutchinson_seed(self.seed, global_step)
+        return layer_sensitivities(self.model, self.layers, batch, self.config, seed, loss_fn)[0]
 
     def _measure(
         self, batch: Batch | None, global_step: int, loss_fn: LossFn | None
@@ -242,7 +235,10 @@ class MSQController:
                     "hessian_guided=True needs a batch for the sensitivity pass; pass batch=... (or "
                     "set MSQConfig.hessian_guided=False)"
                 )
-            sens = reduce_across_ranks(self.sensitivities(batch, global_step, loss_fn))
+            seed, loss_fn = hutchinson_seed(self.seed, global_step), loss_fn or self.loss_fn or fp32_default_loss
+            # the Hessian every config.hessian_interval-th pass, else its last traces with the current ||Q(W) - W||
+            sens = self.traces.sensitivities(self.model, self.layers, batch, self.config, seed, loss_fn)
+            sens = reduce_across_ranks(sens)
             sens = self._pacer.smooth(sens)  # the moving average steadies k (config.hessian_ema)
         self.measure_seconds += time.perf_counter() - started  # host time of rates + Hessian passes
         return rates, sens
@@ -373,6 +369,7 @@ class MSQController:
             "history": self.history,
             "schedule": self._schedule.state_dict(),
             "pacer": self._pacer.state_dict(),
+            "traces": self.traces.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -395,6 +392,7 @@ class MSQController:
         self._history = [dict(h) for h in state.get("history", [])]
         self._schedule.load_state_dict(state["schedule"])
         self._pacer.load_state_dict(state.get("pacer") or {})  # version 1: lambda from the config, no plan
+        self.traces.load_state_dict(state.get("traces") or {})  # older states: the next pass runs the Hessian
 
 
 __all__ = ["PHASE_CODES", "STATE_VERSION", "MSQController"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from msq_hf.config import MSQConfig
 from msq_hf.errors import MSQTrainingError
-from msq_hf.training.sensitivity import estimate_sensitivities
+from msq_hf.training.sensitivity import TraceEstimate, estimate_sensitivities
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Batch = Any
@@ -188,14 +188,16 @@ def layer_sensitivities(
     config: MSQConfig,
     seed: int,
     loss_fn: LossFn = fp32_default_loss,
-) -> dict[str, float]:
-    """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``config.hessian_batch_size`` samples of ``batch``.
+    traces: TraceEstimate | None = None,
+) -> tuple[dict[str, float], TraceEstimate]:
+    """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``config.hessian_batch_size`` samples of ``batch``, and
+    the trace estimate it used (``traces``: reuse that one, no Hessian pass; see :func:`estimate_sensitivities`).
 
     Runs in eval mode and fp32 inside :func:`msq_hf.training.hessian.hessian_safe`; uses
     ``torch.autograd.grad`` only, so ``.grad``, the optimizer and BatchNorm running statistics are
     untouched. ``seed`` seeds the Hutchinson probes (see :func:`hutchinson_seed`).
     """
-    sens, _estimate = estimate_sensitivities(
+    sens, estimate = estimate_sensitivities(
         model,
         layers,
         slice_batch(batch, config.hessian_batch_size),
@@ -205,13 +207,58 @@ def layer_sensitivities(
         normalize=config.sensitivity_norm,
         seed=seed,
         min_probes=min(4, config.hessian_max_probes),
+        traces=traces,
     )
-    return dict(sens)
+    return dict(sens), estimate
+
+
+class TraceReuse:
+    """The Hutchinson traces of the last Hessian pass, reused for ``interval - 1`` sensitivity passes after it.
+
+    A layer's trace moves slowly during training; what a pruning step changes at once is its quantization error
+    ``||Q(W) - W||^2``, which is recomputed at every pass (no backward). ``interval = 1`` runs the Hessian at every
+    pass (MSQConfig.hessian_interval; docs/pruning.md, "Cost of the sensitivity passes").
+    """
+
+    def __init__(self, interval: int) -> None:
+        self.interval = int(interval)
+        self.passes = 0  # sensitivity passes so far; the Hessian runs at passes 0, interval, 2*interval, ...
+        self.hessian_passes = 0
+        self.estimate: TraceEstimate | None = None
+
+    def sensitivities(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        batch: Batch,
+        config: MSQConfig,
+        seed: int,
+        loss_fn: LossFn = fp32_default_loss,
+    ) -> dict[str, float]:
+        """:func:`layer_sensitivities`, with the kept traces unless this pass is due for a Hessian pass."""
+        reuse = self.estimate if self.estimate is not None and self.passes % self.interval else None
+        sens, self.estimate = layer_sensitivities(model, layers, batch, config, seed, loss_fn, traces=reuse)
+        self.hessian_passes += reuse is None
+        self.passes += 1
+        return sens
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: the pass counters and the kept traces (so that a resumed run reuses the same ones)."""
+        traces = dict(self.estimate.trace) if self.estimate is not None else None
+        return {"passes": self.passes, "hessian_passes": self.hessian_passes, "traces": traces}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (an empty mapping: nothing kept, the next pass runs the Hessian)."""
+        self.passes = int(state.get("passes", 0))
+        self.hessian_passes = int(state.get("hessian_passes", 0))
+        traces = state.get("traces")
+        self.estimate = None if traces is None else TraceEstimate({k: float(v) for k, v in traces.items()}, {}, 0)
 
 
 __all__ = [
     "Batch",
     "LossFn",
+    "TraceReuse",
     "check_finite_loss",
     "check_finite_weights",
     "default_loss",

@@ -272,6 +272,39 @@ def _float_reference(module: nn.Module) -> torch.Tensor:
     return fn() if fn is not None else module.weight.detach()
 
 
+def _trace_estimate(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    max_probes: int,
+    tol: float,
+    min_probes: int,
+    seed: int | None,
+) -> TraceEstimate:
+    # Hutchinson over the layers' weights inside hessian_safe, grads switched on for the pass where they are off
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(int(seed))
+    toggled = [p for p in params.values() if not p.requires_grad]
+    try:
+        for p in toggled:
+            p.requires_grad_(True)
+        with hessian_safe(model):
+            return hutchinson_trace(
+                lambda: loss_fn(model, batch),
+                dict(params),
+                max_probes=max_probes,
+                tol=tol,
+                min_probes=min_probes,
+                generator=generator,
+            )
+    finally:
+        for p in toggled:
+            p.requires_grad_(False)
+
+
 def estimate_sensitivities(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -283,6 +316,7 @@ def estimate_sensitivities(
     normalize: Normalize = "avg",
     seed: int | None = 0,
     min_probes: int = 4,
+    traces: TraceEstimate | None = None,
 ) -> tuple[dict[str, float], TraceEstimate]:
     """HAWQ-V2 sensitivities of ``layers`` (MSQ Eq. 9) on one batch: ``(sensitivities, trace estimate)``.
 
@@ -297,6 +331,9 @@ def estimate_sensitivities(
         max_probes, tol, min_probes: Hutchinson stopping rule (see :func:`hutchinson_trace`).
         normalize: ``"avg"`` (``Tr/N``, HAWQ-V2) or ``"sum"`` (``Tr``).
         seed: seeds a private CPU generator for the probes (``None``: torch's global RNG).
+        traces: an earlier estimate to reuse instead of new Hutchinson probes (no forward or backward pass): the
+            sensitivities then combine those traces with the *current* ``||Q(W) - W||^2``, which is what changes
+            when a layer loses bits. It must cover every layer.
 
     Runs inside :func:`hessian_safe`. Weights that do not require grad are switched on for the pass and
     switched back; ``.grad`` of every parameter is left untouched.
@@ -312,26 +349,13 @@ def estimate_sensitivities(
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"estimate_sensitivities: layer {name!r} ({type(module).__name__}) has no .weight tensor")
         params[name] = weight
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(int(seed))
-    toggled = [p for p in params.values() if not p.requires_grad]
-    try:
-        for p in toggled:
-            p.requires_grad_(True)
-        with hessian_safe(model):
-            est = hutchinson_trace(
-                lambda: loss_fn(model, batch),
-                params,
-                max_probes=max_probes,
-                tol=tol,
-                min_probes=min_probes,
-                generator=generator,
-            )
-    finally:
-        for p in toggled:
-            p.requires_grad_(False)
+    if traces is not None:
+        missing = sorted(set(params) - set(traces.trace))
+        if missing:
+            raise KeyError(f"estimate_sensitivities: the reused traces have no layer(s) {missing[:5]}")
+        est = traces
+    else:
+        est = _trace_estimate(model, params, batch, loss_fn, max_probes, tol, min_probes, seed)
     with torch.no_grad():
         quantized = {name: qfn(module) for name, module in layers.items()}
         references = {name: _float_reference(module) for name, module in layers.items()}

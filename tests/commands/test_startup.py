@@ -22,6 +22,16 @@ import msq_hf
 from msq_hf.commands.main import COMMANDS
 
 HEAVY = ("torch", "transformers", "timm", "datasets", "matplotlib")
+# `msq-hf train --help` needs transformers.hf_argparser (the ecosystem's dataclass parser), nothing heavier
+TRAIN_PARSER_HEAVY = (
+    "torch",
+    "transformers.training_args",
+    "transformers.modeling_utils",
+    "transformers.trainer",
+    "timm",
+    "datasets",
+    "matplotlib",
+)
 
 
 def python(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -35,9 +45,9 @@ def python(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def heavy_loaded_after(code: str) -> list[str]:
-    """The HEAVY libraries in ``sys.modules`` after running ``code`` in a fresh interpreter."""
-    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+def heavy_loaded_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The ``heavy`` modules in ``sys.modules`` after running ``code`` in a fresh interpreter (in that order)."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
     return json.loads(python("-c", probe).stdout.splitlines()[-1])
 
 
@@ -77,11 +87,36 @@ def test_help_and_usage_errors_import_no_heavy_library(argv: list[str], code: in
     assert {n for n in names if n.startswith("msq_hf.commands.")} == {"msq_hf.commands.main", "msq_hf.commands.common"}
 
 
-def test_train_help_still_lists_the_generated_flags() -> None:
+def test_train_help_lists_the_generated_flags_without_torch() -> None:
     names, proc = imported_by("train", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--init-bits" in proc.stdout and "--target" in proc.stdout and "--epochs" in proc.stdout
-    assert "matplotlib" not in names  # the report's plots load only when a report is written
+    assert "--model" in proc.stdout and "--prune_interval_epochs" in proc.stdout
+    # the flags come from the torch-free declarations (msq_hf.params) and transformers.hf_argparser alone
+    assert {"msq_hf.params", "transformers.hf_argparser"} <= names
+    assert sorted(names & set(TRAIN_PARSER_HEAVY)) == []
+    # -X importtime does not log importlib.import_module (how main loads a command's parser): ask sys.modules
+    code = "from msq_hf.commands.main import main\nassert main(['train', '--help']) == 0"
+    watched = (*TRAIN_PARSER_HEAVY, "msq_hf.config", "msq_hf.commands.train", "msq_hf.commands.train_args")
+    assert heavy_loaded_after(code, watched) == ["msq_hf.commands.train_args"]  # the parser, not the runner
+
+
+TRAIN_PARSE = """
+from msq_hf.commands.main import build_parser
+from msq_hf.commands.train_args import parse_namespace
+parser = build_parser("train")
+args = parser.parse_args({argv!r})
+model, data, msq, train, run = parse_namespace(args)
+values = msq.config_values()
+print(values["init_bits"], values["target_compression"], values["hessian_guided"], train.epochs, data.dataset_name)
+"""
+
+
+def test_train_flags_are_parsed_and_checked_without_torch() -> None:
+    argv = ["train", "--init-bits", "6", "--target", "10", "--no-hessian", "--epochs", "2"]
+    code = TRAIN_PARSE.format(argv=argv)
+    assert python("-c", code).stdout.split() == ["6", "10.0", "False", "2.0", "fashion_mnist"]
+    assert heavy_loaded_after(code, TRAIN_PARSER_HEAVY) == []
 
 
 def test_every_command_is_listed_with_its_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,7 +112,7 @@ def test_rewriting_the_file_in_place_after_loading_leaves_the_model_alone(
     assert torch.equal(logits_of(model), built[case].logits)
 
 
-@pytest.mark.parametrize("case", ["hf", "hf_sharded"])
+@pytest.mark.parametrize("case", ["hf", "hf_sharded", "timm"])
 def test_the_model_holds_the_bytes_that_were_hashed(
     built: dict[str, BuiltExport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:

@@ -205,12 +205,13 @@ def test_no_quantized_weight_is_kept_for_the_backward(kernels, make) -> None:
         return sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in params)
 
     saved = _saved(layer, x)
-    # the input, the latent Parameter itself (not a copy), the bias and the two 0-d precision tensors
+    # the input, the latent Parameter itself (not a copy), the bias, the int8 LSB sign, and four 0-d tensors (the
+    # precision bits/k, the scale, the regularizer coefficient)
     assert sum(t.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr() for t in saved) == 1
-    assert new_bytes(saved) == x.numel() * 4 + 2 * 4
-    # the two-node path keeps a float W_q, the int8 sign and a 0-d coefficient instead of the two 0-d ints
+    assert new_bytes(saved) == x.numel() * 4 + layer.weight.numel() + 4 * 4
+    # the two-node path also keeps a float W_q (4 bytes per weight), not the three 0-d bits/k/scale
     layer.recompute_weight = False
-    assert new_bytes(_saved(layer, x)) - new_bytes(saved) == layer.weight.numel() * 5 + 4 - 8
+    assert new_bytes(_saved(layer, x)) - new_bytes(saved) == layer.weight.numel() * 4 - 3 * 4
 
 
 def test_training_double_backward_matches_two_node_path(kernels) -> None:
@@ -291,32 +292,52 @@ def test_op_node_only_in_training_with_grad() -> None:
         assert type(layer(x).grad_fn).__name__ == "ConvolutionBackward0"  # autocast keeps the two-node path
 
 
+def test_auto_uses_the_op_node_where_the_weight_outweighs_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "auto" (the default): the one-node path only where W_q would dominate the layer's saved memory
+    monkeypatch.setattr(MSQLayerMixin, "recompute_weight", "auto")
+    assert MSQConv2d.recompute_weight == "auto" and MSQLinear(4, 4, bits=8).recompute_weight == "auto"
+    layer = MSQConv2d(8, 16, 3, padding=1, bits=8).train()  # 1,152 weights
+    small, large = _input(1, 8, 3, 3), _input(2, 8, 6, 6)  # 72 and 576 input elements: op node
+    assert isinstance(layer(small).grad_fn, MSQWeightOp._backward_cls)
+    assert isinstance(layer(large).grad_fn, MSQWeightOp._backward_cls)
+    assert isinstance(layer(_input(4, 8, 6, 6)).grad_fn, MSQWeightOp._backward_cls)  # 1,152: a tie takes the node
+    assert type(layer(_input(5, 8, 6, 6)).grad_fn).__name__ == "ConvolutionBackward0"  # 1,440 > 1,152: two nodes
+    fc = MSQLinear(24, 10, bits=8).train()  # 240 weights
+    assert isinstance(fc(_input(10, 24)).grad_fn, MSQWeightOp._backward_cls)  # 240 input elements
+    assert type(fc(_input(11, 24)).grad_fn).__name__ != "MSQWeightOpBackward"
+
+
 @pytest.mark.parametrize("one_node", [True, False], ids=["one-node", "two-node"])
-def test_qat_phase_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch, one_node: bool) -> None:
-    # after the final round every k is 0; the training step still goes through the fused kernel (no eager
-    # multi-op fake quantizer): once per layer in the forward, and once more in the backward on the one-node path
-    calls = {"fused": 0, "fake_quantize": 0}
-    fused, fake = KERNELS.forward, KERNELS.fake_quantize
+@pytest.mark.parametrize("k", [0, 1], ids=["qat", "regularize"])
+def test_training_step_runs_the_fused_kernels(monkeypatch: pytest.MonkeyPatch, one_node: bool, k: int) -> None:
+    # In both phases (after the final round every k is 0) the training step goes through the fused kernels, never
+    # the eager multi-op fake quantizer: one fused forward per layer; on the one-node path the backward rebuilds W_q
+    # from the saved scale (no second fused forward) and adds the regularizer gradient only where R is in the loss.
+    entries = ("forward", "op_forward", "requantize", "backward", "fake_quantize")
+    calls = dict.fromkeys(entries, 0)
+    for name in entries:
+        original = getattr(KERNELS, name)
 
-    def count_fused(*args, **kwargs):
-        calls["fused"] += 1
-        return fused(*args, **kwargs)
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
 
-    def count_fake(*args, **kwargs):
-        calls["fake_quantize"] += 1
-        return fake(*args, **kwargs)
-
-    monkeypatch.setattr(KERNELS, "forward", count_fused)
-    monkeypatch.setattr(KERNELS, "fake_quantize", count_fake)
+        monkeypatch.setattr(KERNELS, name, counted)
     monkeypatch.setattr(MSQLayerMixin, "recompute_weight", one_node)
     model = nn.Sequential(_conv(False, padding=1), nn.Flatten(), MSQLinear(12 * 36, 5, bits=8)).train()
-    for layer in (model[0], model[2]):
-        layer.set_bits(4, 0)
+    layers = (model[0], model[2])
+    for layer in layers:
+        layer.set_bits(4, k)
     out = model(_input(2, 8, 6, 6))
-    assert calls == {"fused": 2, "fake_quantize": 0}
-    assert all(layer.pop_regularization().item() == 0 for layer in (model[0], model[2]))
-    F.cross_entropy(out, torch.tensor([0, 1])).backward()
-    assert calls == {"fused": 4 if one_node else 2, "fake_quantize": 0}
+    forward = {"op_forward": 2} if one_node else {"forward": 2}
+    assert {n: c for n, c in calls.items() if c} == forward
+    reg = torch.stack([layer.pop_regularization() for layer in layers]).sum()
+    assert (reg.item() == 0) == (k == 0)
+    loss = F.cross_entropy(out, torch.tensor([0, 1]))
+    (loss + reg if k else loss).backward()  # the QAT phase pops the terms but leaves them out of the loss
+    # the regularizer-gradient pass runs only where R reached the loss, on either path
+    backward = ({"requantize": 2} if one_node else {}) | ({"backward": 2} if k else {})
+    assert {n: c for n, c in calls.items() if c} == forward | backward
 
 
 # -- whole models: torch.compile fullgraph and no host reads on the one-node path -------------------------------

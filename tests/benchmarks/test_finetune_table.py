@@ -1,0 +1,112 @@
+"""benchmarks/finetune_table.py and finetune_pretrained.py: result names, both ratios per method, seed means, the
+equal-stored-bits pairing and the migration of the former MSQ result names."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import finetune_pretrained  # noqa: E402
+import finetune_table as ft  # noqa: E402
+
+
+def record(method: str, seed: int, acc: float, bits: int | None = None, **summary: float) -> dict:
+    rec = {"model": "resnet18", "method": method, "bits": bits, "seed": seed, "float_test_accuracy": 0.923}
+    rec["summary"] = {"test_accuracy": acc, **summary}
+    if method == "msq":
+        rec["summary"].setdefault("compression", 32 / 3)
+    return rec
+
+
+def test_result_names_and_method_checks() -> None:
+    assert ft.result_stem("resnet18", "msq", None, 2) == "resnet18_msq_seed2"
+    assert ft.result_stem("resnet18", "dorefa", 4, 0) == "resnet18_dorefa_w4_seed0"
+    assert ft.result_stem("resnet18", "float", None, 1) == "resnet18_float_seed1"
+    with pytest.raises(ValueError, match="required"):
+        ft.check_method("dorefa", None)
+    with pytest.raises(ValueError, match="not used"):
+        ft.check_method("float", 4)
+    with pytest.raises(ValueError, match="unknown method"):
+        ft.check_method("bsq", None)
+    assert ft.result_stem("resnet18", "lsq", 3, 0, tag="clip0") == "resnet18_lsq_w3_clip0_seed0"
+    with pytest.raises(ValueError, match="tag"):
+        ft.result_stem("resnet18", "msq", None, 0, tag="a/b")
+
+
+def test_accounting_counts_the_sign_for_msq_only() -> None:
+    msq = ft.record_accounting(record("msq", 0, 0.9))  # paper 10.67x: 3 magnitude bits + sign
+    assert msq.paper_ratio == pytest.approx(32 / 3)
+    assert msq.stored_bits == pytest.approx(4.0) and msq.stored_ratio == pytest.approx(8.0)
+    w4, w3 = ft.record_accounting(record("dorefa", 0, 0.9, 4)), ft.record_accounting(record("dorefa", 0, 0.9, 3))
+    assert (w4.paper_ratio, w4.stored_ratio) == (pytest.approx(8.0), pytest.approx(8.0))
+    assert w3.stored_ratio == pytest.approx(32 / 3)
+    assert ft.record_accounting(record("float", 0, 0.9)).stored_ratio == pytest.approx(1.0)
+    # a recorded bit scheme wins over the paper ratio: 100 weights at 2 bits and 300 at 4 -> 3.5 bits, 4.5 stored
+    scheme = {**record("msq", 0, 0.9), "bit_scheme": {"a": 2, "b": 4}, "numels": {"a": 100, "b": 300}}
+    assert ft.record_accounting(scheme).stored_bits == pytest.approx(4.5)
+    legacy = record("msq", 0, 0.9)
+    del legacy["method"]  # results written before --method are MSQ runs
+    assert ft.record_method(legacy) == "msq"
+
+
+def test_table_gives_seed_means_spread_and_the_float_difference() -> None:
+    records = [
+        record("msq", 1, 0.918, threshold_share=1.0, forced_round_layers=0, max_pruning_eval_drop=0.01),
+        record("msq", 0, 0.914, threshold_share=0.9, forced_round_layers=2, max_pruning_eval_drop=0.03),
+        record("float", 0, 0.925),
+        record("float", 1, 0.921),
+        record("dorefa", 0, 0.90, 4),
+    ]
+    groups = ft.group_records(records)
+    assert [(g.method, g.bits) for g in groups] == [("msq", None), ("float", None), ("dorefa", 4)]
+    assert groups[0].seeds == [0, 1]
+    assert ft.vs_float(groups[0], groups) == pytest.approx(91.6 - 92.3)
+    text = ft.table(records)
+    spread = statistics.stdev([91.4, 91.8])
+    assert f"91.60 ± {spread:.2f} (91.40, 91.80)" in text
+    assert "| -0.70 |" in text and "| 95.0 % |" in text  # vs float; mean threshold share
+    assert "| 8.00x | 8.00x |" in text  # DoReFa W4: paper = stored
+    assert "| 10.67x | 8.00x |" in text  # MSQ at 3 magnitude bits
+
+
+def test_pairing_puts_msq_beside_the_uniform_run_with_the_same_stored_bits() -> None:
+    records = [record("msq", 0, 0.915), record("dorefa", 0, 0.90, 4), record("dorefa", 0, 0.88, 3)]
+    lines = ft.pairing_table(records).splitlines()[2:]
+    assert len(lines) == 1 and "DoReFa W4" in lines[0] and "+1.50" in lines[0]
+    alone = ft.pairing_table([record("msq", 0, 0.915), record("dorefa", 0, 0.88, 3)])
+    assert "needs a uniform 4-bit run" in alone
+
+
+def test_tagged_runs_form_their_own_rows_and_pairs() -> None:
+    records = [
+        record("msq", 0, 0.915),
+        record("dorefa", 0, 0.90, 4),
+        {**record("msq", 0, 0.92), "tag": "clip0"},
+        {**record("float", 0, 0.93), "tag": "clip0"},
+    ]
+    groups = ft.group_records(records)
+    assert [g.title for g in groups] == ["MSQ", "DoReFa W4", "MSQ [clip0]", "float [clip0]"]
+    assert ft.vs_float(groups[0], groups) is None  # no untagged float run: not compared with the clip0 one
+    assert ft.vs_float(groups[2], groups) == pytest.approx(-1.0)
+    lines = ft.pairing_table(records).splitlines()[2:]
+    assert "DoReFa W4" in lines[0] and "needs a uniform 4-bit run" in lines[1]  # clip0 MSQ has no clip0 partner
+
+
+def test_former_msq_result_names_are_migrated(tmp_path) -> None:
+    (tmp_path / "resnet18_seed0.json").write_text(json.dumps({"model": "resnet18", "seed": 0, "summary": {}}))
+    (tmp_path / "resnet18_seed1.json").write_text(json.dumps({"model": "resnet18", "seed": 1, "summary": {}}))
+    (tmp_path / "resnet18_msq_seed1.json").write_text(json.dumps({"kept": True}))  # never overwritten
+    moved = finetune_pretrained.migrate_legacy(tmp_path)
+    assert [p.name for p in moved] == ["resnet18_msq_seed0.json"]
+    migrated = json.loads((tmp_path / "resnet18_msq_seed0.json").read_text())
+    assert migrated["method"] == "msq" and migrated["bits"] is None and migrated["seed"] == 0
+    assert not (tmp_path / "resnet18_seed0.json").exists()
+    assert json.loads((tmp_path / "resnet18_msq_seed1.json").read_text()) == {"kept": True}
