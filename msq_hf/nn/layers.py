@@ -208,6 +208,8 @@ class MSQLayerMixin:
         # not W_q (msq_hf.nn.quantizer). None when that node does not apply (eval, no_grad, DoReFa, autocast,
         # inputs it cannot reproduce bit for bit); the caller then runs the two-node path.
         mode = self.recompute_weight
+        if mode not in (True, False, "auto"):
+            raise ValueError(f"{type(self).__name__}.recompute_weight={mode!r} must be True, False or 'auto'")
         if not (
             (mode is True or (mode == "auto" and self.weight.numel() >= x.numel()))
             and self.wnorm == "signmag"

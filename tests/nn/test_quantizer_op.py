@@ -302,6 +302,9 @@ def test_auto_uses_the_op_node_where_the_weight_outweighs_the_input(monkeypatch:
     assert isinstance(layer(large).grad_fn, MSQWeightOp._backward_cls)
     assert isinstance(layer(_input(4, 8, 6, 6)).grad_fn, MSQWeightOp._backward_cls)  # 1,152: a tie takes the node
     assert type(layer(_input(5, 8, 6, 6)).grad_fn).__name__ == "ConvolutionBackward0"  # 1,440 > 1,152: two nodes
+    layer.recompute_weight = "always"
+    with pytest.raises(ValueError, match="recompute_weight='always'"):
+        layer(small)
     fc = MSQLinear(24, 10, bits=8).train()  # 240 weights
     assert isinstance(fc(_input(10, 24)).grad_fn, MSQWeightOp._backward_cls)  # 240 input elements
     assert type(fc(_input(11, 24)).grad_fn).__name__ != "MSQWeightOpBackward"
