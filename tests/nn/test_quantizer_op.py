@@ -1,10 +1,10 @@
-"""``MSQWeightOp``: the one-node quantizer + op path the MSQ layers train with when ``recompute_weight`` is set.
+"""``MSQWeightOp``: the one-node quantizer + op path the MSQ layers train with where ``recompute_weight`` selects it.
 
 It must give exactly the numbers of the two-node path (``msq_quantize_weight`` then ``F.linear``/``F.conv2d``,
-``recompute_weight = False``, the default): outputs, the LSB term and every gradient bit for bit, for conv and
-linear layers, with activation quantizers on and off, in both LSB phases (regularizing, k > 0, with R in the
-loss; QAT, k = 0, R popped but not in the loss). And it must keep no weight-sized tensor for the backward other
-than the latent ``Parameter`` itself, which is the reason it exists.
+``recompute_weight = False``; the default ``"auto"`` picks per layer): outputs, the LSB term and every gradient bit
+for bit, for conv and linear layers, with activation quantizers on and off, in both LSB phases (regularizing,
+k > 0, with R in the loss; QAT, k = 0, R popped but not in the loss). And it must keep no float weight-sized tensor
+for the backward other than the latent ``Parameter`` itself (only the int8 LSB sign), which is why it exists.
 """
 
 from __future__ import annotations
