@@ -349,7 +349,8 @@ def median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def _proc_status_kib(key: str) -> int:
+def proc_status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``, ...)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
@@ -359,12 +360,12 @@ def _proc_status_kib(key: str) -> int:
 def child_memory_main(case_key: str, method: str, steps: int) -> None:
     """Child-process entry point: print peak RSS growth (MiB) over ``steps`` training steps."""
     model, step = build(CASES[case_key], method)
-    base = _proc_status_kib("VmRSS")
+    base = proc_status_kib("VmRSS")
     for _ in range(steps):
         step()
     print(
         json.dumps(
-            {"peak_growth_mib": (_proc_status_kib("VmHWM") - base) / 1024, "trainable": trainable_parameters(model)}
+            {"peak_growth_mib": (proc_status_kib("VmHWM") - base) / 1024, "trainable": trainable_parameters(model)}
         )
     )
 

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import CASES, build, interleaved_times, median_ms
+from harness import CASES, build, interleaved_times, median_ms, proc_status_kib
 
 from msq_hf.convert import iter_msq_layers
 from msq_hf.nn.layers import msq_quantize_weight
@@ -221,25 +221,18 @@ def _prime_kernels() -> None:
         (wq.sum() + reg).backward()
 
 
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def child_main(case_key: str, name: str, steps: int) -> None:
     """Child process: print the one-off compile cost and the peak RSS growth of ``steps`` steps (MiB)."""
     model, step, _ = build_runner(case_key, name)
-    before = _status_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     if name != "float":
         _prime_kernels()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-    base = _status_kib("VmRSS")
+    base = proc_status_kib("VmRSS")
     for _ in range(steps):
         step()
-    peak = _status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     print(json.dumps({"compile_mib": (base - before) / 1024, "peak_mib": (peak - base) / 1024}))
 
 

@@ -133,13 +133,13 @@ def as_int_tensor(value: int | torch.Tensor, device: torch.device) -> torch.Tens
     return torch.tensor(int(value), dtype=torch.int32, device=device)
 
 
-# name -> (traced form, eager form); the traced forms are compiled together and checked against eager first
-_FORMS = {
-    "forward": (fused_forward_graph, fused_forward_eager),
-    "backward": (fused_backward_graph, fused_backward_eager),
-    "backward_inplace": (_fused_backward_inplace_graph, None),
-    "op_forward": (op_forward_graph, None),
-    "requantize": (requantize_graph, requantize_eager),
+# name -> the traced form compiled for it; all are compiled together and checked against the eager functions first
+_GRAPHS = {
+    "forward": fused_forward_graph,
+    "backward": fused_backward_graph,
+    "backward_inplace": _fused_backward_inplace_graph,
+    "op_forward": op_forward_graph,
+    "requantize": requantize_graph,
 }
 
 
@@ -186,7 +186,7 @@ class _Kernels:
             self._state = "eager"
             return
         try:
-            compiled = {name: torch.compile(g, dynamic=True, fullgraph=True) for name, (g, _) in _FORMS.items()}
+            compiled = {name: torch.compile(g, dynamic=True, fullgraph=True) for name, g in _GRAPHS.items()}
             _self_check(compiled)
         except Exception as exc:  # no compiler, unsupported platform, mismatch, ...
             if mode in ("1", "true", "yes", "compile"):
