@@ -203,6 +203,8 @@ class Method:
 
     family = "float"
 
+    learning_rate: float | None = None  # the loop's learning rate of the last step (set by the loop)
+
     def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int):
         self.model, self.args = model, args
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
@@ -382,14 +384,12 @@ class MSQ(Method):
         )
         self.ctl = MSQController(model, self.config, total_steps=total_steps, seed=seed)
 
-    def start(self, batch: tuple[Any, Any]) -> None:
-        self.ctl.start(batch)
-
     def regularization(self) -> Any:
         return self.ctl.regularization()
 
     def after_step(self, global_step: int, batch: tuple[Any, Any]) -> bool:
-        self.ctl.maybe_step(global_step, batch)
+        self.ctl.learning_rate = self.learning_rate  # bounds lambda's pull (pacing.pull_limit)
+        self.ctl.maybe_step(global_step, batch)  # also starts MSQ once the config's warm-up is over
         return False
 
     def summary(self) -> dict[str, Any]:
@@ -510,6 +510,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
                 hooks.start(batch)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
+            hooks.learning_rate = lr_at(step)
             logits = model(batch[0])
             loss = F.cross_entropy(logits, batch[1])
             reg = hooks.regularization()

@@ -48,6 +48,8 @@ VARIANTS: dict[str, list[str]] = {
     "hessian_every_pass": ["--hessian_interval", "1"],
     # the default without re-estimating BatchNorm statistics after a pruning step
     "no_bn_recalibration": ["--bn_recalibration", "false"],
+    # the regularizer's gradient added after the Trainer's clipping (unclipped, bounded by the learning rate)
+    "after_clipping": ["--regularizer_after_clipping", "true"],
     # the paper's constant lambda with this package's other defaults (what the feedback replaces)
     "fixed_lambda": ["--reg_control", "fixed"],
     # before issue 14 (benchmarks/harness.PREVIOUS_REGULARIZER)

@@ -70,6 +70,7 @@ from msq_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST
 from msq_hf.integrations.timm import timm_data_config
 from msq_hf.metrics import compute_accuracy_metrics
 from msq_hf.pipeline import DataArguments, ModelArguments, Prepared, logits_of, prepare, steps_per_epoch
+from msq_hf.training.checkpoint import load_checkpoint_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -208,6 +209,12 @@ class FloatTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss below is a per-batch mean
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # transformers 5's Trainer loads a ViT checkpoint (legacy key names on disk) with strict=False and keeps
+        # none of its weights (seen here: a resumed DeiT-tiny restarted from its random init); this renames the
+        # keys as from_pretrained does and refuses a partial load
+        load_checkpoint_exact(model if model is not None else self.model, resume_from_checkpoint)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None

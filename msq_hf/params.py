@@ -120,6 +120,11 @@ class MSQParams:
     bn_recalibration: bool = param(
         True, "after a pruning step that lowered bits, re-estimate BatchNorm running statistics on the current batch"
     )
+    regularizer_after_clipping: bool = param(
+        False,
+        "with a Trainer that clips gradients (max_grad_norm > 0): add lambda*dR/dW after the clipping, unclipped and "
+        "bounded by the learning rate, instead of clipping it with the task gradient as a loss term (the default)",
+    )
     hessian_interval: int = param(
         2,
         "re-estimate the Hutchinson traces at every N-th sensitivity pass; in between, the last traces are reused with "

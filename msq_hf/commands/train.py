@@ -22,7 +22,7 @@ from transformers import TrainingArguments
 
 import msq_hf
 from msq_hf.commands.common import CLIError, scheme_summary
-from msq_hf.commands.train_args import IN_TRAINING_EVAL_IMAGES, LOG_LINES, TrainArguments, parse_namespace
+from msq_hf.commands.train_args import LOG_LINES, TrainArguments, parse_namespace
 from msq_hf.io.card import human_bytes
 from msq_hf.pipeline.model import resolve_model
 from msq_hf.pipeline.run import PipelineResult, prepare, train_and_export
@@ -119,7 +119,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_name=RUN_NAME,
         argv=getattr(args, "argv", None),
         extra_args={"train": dataclasses.asdict(train_args)},
-        in_training_eval_limit=IN_TRAINING_EVAL_IMAGES,
         say=print,
         start_time=start,
     )

@@ -25,7 +25,7 @@ from msq_hf.arguments import MSQArguments, cli_config_values
 from msq_hf.commands.common import HelpFormatter
 from msq_hf.pipeline.arguments import DataArguments, ModelArguments, RunArguments
 
-IN_TRAINING_EVAL_IMAGES = 1000  # periodic evals use a slice of the eval set: the full set is scored once at the end
+IN_TRAINING_EVAL_IMAGES = 1000  # the demo's --in_training_eval_samples
 LOG_LINES = 20  # --logging-steps default: about this many lines per run
 
 # The built-in demo: every default of `msq-hf train` that differs from the declaration of its flag (MSQConfig,
@@ -44,6 +44,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "hessian_batch_size": 32,
     # outputs: the trained MSQ model goes to OUTPUT/model next to the export
     "save_final_model": True,
+    # periodic evals score a slice of the eval set; the full set is scored once at the end (RunArguments: all)
+    "in_training_eval_samples": IN_TRAINING_EVAL_IMAGES,
 }
 
 

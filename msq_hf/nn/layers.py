@@ -35,6 +35,7 @@ from msq_hf.nn.quantizer import (
     op_supported,
 )
 from msq_hf.quant import functional as QF
+from msq_hf.quant.kernels import KERNELS
 
 REG_ATTR = "_msq_reg"
 
@@ -170,6 +171,21 @@ class MSQLayerMixin:
         if self.wnorm == "signmag":
             return msq_quantize_weight(self.weight, self.bits, None)[0]
         return QF.quantize_weight(self.weight, self.n_bits, "dorefa")
+
+    def regularizer_gradient(self) -> torch.Tensor:
+        """``dR_l/dW`` at the current ``bits``/``k``, without a graph: what the fused backward adds at lambda = 1
+        (zero at ``k = 0``). For a regularizer applied outside the loss (after gradient clipping, a gradient hook)."""
+        w = self.weight.detach()
+        if self.wnorm == "signmag":  # the fused kernel's c * sign(l), as in the training backward
+            continuous, mean = self.lsb_form == "continuous", self.reg_reduction == "mean"
+            _, sign, _, coef = KERNELS.forward(w, self.bits, self.k, continuous, self.lsb_units, mean)
+            return sign.to(w.dtype) * coef
+        if self.n_k <= 0:
+            return torch.zeros_like(w)
+        with torch.enable_grad():
+            w = w.clone().requires_grad_(True)
+            reg = QF.lsb_l1(w, self.n_bits, self.n_k, self.lsb_form, self.lsb_units, self.reg_reduction, "dorefa")
+            return torch.autograd.grad(reg, w)[0]
 
     def lsb_nonzero_rate(self, k: int | None = None) -> float:
         """Fraction of weights whose current code has a non-zero ``k``-LSB field."""

@@ -119,6 +119,11 @@ class RunArguments:
         default=True, help="reload the export and require bit-identical logits on 8 evaluation images"
     )
     write_report: bool = HfArg(default=True, help="write plots and report.md to <output_dir>/report")
+    in_training_eval_samples: int | None = HfArg(
+        default=None,
+        help="evaluations during training (eval_strategy, --eval_after_pruning) score the first N evaluation images; "
+        "the final evaluation scores them all (default: all, every time)",
+    )
     eval_after_pruning: bool = HfArg(
         default=False,
         help="also evaluate right after every pruning step that lowered bits (the summary then gives the largest "
@@ -128,6 +133,8 @@ class RunArguments:
     def __post_init__(self) -> None:
         if self.prune_interval_epochs is not None and not self.prune_interval_epochs > 0:
             raise ValueError(f"--prune_interval_epochs {self.prune_interval_epochs} must be > 0")
+        if self.in_training_eval_samples is not None and not self.in_training_eval_samples > 0:
+            raise ValueError(f"--in_training_eval_samples {self.in_training_eval_samples} must be > 0")
 
 
 __all__ = ["DataArguments", "ModelArguments", "RunArguments"]

@@ -176,15 +176,14 @@ def train_and_export(
     baselines: Sequence[tuple[str, float, float]] = (),
     argv: Sequence[str] | None = None,
     extra_args: Mapping[str, Any] | None = None,
-    in_training_eval_limit: int | None = None,
     say: Say | None = None,
     start_time: float | None = None,
 ) -> PipelineResult:
     """Train ``prepared.model`` with MSQ, evaluate, and write the outputs (see the module docstring).
 
     ``say``: print progress and short training lines with it (the Trainer's log dicts are not printed).
-    ``in_training_eval_limit``: evaluations during training use the first N eval images; the final one
-    uses them all. ``baselines``: ``(label, compression, accuracy %)`` drawn next to the run in the report.
+    Evaluations during training use the first ``run_args.in_training_eval_samples`` eval images; the final
+    one uses them all. ``baselines``: ``(label, compression, accuracy %)`` drawn next to the run in the report.
     ``extra_args`` joins the recorded arguments (a front end's own flags).
     """
     start = time.time() if start_time is None else start_time
@@ -195,8 +194,9 @@ def train_and_export(
     if evaluation is None and training.eval_strategy != IntervalStrategy.NO:
         training.eval_strategy = IntervalStrategy.NO  # nothing to evaluate on
     in_training = evaluation
-    if evaluation is not None and in_training_eval_limit is not None:
-        in_training = evaluation.select(range(min(len(evaluation), in_training_eval_limit)))
+    limit = run_args.in_training_eval_samples
+    if evaluation is not None and limit is not None:
+        in_training = evaluation.select(range(min(len(evaluation), limit)))
     trainer = MSQTrainer(
         model=prepared.model,
         args=training,

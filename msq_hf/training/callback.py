@@ -5,14 +5,24 @@ Two ways to use it:
 * ``transformers.Trainer(model=converted_model, ..., callbacks=[MSQCallback(config)])`` -- a plain ``Trainer``.
   The callback builds the :class:`~msq_hf.training.controller.MSQController` when the Trainer is built (and
   refuses a model it cannot train: no MSQ layer, a packed export); it applies the LSB regularizer's gradient
-  through a gradient hook on every MSQ weight, without touching the loss: once per optimizer step, on the first
-  micro-batch's backward, ``lambda * dR/dW`` (times the AMP loss scale) joins the weight gradient, i.e. before
-  gradient clipping and the DDP reduction, exactly what ``lambda * R`` in the loss gives over an accumulated
-  step. It records the training batch in a forward pre-hook (for the Hessian pass), prunes every
-  ``prune_interval`` steps, writes ``msq_state.json`` into every checkpoint, and on resume / at
-  ``load_best_model_at_end`` reloads that checkpoint exactly (every tensor, ``bits``/``k`` included, plus the
-  schedule), which the plain ``Trainer`` alone does not do for ViT-family models.
-* inside :class:`msq_hf.MSQTrainer`, which adds the regularizer to its loss itself and hands the batches over.
+  without touching the loss: a gradient hook on every MSQ weight adds ``lambda * dR/dW`` once per optimizer step,
+  on the first micro-batch's backward (times the AMP loss scale), exactly what ``lambda * R`` in the loss gives
+  over an accumulated step -- or, with ``MSQConfig.regularizer_after_clipping`` and a Trainer that clips, after
+  the clipping (:func:`regularizer_after_clipping`). It records the training batch
+  in a forward pre-hook (for the Hessian pass), prunes every ``prune_interval`` steps, writes ``msq_state.json``
+  into every checkpoint, and on resume / at ``load_best_model_at_end`` reloads that checkpoint exactly (every
+  tensor, ``bits``/``k`` included, plus the schedule), which the plain ``Trainer`` alone does not do for ViT-family
+  models.
+* inside :class:`msq_hf.MSQTrainer`, which adds the regularizer to its loss itself (unless it joins after the
+  clipping, as above) and hands the batches over.
+
+Clipping and the regularizer. As a loss term, ``lambda * R`` is clipped with the task gradient: once lambda is
+large the sum's norm is the regularizer's, and clipping scales the *task* gradient down with it -- in effect a
+lower learning rate while the LSBs are emptied, which is what let threshold pruning work in the short, high
+learning-rate demo run. After the clipping (``regularizer_after_clipping=True``) the task gradient alone is
+clipped, lambda's pull arrives in full and is bounded by the learning rate instead
+(:func:`msq_hf.training.pacing.pull_limit`); the Trainer's logged ``grad_norm`` is then the task gradient's
+norm. docs/results.md ("Gradual pruning", "Fine-tuning pretrained checkpoints") measures both.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import os
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -32,12 +44,20 @@ from msq_hf.convert import iter_msq_layers
 from msq_hf.errors import MSQFormatError
 from msq_hf.integrations.guard import PACKED_HINT, is_packed_model
 from msq_hf.io.format import MSQ_STATE_NAME
-from msq_hf.quant import functional as QF
 from msq_hf.training.checkpoint import load_checkpoint_exact, require_msq_state, write_msq_state
 from msq_hf.training.controller import MSQController
 from msq_hf.training.measure import LossFn, detach_batch
 
 logger = logging.getLogger(__name__)
+
+
+def regularizer_after_clipping(args: TrainingArguments) -> bool:
+    """Whether the LSB regularizer's gradient can join after the Trainer's gradient clipping (with
+    ``MSQConfig.regularizer_after_clipping``): the Trainer clips (``max_grad_norm > 0``) and the gradients are the
+    parameters' own full ``.grad`` (not DeepSpeed's or FSDP's shards, where it stays in the loss and is clipped)."""
+    if not (args.max_grad_norm and args.max_grad_norm > 0):
+        return False
+    return PartialState().distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -93,6 +113,8 @@ class MSQCallback(TrainerCallback):
         self.last_batch: Any = None
         self.layers_changed = True  # the first log shows the starting scheme
         self.standalone = True  # False inside MSQTrainer, which adds the regularizer to its loss
+        self.after_clipping = False  # config.regularizer_after_clipping and regularizer_after_clipping(args)
+        self._pull_bounded = True  # whether the learning rate bounds lambda (fixed at on_train_begin)
         self._model: nn.Module | None = None
         self._resume: tuple[dict[str, Any], str] | None = None
         self._reg_pending: set[str] = set()
@@ -156,13 +178,17 @@ class MSQCallback(TrainerCallback):
             self._reg_scale = self._regularizer_scale()
         if self._reg_scale == 0.0 or layer.n_k <= 0:
             return None
-        with torch.enable_grad():
-            weight = layer.weight.detach().requires_grad_(True)
-            reg = QF.lsb_l1(
-                weight, layer.n_bits, layer.n_k, layer.lsb_form, layer.lsb_units, layer.reg_reduction, layer.wnorm
-            )
-            (reg_grad,) = torch.autograd.grad(reg, weight)
-        return grad + (reg_grad * self._reg_scale).to(grad.dtype)
+        return grad + (layer.regularizer_gradient() * self._reg_scale).to(grad.dtype)
+
+    def add_regularizer_after_clipping(self) -> None:
+        """``W.grad += lambda * dR_l/dW`` for every MSQ layer that got a gradient this step (after clipping)."""
+        strength = self.controller.reg_strength if self.controller.regularizing else 0.0
+        if strength == 0.0:
+            return
+        for layer in self.controller.layers.values():
+            grad = layer.weight.grad
+            if grad is not None:
+                grad.add_(layer.regularizer_gradient().to(grad.dtype), alpha=strength)
 
     def _regularizer_scale(self) -> float:
         """``lambda`` times the loss scale the backward carries (accelerate's GradScaler under fp16), 0 if off."""
@@ -206,6 +232,9 @@ class MSQCallback(TrainerCallback):
         controller = self.controller
         controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._optimizer = optimizer
+        self.after_clipping = controller.config.regularizer_after_clipping and regularizer_after_clipping(args)
+        # lambda's learning-rate bound applies to an unclipped pull: not when clipping scales the loss term too
+        self._pull_bounded = self.after_clipping or not (args.max_grad_norm and args.max_grad_norm > 0)
         if self.standalone and state.global_step > 0 and self._resume is None:
             # the plain Trainer loaded the checkpoint with strict=False: reload it exactly, from output_dir
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -229,18 +258,23 @@ class MSQCallback(TrainerCallback):
 
     def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         self._global_step = state.global_step
-        if self.standalone:
+        if self.standalone and not self.after_clipping:
             self._reg_pending = set(self.controller.names)
             self._reg_scale = None
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         self._reg_pending.clear()  # a layer that got no gradient this step gets no regularizer either
+        if self.after_clipping and self.standalone:  # the Trainer has just clipped (and unscaled) the task gradient
+            self.add_regularizer_after_clipping()  # (MSQTrainer does it in _clip_grad_norm, before any callback)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> Any:
         if self.standalone:
             self.controller.regularization()  # clears the terms of the last forward, records msq/reg
         if self.last_batch is None:
             return None
+        if self._pull_bounded and self._optimizer is not None and self.controller.is_pruning_step(state.global_step):
+            # the learning rate bounds lambda's pull (msq_hf.training.pacing.pull_limit); read at pruning steps only
+            self.controller.learning_rate = float(self._optimizer.param_groups[0]["lr"])
         self._measuring = True
         try:
             decision = self.controller.maybe_step(state.global_step, self.last_batch)
@@ -272,4 +306,10 @@ class MSQCallback(TrainerCallback):
             self.restore_checkpoint(state.best_model_checkpoint)
 
 
-__all__ = ["MSQCallback", "check_restored_bits", "refuse_packed", "unwrap_model"]
+__all__ = [
+    "MSQCallback",
+    "check_restored_bits",
+    "refuse_packed",
+    "regularizer_after_clipping",
+    "unwrap_model",
+]

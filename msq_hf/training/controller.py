@@ -34,7 +34,7 @@ from msq_hf.training.measure import (
     layer_sensitivities,
     recalibrate_batchnorm,
 )
-from msq_hf.training.pacing import Pacer, PruningPlan, pruning_share
+from msq_hf.training.pacing import Pacer, PruningPlan, last_measurement, pruning_share, pull_limit, rate_change
 from msq_hf.training.regularizer import LSBRegularizer
 from msq_hf.training.schedule import BitPruningSchedule, PruneDecision, make_state
 from msq_hf.training.sensitivity import reduce_across_ranks
@@ -65,6 +65,7 @@ class MSQController:
         for step, batch in enumerate(loader, start=1):
             loss = task_loss(model, batch) + ctl.regularization()
             loss.backward(); optimizer.step(); optimizer.zero_grad()
+            ctl.learning_rate = optimizer.param_groups[0]["lr"]  # bounds lambda's pull
             ctl.maybe_step(step, batch)                # every config.prune_interval steps
     """
 
@@ -93,13 +94,13 @@ class MSQController:
         self.numels = {name: int(layer.weight.numel()) for name, layer in self.layers.items()}
         self.seed = int(seed)
         self.loss_fn = loss_fn
-        self._total_steps: int | None = None
         self._history: list[dict[str, Any]] = []
         self._started = self._finalized = False
         self._last_rates: dict[str, float] = {}
         self._last_sens: dict[str, float] = {}
         self.traces = TraceReuse(config.hessian_interval)  # Hutchinson traces kept between Hessian passes
         self.measure_seconds = 0.0  # wall time spent measuring (nonzero rates, Hessian passes) in this process
+        self.learning_rate: float | None = None  # the optimizer's, set by the trainer: bounds lambda (pull_limit)
         self._regularizer = LSBRegularizer(self.layers)
         self._pacer = Pacer.from_config(config)
         self._schedule = BitPruningSchedule(
@@ -198,12 +199,9 @@ class MSQController:
 
     # -- the regularizer ------------------------------------------------------------------------
     def regularization(self) -> torch.Tensor:
-        """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8), to add to the loss.
-
-        The layers computed ``R_l`` in their fused quantizer; this sums and clears them (:class:`~msq_hf.training.
-        regularizer.LSBRegularizer`). A 0-dim zero without gradient in eval mode, under ``no_grad``, after the
-        final round or with lambda = 0.
-        """
+        """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8), to add to the loss: the layers' fused
+        terms, summed and cleared (``LSBRegularizer``); a 0-dim zero without gradient in eval mode, under
+        ``no_grad``, after the final round or with lambda = 0."""
         return self._regularizer.collect(0.0 if self._finalized else self.reg_strength)
 
     # -- measurements ---------------------------------------------------------------------------
@@ -213,12 +211,9 @@ class MSQController:
             return {name: float(layer.lsb_nonzero_rate()) for name, layer in self.layers.items()}
 
     def sensitivities(self, batch: Batch, global_step: int = 0, loss_fn: LossFn | None = None) -> dict[str, float]:
-        """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``hessian_batch_size`` samples of ``batch``.
-
-        See :func:`msq_hf.training.measure.layer_sensitivities`; probes are seeded by
-        :func:`~msq_hf.training.measure.hutchinson_seed` ``(seed, global_step)``. Not reduced across
-        ranks (see :meth:`maybe_step`).
-        """
+        """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``hessian_batch_size`` samples of ``batch``
+        (:func:`~msq_hf.training.measure.layer_sensitivities`; probes seeded by ``hutchinson_seed(seed,
+        global_step)``; not reduced across ranks, see :meth:`maybe_step`)."""
         loss_fn = loss_fn or self.loss_fn or fp32_default_loss
         seed = hutchinson_seed(self.seed, global_step)
         return layer_sensitivities(self.model, self.layers, batch, self.config, seed, loss_fn)[0]
@@ -318,14 +313,19 @@ class MSQController:
         if not (started and was_started and self.is_pruning_step(global_step)):
             return None
         rates, sens = self._measure(batch, global_step, loss_fn)
-        state = make_state(self.bits, self.ks, self.numels)
+        now = {"rates": rates, "bits": self.bits, "k": self.ks}  # the precision these rates were measured at
+        state = make_state(now["bits"], now["k"], self.numels)
         decision = self._schedule.step(state, rates, sens, global_step, self._pacer.floor_bits(global_step))
         self._apply(decision.bits, decision.k)
         if decision.pruned and self.config.bn_recalibration and batch is not None:  # stale statistics otherwise
             recalibrate_batchnorm(self.model, batch, loss_fn or self.loss_fn or fp32_default_loss)
         self._finalized = bool(decision.finalized)
-        if not self._finalized:
-            self._pacer.update(global_step, self.avg_bits)
+        if not self._finalized:  # the rates' trend and the learning rate bound the feedback (pacing module docstring)
+            top = [layer.n_bits for layer in self.layers.values() if layer.n_k > 0]
+            change = rate_change(last_measurement(self._history), now, self.numels)
+            self._pacer.update(
+                global_step, self.avg_bits, change, pull_limit(self.learning_rate, top, self.config.lsb_units)
+            )
         self._record(global_step, rates, sens, decision)
         return decision
 

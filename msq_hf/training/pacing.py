@@ -12,6 +12,23 @@ keeps the compression close to a linear plan in average bits that reaches the ta
 training, well before the forced round at ``final_round_fraction``: lambda is multiplied by ``gain`` at every
 pruning step that finds the run behind the plan and not closing the gap, and divided by it when the run is more
 than ``tolerance_bits`` ahead; the plan also caps how far one step may prune (:meth:`Pacer.floor_bits`).
+
+Why the feedback also listens to the nonzero rates. Raising lambda helps only while one step's pull stays within
+the zero-LSB window of the grid: once ``eta * lambda`` moves weights by more than about a grid step per SGD step
+(with momentum, more still), weights overshoot the window and the LSB nonzero rates *rise* again, however far
+behind the plan the run is. Measured on the 390-step ResNet-20 benchmark at ``eta = 0.1``: the rates fell while
+lambda grew to about 4, rose from there, and a feedback blind to them drove lambda to its cap (50) and the run
+to 52-60 % accuracy (docs/results.md). So a step whose rates rose since the last one (same layers, same
+``bits``/``k``: :func:`rate_change`) by more than ``rise_tolerance`` and more than sampling noise (three standard
+deviations of the difference of two rates over that many weights, ``3 sqrt(0.5/N)``: a toy layer's rates jump
+by several points between steps without any trend) divides lambda by ``gain`` instead.
+
+Flat rates are ambiguous -- a pull too weak to beat the task gradient's noise, or one so strong that the weights
+jump across the window every step and the LSBs stay at chance -- so the learning rate decides: lambda never
+exceeds :func:`pull_limit`, the value at which one plain SGD step pulls the finest regularized layer by
+``MAX_PULL`` grid steps (the controller knows the learning rate when its trainer tells it, e.g.
+``MSQCallback``). Without that bound, once the regularizer's gradient joined after gradient clipping, the default
+``msq-hf train`` run drove lambda to 50 and its loss from 0.7 to 3.8 within 60 steps.
 """
 
 from __future__ import annotations
@@ -26,8 +43,32 @@ __all__ = [
     "PruningPlan",
     "k_flip_rate",
     "pruning_share",
+    "MAX_PULL",
+    "last_measurement",
+    "pull_limit",
+    "rate_change",
     "smooth_sensitivities",
 ]
+
+
+MAX_PULL = 0.25
+"""Grid steps one plain SGD step (learning rate times gradient, before momentum) may pull the finest regularized
+layer's weights. Measured on ResNet-20 with SGD momentum 0.9 (which multiplies a steady pull by ~10): the LSB
+nonzero rates fell while ``lr * lambda`` stayed below 0.25-0.4 at 8 bits, and rose beyond."""
+
+
+def pull_limit(learning_rate: float | None, regularized_bits: Sequence[int], units: str) -> float | None:
+    """The largest lambda whose LSB pull moves a weight of the finest regularized layer (``max(regularized_bits)``
+    bits) by at most :data:`MAX_PULL` of its grid steps per plain SGD step at ``learning_rate``.
+
+    The pull is ``lr * lambda * 2^(n-8)`` grid steps in ``"scale"`` units and ``lr * lambda`` in ``"step"`` units
+    (``msq_hf.quant.grid``); ``"code"``/``"value"`` units depend on the weights' scale, and an unknown learning
+    rate or no regularized layer gives no limit (``None``).
+    """
+    if learning_rate is None or not learning_rate > 0 or not regularized_bits or units not in ("scale", "step"):
+        return None
+    per_lambda = learning_rate * (2.0 ** (max(regularized_bits) - 8) if units == "scale" else 1.0)
+    return MAX_PULL / per_lambda
 
 
 @dataclass(frozen=True)
@@ -73,6 +114,7 @@ class Pacer:
         hessian_ema: weight of the previous sensitivities in their moving average.
         tolerance_bits: how far ahead of the plan (in average bits) the run may be before lambda is lowered.
         span: lambda stays within ``[reg_strength / span, reg_strength * span]``.
+        rise_tolerance: a rise of the mean LSB nonzero rate above this (absolute) counts as overshooting.
     """
 
     def __init__(
@@ -87,6 +129,7 @@ class Pacer:
         hessian_ema: float = 0.0,
         tolerance_bits: float = 0.5,
         span: float = 100.0,
+        rise_tolerance: float = 0.01,
     ):
         if not (math.isfinite(reg_strength) and reg_strength >= 0):
             raise ValueError(f"Pacer: reg_strength={reg_strength!r} must be a finite number >= 0")
@@ -101,6 +144,7 @@ class Pacer:
         self.hessian_ema = float(hessian_ema)
         self.tolerance_bits = float(tolerance_bits)
         self.span = float(span)
+        self.rise_tolerance = float(rise_tolerance)
         self.multiplier = 1.0
         self.plan: PruningPlan | None = None
         self.sensitivities: dict[str, float] | None = None  # the moving average
@@ -144,13 +188,18 @@ class Pacer:
             return None
         return self.plan.planned_bits(step) - self.tolerance_bits
 
-    def update(self, step: int, avg_bits: float) -> float:
+    def update(
+        self, step: int, avg_bits: float, rate_change: tuple[float, int] | None = None, limit: float | None = None
+    ) -> float:
         """One feedback step after the pruning decision at ``step``; returns the new lambda.
 
-        Behind the plan and not catching up (the gap to the plan did not shrink since the last update): lambda
-        times ``gain``. More than ``tolerance_bits`` ahead: lambda divided by ``gain``. Otherwise kept --
-        a run that is behind but pruning fast enough keeps its lambda, so lambda does not wind up while the
-        weights are still catching up with it.
+        ``rate_change``: ``(change of the mean LSB nonzero rate, weights compared)`` since the previous update
+        (:func:`rate_change`; ``None`` if no layer compares). Behind the plan: lambda divided by ``gain`` if the
+        rates rose beyond :meth:`rise_limit` (the pull overshoots the zero-LSB window, see the module docstring), else
+        times ``gain`` unless the run is catching up (the gap to the plan shrank since the last update) -- a
+        run that is behind but pruning fast enough keeps its lambda, so lambda does not wind up while the weights
+        are still catching up with it. More than ``tolerance_bits`` ahead: lambda divided by ``gain``. ``limit``
+        (:func:`pull_limit`) caps the result (within the span).
         """
         last = self.last
         self.last = (int(step), float(avg_bits))
@@ -160,11 +209,19 @@ class Pacer:
         if gap > 1e-9:
             since = last if last is not None and last[0] >= self.plan.start_step else None
             catching_up = since is not None and gap < since[1] - self.plan.planned_bits(since[0]) - 1e-9
-            if not catching_up:
+            if rate_change is not None and rate_change[0] > self.rise_limit(rate_change[1]):
+                self.multiplier = max(self.multiplier / self.gain, 1.0 / self.span)
+            elif not catching_up:
                 self.multiplier = min(self.multiplier * self.gain, self.span)
         elif gap < -self.tolerance_bits:
             self.multiplier = max(self.multiplier / self.gain, 1.0 / self.span)
+        if limit is not None and self.base > 0:
+            self.multiplier = max(min(self.multiplier, limit / self.base), 1.0 / self.span)
         return self.strength
+
+    def rise_limit(self, weights: int) -> float:
+        """Smallest rise of the mean nonzero rate over ``weights`` weights that counts as overshooting."""
+        return max(self.rise_tolerance, 3.0 * math.sqrt(0.5 / max(int(weights), 1)))
 
     def smooth(self, fresh: Mapping[str, float]) -> dict[str, float]:
         """Fold freshly measured sensitivities into the moving average and return the average."""
@@ -209,6 +266,39 @@ def smooth_sensitivities(
     return {
         name: keep * previous[name] + (1 - keep) * value if name in previous else value for name, value in fresh.items()
     }
+
+
+def last_measurement(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The last history entry's rates with the ``bits``/``k`` they were measured at (``None`` on an empty history).
+
+    An entry records the precision *after* its decision, so its rates belong to the previous entry's precision
+    (the start entry measured its own).
+    """
+    if not history:
+        return None
+    basis = history[-2] if len(history) > 1 else history[-1]
+    return {"rates": history[-1]["rates"], "bits": basis["bits"], "k": basis["k"]}
+
+
+def rate_change(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any], numels: Mapping[str, int]
+) -> tuple[float, int] | None:
+    """``(parameter-weighted mean change of the LSB nonzero rate, weights compared)`` between two measurements;
+    ``None`` if no layer compares.
+
+    ``before``/``after`` are ``{"rates": ..., "bits": ..., "k": ...}`` with the precision each rate was measured
+    at; only layers with the same ``bits`` and ``k > 0`` in both count (a layer that was pruned or got a new
+    ``k`` starts again near 0.5 and says nothing about the pull).
+    """
+    if before is None:
+        return None
+    weight, change = 0, 0.0
+    for name, rate in after["rates"].items():
+        same = before["bits"].get(name) == after["bits"][name] and before["k"].get(name) == after["k"][name]
+        if same and after["k"][name] > 0 and name in before["rates"]:
+            weight += int(numels[name])
+            change += int(numels[name]) * (float(rate) - float(before["rates"][name]))
+    return (change / weight, weight) if weight else None
 
 
 def k_flip_rate(history: Sequence[Mapping[str, Any]], min_bits: int = 1) -> float | None:

@@ -197,6 +197,9 @@ class MSQTrainer(Trainer):
     ) -> Any:
         """Task loss (HF: ``Trainer.compute_loss``; raw models: CE on logits) + the MSQ regularizer.
 
+        When the Trainer clips gradients, the regularizer's gradient joins after the clipping instead
+        (:func:`msq_hf.training.callback.regularizer_after_clipping`) and the loss is the task loss alone.
+
         The regularizer joins only in training. It is divided by ``current_gradient_accumulation_steps``
         when the Trainer will not divide the loss itself (loss already normalised by
         ``num_items_in_batch``), so with GA the gradient equals that of one step on the whole batch.
@@ -213,13 +216,21 @@ class MSQTrainer(Trainer):
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         if training:
-            reg = controller.regularization()
-            if reg.requires_grad:
+            reg = controller.regularization()  # also clears the layers' terms and records msq/reg
+            if reg.requires_grad and not self.msq_callback.after_clipping:  # else: joins after the clipping
                 if self._loss_is_ga_scaled(num_items_in_batch):
                     steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
                     reg = reg / steps
                 loss = loss + reg.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """``Trainer._clip_grad_norm`` on the task gradient, then the regularizer's gradient joins unclipped (before
+        any callback's ``on_pre_optimizer_step`` sees the gradients); returns the task gradient's norm."""
+        norm = super()._clip_grad_norm(model)
+        if self.msq_callback.after_clipping:
+            self.msq_callback.add_regularizer_after_clipping()
+        return norm
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """``Trainer.training_step``, then stop on a NaN/inf loss, before the optimizer step applies it (the

@@ -265,6 +265,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
                     "8",
                     "--evals",
                     "1",
+                    "--eval_after_pruning",
+                    "--in_training_eval_samples",
+                    "16",
                     "--threads",
                     "1",
                     "--no-progress",
@@ -319,6 +322,12 @@ def test_train_writes_everything(tiny_run: tuple[Path, str]) -> None:
     assert summary["compression"] >= TINY_TARGET  # the final round meets the target
     assert summary["compression"] == pytest.approx(manifest["totals"]["compression_ratio"])
     assert summary["eval_images"] == 64 and summary["train_images"] == 128 and summary["steps"] == 6
+    # evaluations during training (--evals, --eval_after_pruning) score the first 16 eval images only
+    in_training = [e for e in history["log_history"] if "eval_runtime" in e]
+    pruned_steps = {h["step"] for h in history["history"] if h["pruned"]}
+    assert pruned_steps & {int(e["step"]) for e in in_training}, "an evaluation right after a pruning step"
+    assert all(round(e["eval_samples_per_second"] * e["eval_runtime"]) == 16 for e in in_training)
+    assert "max_pruning_eval_drop" in summary
     # the human summary
     assert f"{100 * summary['test_accuracy']:.2f}% on 64 test images" in console
     assert f"{summary['compression']:.2f}x (target 6x" in console

@@ -204,6 +204,34 @@ def test_layer_variants_are_passed_to_the_regularizer() -> None:
     torch.testing.assert_close(layer.pop_regularization(), QF.lsb_l1(layer.weight, 5, 2, "discrete", "value", "mean"))
 
 
+@pytest.mark.parametrize(
+    ("wnorm", "form", "units", "reduction"),
+    [
+        ("signmag", "continuous", "scale", "sum"),
+        ("signmag", "discrete", "step", "mean"),
+        ("signmag", "continuous", "code", "sum"),
+        ("dorefa", "continuous", "scale", "sum"),
+    ],
+)
+def test_regularizer_gradient_is_the_training_backwards_lsb_term(wnorm, form, units, reduction) -> None:
+    # what the trainers add after gradient clipping must be exactly the pull lambda * R gives in the loss
+    torch.manual_seed(0)
+    layer = MSQConv2d(3, 4, 3, bits=6, wnorm=wnorm, lsb_form=form, lsb_units=units, reg_reduction=reduction)
+    layer.set_bits(6, k=2)
+    x = torch.randn(2, 3, 8, 8)
+    layer(x).sum().backward()
+    task = layer.weight.grad.clone()
+    layer.weight.grad = None
+    out = layer(x)
+    (out.sum() + layer.pop_regularization()).backward()
+    expected = layer.weight.grad - task
+    assert expected.abs().max() > 0
+    # (expected is a difference of two gradients ~100x larger: float32 cancellation, hence atol)
+    torch.testing.assert_close(layer.regularizer_gradient(), expected, rtol=1e-3, atol=1e-5)
+    layer.set_bits(6, k=0)
+    assert torch.count_nonzero(layer.regularizer_gradient()) == 0
+
+
 # -- wrapping float layers ------------------------------------------------------------------------------
 
 

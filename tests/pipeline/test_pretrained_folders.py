@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageClassification, pipeline
+from transformers import AutoModelForImageClassification, TrainingArguments, pipeline
 
 import msq_hf
 from msq_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, find_fashion_mnist
@@ -162,3 +162,18 @@ def test_evaluations_on_a_test_subset_end_with_the_whole_test_set(
     points = [(e["step"], e["test_images"]) for e in record["evaluations"]]
     assert points == [(2, 8), (4, 8), (4, 20)]
     assert record["test_accuracy"] == record["evaluations"][-1]["test_accuracy"]
+
+
+def test_resume_loads_every_weight_of_a_vit_checkpoint(pretrain: ModuleType, tmp_path: Path) -> None:
+    # a Trainer checkpoint of a transformers ViT holds the legacy key names; the plain Trainer's strict=False load
+    # kept none of them (a resumed DeiT-tiny pretraining restarted from random weights), FloatTrainer keeps all
+    saved = pretrain.prepare_run("deit_tiny", seed=0, limits=(20, 20)).model
+    saved.save_pretrained(tmp_path / "checkpoint-1")
+    target = pretrain.prepare_run("deit_tiny", seed=0, limits=(20, 20)).model
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    trainer = pretrain.FloatTrainer(model=target, args=args)
+    trainer._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
+    assert _state_equal(target, saved)

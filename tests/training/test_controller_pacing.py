@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 import msq_hf
 from msq_hf.training.controller import STATE_VERSION, MSQController
+from msq_hf.training.pacing import last_measurement, rate_change
 
 torch.set_num_threads(1)
 
@@ -159,12 +160,17 @@ def test_lambda_rises_at_pruning_steps_while_behind_the_plan(paced: dict[str, An
     assert history[0]["reg_strength"] == pytest.approx(1e-6)
     plan = ctl.plan
     rises = 0
-    for before, after in zip(history, history[1:]):
+    for i, (before, after) in enumerate(zip(history, history[1:]), start=1):
         assert after["planned_bits"] == pytest.approx(plan.planned_bits(after["step"]))
         if after["phase"] == "final":  # no feedback in the final round
             assert after["reg_strength"] == pytest.approx(before["reg_strength"])
             continue
-        if after["avg_bits"] > after["planned_bits"] + 1e-9:  # behind the plan: x gain
+        measured = {"rates": after["rates"], "bits": before["bits"], "k": before["k"]}
+        change = rate_change(last_measurement(history[:i]), measured, ctl.numels)
+        rose = change is not None and change[0] > max(0.01, 3 * (0.5 / change[1]) ** 0.5)
+        if after["avg_bits"] > after["planned_bits"] + 1e-9 and rose:
+            assert after["reg_strength"] == pytest.approx(before["reg_strength"] / 2.0)  # rates rose: back off
+        elif after["avg_bits"] > after["planned_bits"] + 1e-9:  # behind the plan: x gain
             assert after["reg_strength"] == pytest.approx(2.0 * before["reg_strength"])
             rises += 1
         else:

@@ -6,7 +6,17 @@ import json
 
 import pytest
 
-from msq_hf.training.pacing import Pacer, PruningPlan, k_flip_rate, pruning_share, smooth_sensitivities
+from msq_hf.training.pacing import (
+    MAX_PULL,
+    Pacer,
+    PruningPlan,
+    k_flip_rate,
+    last_measurement,
+    pruning_share,
+    pull_limit,
+    rate_change,
+    smooth_sensitivities,
+)
 
 # -- PruningPlan ----------------------------------------------------------------------------------
 
@@ -85,6 +95,57 @@ def test_update_lowers_lambda_only_when_ahead_beyond_the_tolerance() -> None:
     assert pacer.update(20, 5.6) == pytest.approx(1e-3), "0.4 bits ahead, within the 0.5 tolerance: unchanged"
     assert pacer.update(20, 5.4) == pytest.approx(5e-4), "0.6 bits ahead: divided by the gain"
     assert pacer.update(20, 5.4) == pytest.approx(2.5e-4)
+
+
+def test_update_backs_off_when_the_rates_rise_behind_the_plan() -> None:
+    """More lambda helps only while the rates fall: a rise beyond noise means the pull overshoots the window."""
+    pacer = _pacer()
+    many = 1_000_000  # weights compared: the noise floor is the 0.01 tolerance
+    assert pacer.update(20, 7.0, (-0.05, many)) == pytest.approx(2e-3), "behind, rates falling: raised"
+    assert pacer.update(25, 7.0, (+0.03, many)) == pytest.approx(1e-3), "behind, rates rose 3 points: backed off"
+    assert pacer.update(30, 7.0, (+0.005, many)) == pytest.approx(2e-3), "a rise within the tolerance is noise"
+    assert pacer.update(35, 7.0, (+0.05, 50)) == pytest.approx(4e-3), "5 points over 50 weights is sampling noise"
+    assert pacer.rise_limit(50) == pytest.approx(0.3) and pacer.rise_limit(many) == pytest.approx(0.01)
+    ahead = _pacer()
+    assert ahead.update(20, 5.0, (+0.05, many)) == pytest.approx(5e-4), "ahead: lowered as before"
+
+
+def test_pull_limit_is_max_pull_grid_steps_of_the_finest_regularized_layer() -> None:
+    # scale units: lr * lambda * 2^(n-8) grid steps per SGD step
+    assert pull_limit(0.1, [8, 4], "scale") == pytest.approx(MAX_PULL / 0.1)
+    assert pull_limit(0.1, [6, 3], "scale") == pytest.approx(MAX_PULL / (0.1 / 4)), "2 bits fewer: 4x the lambda"
+    assert pull_limit(0.05, [8], "step") == pytest.approx(MAX_PULL / 0.05), "step units: lr * lambda"
+    for args in [(None, [8], "scale"), (0.0, [8], "scale"), (0.1, [], "scale"), (0.1, [8], "code")]:
+        assert pull_limit(*args) is None, args
+
+
+def test_update_never_exceeds_the_limit() -> None:
+    pacer = _pacer()
+    assert pacer.update(20, 7.0, None, 1.5e-3) == pytest.approx(1.5e-3), "x2 wanted, capped at the limit"
+    assert pacer.update(25, 7.0, None, 1.5e-3) == pytest.approx(1.5e-3), "still behind: stays at the limit"
+    assert pacer.update(30, 7.0, None, 1e-2) == pytest.approx(3e-3), "the limit rose (lr decayed): raised again"
+    assert pacer.update(35, 7.0, None, 1e-9) == pytest.approx(1e-5), "within the span even under a tiny limit"
+
+
+def test_rate_change_compares_layers_measured_at_the_same_precision() -> None:
+    numels = {"a": 100, "b": 300, "c": 50}
+    before = {"rates": {"a": 0.5, "b": 0.4, "c": 0.3}, "bits": {"a": 8, "b": 8, "c": 6}, "k": {"a": 1, "b": 2, "c": 1}}
+    after = {"rates": {"a": 0.6, "b": 0.2, "c": 0.9}, "bits": {"a": 8, "b": 8, "c": 5}, "k": {"a": 1, "b": 2, "c": 1}}
+    change, weights = rate_change(before, after, numels)  # c was pruned in between: not comparable
+    assert weights == 400 and change == pytest.approx((100 * 0.1 + 300 * -0.2) / 400)
+    after["k"]["b"] = 1  # a new k starts near 0.5 again
+    assert rate_change(before, after, numels) == (pytest.approx(0.1), 100)
+    assert rate_change(None, after, numels) is None
+    after["k"] = {"a": 0, "b": 1, "c": 1}
+    assert rate_change(before, after, numels) is None
+
+
+def test_last_measurement_pairs_rates_with_the_precision_they_were_measured_at() -> None:
+    start = {"rates": {"a": 0.5}, "bits": {"a": 8}, "k": {"a": 2}}
+    pruned = {"rates": {"a": 0.1}, "bits": {"a": 6}, "k": {"a": 1}}  # rates measured at 8 bits, then pruned
+    assert last_measurement([]) is None
+    assert last_measurement([start]) == start, "the start entry measured at its own precision"
+    assert last_measurement([start, pruned]) == {"rates": {"a": 0.1}, "bits": {"a": 8}, "k": {"a": 2}}
 
 
 def test_update_before_the_plan_start_is_ignored() -> None:

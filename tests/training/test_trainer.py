@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
 
 import msq_hf
 import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
+from msq_hf.training.callback import MSQCallback, regularizer_after_clipping
 from msq_hf.training.measure import default_loss
 from msq_hf.training.trainer import MSQ_STATE_NAME, MSQTrainer, load_timm_checkpoint, read_msq_state
 
@@ -172,6 +174,52 @@ def test_gradient_accumulation_matches_one_big_batch(model_fn, tmp_path) -> None
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("front", ["msq_trainer", "plain_trainer"])
+def test_regularizer_gradient_joins_after_clipping_unclipped(front: str, tmp_path) -> None:
+    # clip at 1e-3: the task gradient (norm ~1) is scaled down ~1000x; the LSB pull must arrive in full, once
+    data = make_dataset(8)
+
+    def first_grads(name: str, reg: float, clip: float, after: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
+        cfg = msq_hf.MSQConfig(
+            reg_strength=reg,
+            hessian_guided=False,
+            target_compression=1.0,
+            prune_interval=100,
+            warmup_fraction=0.0,
+            regularizer_after_clipping=after,
+        )
+        cap = GradCapture()
+        args = args_for(tmp_path, name, max_steps=1, learning_rate=0.0, max_grad_norm=clip)
+        if front == "msq_trainer":
+            trainer = MSQTrainer(model=tiny_vit(), args=args, train_dataset=data, msq_config=cfg, callbacks=[cap])
+            callback = trainer.msq_callback
+        else:
+            callback = MSQCallback(cfg)
+            model = msq_hf.quantize_model(tiny_vit(), cfg)
+            trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, cap])
+        trainer.train()
+        return cap.grads, callback
+
+    task, _ = first_grads("task", 0.0, 0.0)
+    in_loss, _ = first_grads("in_loss", 10.0, 0.0)  # no clipping: lambda * R is part of the loss
+    clipped, callback = first_grads("clipped", 10.0, 1e-3)
+    assert callback.after_clipping and not regularizer_after_clipping(args_for(tmp_path, "x", max_grad_norm=0.0))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in task.values()]))
+    coef = min(1.0, 1e-3 / (float(norm) + 1e-6))  # torch.nn.utils.clip_grad_norm_'s factor
+    assert coef < 0.01
+    reg_part = {n: in_loss[n] - task[n] for n in task}
+    quantized = [f"{n}.weight" for n in callback.controller.names]
+    assert max(float(reg_part[n].abs().max()) for n in quantized) > 1e-3, "the pull must be visible"
+    for name in task:
+        torch.testing.assert_close(clipped[name], task[name] * coef + reg_part[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the default: lambda * R is a loss term, clipped with the task gradient
+    as_loss_term, default_cb = first_grads("default", 10.0, 1e-3, after=False)
+    assert not default_cb.after_clipping
+    total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in in_loss.values()])))
+    for name in task:
+        torch.testing.assert_close(as_loss_term[name], in_loss[name] * (1e-3 / (total + 1e-6)), rtol=1e-4, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # pruning, phases, logs
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +255,9 @@ def test_pruning_lowers_bits_at_the_interval_then_qat(tmp_path) -> None:
     ctl = trainer.msq_controller
     pruning_steps = [h["step"] for h in ctl.history[1:]]  # history[0] is the start (after the warm-up)
     assert pruning_steps and all(step % 2 == 0 for step in pruning_steps)
+    # the controller learned the optimizer's learning rate at the last pruning step (it bounds lambda's pull)
+    lr_at_last_pruning = trainer.lr_scheduler.lr_lambdas[0](pruning_steps[-1]) * trainer.args.learning_rate
+    assert ctl.learning_rate == pytest.approx(lr_at_last_pruning)
     avg_bits = [h["avg_bits"] for h in ctl.history]
     assert avg_bits[-1] < avg_bits[0] == 8.0
     assert all(b <= a for a, b in zip(avg_bits, avg_bits[1:]))
