@@ -19,9 +19,13 @@ __all__ = ["EvalAfterPruning", "pacing_summary", "pruning_drops"]
 
 
 class EvalAfterPruning(TrainerCallback):
-    """Ask the Trainer to evaluate at the end of every optimizer step whose pruning step lowered some layer's bits.
+    """Ask the Trainer to evaluate right before every pruning step and right after each one that lowered some
+    layer's bits, so that a drop measures the pruning and not the training between two distant evaluations.
 
-    Add it after the MSQ callback (``MSQTrainer`` adds that first), so the decision of the step is known.
+    "Before" is the end of the previous optimizer step (one SGD step earlier): measured against the evaluation at the
+    previous pruning step instead (10 steps earlier in the demo), early from-scratch training alone moved the
+    accuracy by up to 6 points. Add it after the MSQ callback (``MSQTrainer`` adds that first), so the decision of
+    the step is known.
     """
 
     def __init__(self, controller: MSQController):
@@ -31,7 +35,8 @@ class EvalAfterPruning(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         history = self.controller.history
         fresh, self.seen = history[self.seen :], len(history)
-        if any(entry.get("pruned") for entry in fresh):
+        pruning_next = self.controller.started and self.controller.is_pruning_step(state.global_step + 1)
+        if any(entry.get("pruned") for entry in fresh) or pruning_next:
             control.should_evaluate = True
         return control
 

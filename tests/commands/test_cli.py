@@ -325,7 +325,9 @@ def test_train_writes_everything(tiny_run: tuple[Path, str]) -> None:
     # evaluations during training (--evals, --eval_after_pruning) score the first 16 eval images only
     in_training = [e for e in history["log_history"] if "eval_runtime" in e]
     pruned_steps = {h["step"] for h in history["history"] if h["pruned"]}
-    assert pruned_steps & {int(e["step"]) for e in in_training}, "an evaluation right after a pruning step"
+    eval_steps = {int(e["step"]) for e in in_training}
+    assert pruned_steps & eval_steps, "an evaluation right after a pruning step"
+    assert any(step - 1 in eval_steps for step in pruned_steps & eval_steps), "and one right before it"
     assert all(round(e["eval_samples_per_second"] * e["eval_runtime"]) == 16 for e in in_training)
     assert "max_pruning_eval_drop" in summary
     # the human summary
