@@ -126,8 +126,8 @@ class RunArguments:
     )
     eval_after_pruning: bool = HfArg(
         default=False,
-        help="also evaluate right after every pruning step that lowered bits (the summary then gives the largest "
-        "accuracy drop a pruning step caused)",
+        help="also evaluate right before every pruning step and right after each one that lowered bits (the summary "
+        "then gives the largest accuracy drop a pruning step caused)",
     )
 
     def __post_init__(self) -> None:

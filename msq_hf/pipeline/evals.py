@@ -1,4 +1,5 @@
-"""Evaluations around pruning: evaluate right after every pruning step that lowered bits, and measure the drops.
+"""Evaluations around pruning: evaluate right before every pruning step and right after each one that lowered bits,
+and measure the drops.
 
 Issue 14's bar for gradual pruning is that no evaluation right after a pruning step loses more than a few points
 against the evaluation before it. ``--eval_after_pruning`` (RunArguments) adds those evaluations to a run;

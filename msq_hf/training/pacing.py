@@ -24,11 +24,12 @@ deviations of the difference of two rates over that many weights, ``3 sqrt(0.5/N
 by several points between steps without any trend) divides lambda by ``gain`` instead.
 
 Flat rates are ambiguous -- a pull too weak to beat the task gradient's noise, or one so strong that the weights
-jump across the window every step and the LSBs stay at chance -- so the learning rate decides: lambda never
-exceeds :func:`pull_limit`, the value at which one plain SGD step pulls the finest regularized layer by
-``MAX_PULL`` grid steps (the controller knows the learning rate when its trainer tells it, e.g.
-``MSQCallback``). Without that bound, once the regularizer's gradient joined after gradient clipping, the default
-``msq-hf train`` run drove lambda to 50 and its loss from 0.7 to 3.8 within 60 steps.
+jump across the window every step and the LSBs stay at chance -- so where nothing clips the regularizer's
+gradient the learning rate decides: lambda never exceeds :func:`pull_limit`, the value at which one plain SGD step
+pulls the finest regularized layer by ``MAX_PULL`` grid steps (the controller knows the learning rate when its
+trainer tells it: ``MSQCallback`` does when the Trainer does not clip the loss term). Without that bound, with the
+regularizer's gradient added after the Trainer's clipping, the default ``msq-hf train`` run drove lambda to 50
+and its loss from 0.7 to 3.8 within 60 steps.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "MAX_PULL",
     "Pacer",
     "PruningPlan",
     "k_flip_rate",
-    "pruning_share",
-    "MAX_PULL",
     "last_measurement",
+    "pruning_share",
     "pull_limit",
     "rate_change",
     "smooth_sensitivities",
