@@ -197,8 +197,8 @@ class MSQTrainer(Trainer):
     ) -> Any:
         """Task loss (HF: ``Trainer.compute_loss``; raw models: CE on logits) + the MSQ regularizer.
 
-        When the Trainer clips gradients, the regularizer's gradient joins after the clipping instead
-        (:func:`msq_hf.training.callback.regularizer_after_clipping`) and the loss is the task loss alone.
+        With ``MSQConfig.regularizer_after_clipping`` and a Trainer that clips gradients, the regularizer's gradient
+        joins after the clipping instead (:meth:`_clip_grad_norm`) and the loss is the task loss alone.
 
         The regularizer joins only in training. It is divided by ``current_gradient_accumulation_steps``
         when the Trainer will not divide the loss itself (loss already normalised by
