@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 import msq_hf
 from msq_hf.training.controller import STATE_VERSION, MSQController
-from msq_hf.training.pacing import last_measurement, rate_change
+from msq_hf.training.pacing import Pacer, last_measurement, rate_change
 
 torch.set_num_threads(1)
 
@@ -167,7 +167,7 @@ def test_lambda_rises_at_pruning_steps_while_behind_the_plan(paced: dict[str, An
             continue
         measured = {"rates": after["rates"], "bits": before["bits"], "k": before["k"]}
         change = rate_change(last_measurement(history[:i]), measured, ctl.numels)
-        rose = change is not None and change[0] > max(0.01, 3 * (0.5 / change[1]) ** 0.5)
+        rose = change is not None and change[0] > Pacer(1.0).rise_limit(change[1])
         if after["avg_bits"] > after["planned_bits"] + 1e-9 and rose:
             assert after["reg_strength"] == pytest.approx(before["reg_strength"] / 2.0)  # rates rose: back off
         elif after["avg_bits"] > after["planned_bits"] + 1e-9:  # behind the plan: x gain
