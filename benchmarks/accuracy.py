@@ -508,9 +508,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
             batch = (x_train[idx], y_train[idx])
             if step == 0:
                 hooks.start(batch)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
             hooks.learning_rate = lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = hooks.learning_rate
             logits = model(batch[0])
             loss = F.cross_entropy(logits, batch[1])
             reg = hooks.regularization()

@@ -8,7 +8,7 @@ Two ways to use it:
   without touching the loss: a gradient hook on every MSQ weight adds ``lambda * dR/dW`` once per optimizer step,
   on the first micro-batch's backward (times the AMP loss scale), exactly what ``lambda * R`` in the loss gives
   over an accumulated step -- or, with ``MSQConfig.regularizer_after_clipping`` and a Trainer that clips, after
-  the clipping (:func:`regularizer_after_clipping`). It records the training batch
+  the clipping (:func:`can_join_after_clipping`). It records the training batch
   in a forward pre-hook (for the Hessian pass), prunes every ``prune_interval`` steps, writes ``msq_state.json``
   into every checkpoint, and on resume / at ``load_best_model_at_end`` reloads that checkpoint exactly (every
   tensor, ``bits``/``k`` included, plus the schedule), which the plain ``Trainer`` alone does not do for ViT-family
@@ -51,7 +51,7 @@ from msq_hf.training.measure import LossFn, detach_batch
 logger = logging.getLogger(__name__)
 
 
-def regularizer_after_clipping(args: TrainingArguments) -> bool:
+def can_join_after_clipping(args: TrainingArguments) -> bool:
     """Whether the LSB regularizer's gradient can join after the Trainer's gradient clipping (with
     ``MSQConfig.regularizer_after_clipping``): the Trainer clips (``max_grad_norm > 0``) and the gradients are the
     parameters' own full ``.grad`` (not DeepSpeed's or FSDP's shards, where it stays in the loss and is clipped)."""
@@ -113,7 +113,7 @@ class MSQCallback(TrainerCallback):
         self.last_batch: Any = None
         self.layers_changed = True  # the first log shows the starting scheme
         self.standalone = True  # False inside MSQTrainer, which adds the regularizer to its loss
-        self.after_clipping = False  # config.regularizer_after_clipping and regularizer_after_clipping(args)
+        self.after_clipping = False  # config.regularizer_after_clipping and can_join_after_clipping(args)
         self._pull_bounded = True  # whether the learning rate bounds lambda (fixed at on_train_begin)
         self._model: nn.Module | None = None
         self._resume: tuple[dict[str, Any], str] | None = None
@@ -232,7 +232,7 @@ class MSQCallback(TrainerCallback):
         controller = self.controller
         controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._optimizer = optimizer
-        self.after_clipping = controller.config.regularizer_after_clipping and regularizer_after_clipping(args)
+        self.after_clipping = controller.config.regularizer_after_clipping and can_join_after_clipping(args)
         # lambda's learning-rate bound applies to an unclipped pull: not when clipping scales the loss term too
         self._pull_bounded = self.after_clipping or not (args.max_grad_norm and args.max_grad_norm > 0)
         if self.standalone and state.global_step > 0 and self._resume is None:
@@ -308,8 +308,8 @@ class MSQCallback(TrainerCallback):
 
 __all__ = [
     "MSQCallback",
+    "can_join_after_clipping",
     "check_restored_bits",
     "refuse_packed",
-    "regularizer_after_clipping",
     "unwrap_model",
 ]

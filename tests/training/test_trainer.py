@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig,
 
 import msq_hf
 import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
-from msq_hf.training.callback import MSQCallback, regularizer_after_clipping
+from msq_hf.training.callback import MSQCallback, can_join_after_clipping
 from msq_hf.training.measure import default_loss
 from msq_hf.training.trainer import MSQ_STATE_NAME, MSQTrainer, load_timm_checkpoint, read_msq_state
 
@@ -203,7 +203,7 @@ def test_regularizer_gradient_joins_after_clipping_unclipped(front: str, tmp_pat
     task, _ = first_grads("task", 0.0, 0.0)
     in_loss, _ = first_grads("in_loss", 10.0, 0.0)  # no clipping: lambda * R is part of the loss
     clipped, callback = first_grads("clipped", 10.0, 1e-3)
-    assert callback.after_clipping and not regularizer_after_clipping(args_for(tmp_path, "x", max_grad_norm=0.0))
+    assert callback.after_clipping and not can_join_after_clipping(args_for(tmp_path, "x", max_grad_norm=0.0))
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in task.values()]))
     coef = min(1.0, 1e-3 / (float(norm) + 1e-6))  # torch.nn.utils.clip_grad_norm_'s factor
     assert coef < 0.01
