@@ -25,6 +25,11 @@ Activations: one declaration (``--act-bits``, ``--act-quantizer``, ``--act-skip-
 method through :func:`harness.convert_model`, which checks the converted model against it; each result file records
 the declaration and the quantizers really installed.
 
+Schedule and clipping: the loop does not clip gradients by default (``--max-grad-norm 1`` clips task + regularizer
+together, as ``transformers.Trainer`` does); ``--warmup-fraction``/``--target-fraction`` move MSQ's start and the
+point where its pacing plan reaches the target (docs/results.md: a late start lets threshold pruning do all the
+pruning in this short from-scratch budget, at a cost in accuracy).
+
 One JSON file per (method, seed) lands in ``--results-dir`` as soon as that run finishes (and a
 ``.partial`` progress file after every epoch), so an interrupted suite keeps what it measured.
 
@@ -126,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=0.0,
+        help="clip the total gradient (task + regularizer) to this norm, as transformers.Trainer does by default "
+        "(max_grad_norm=1.0); 0 = no clipping",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs executed in parallel processes")
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
@@ -147,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-threshold", type=float, default=0.3)
     g.add_argument("--prune-interval", type=int, default=10)
     g.add_argument("--final-round-fraction", type=float, default=0.65)
+    g.add_argument(
+        "--warmup-fraction", type=float, default=None, help="start of the regularizer (default: MSQConfig's)"
+    )
+    g.add_argument(
+        "--target-fraction", type=float, default=None, help="where the pacing plan reaches the target (MSQConfig's)"
+    )
     g.add_argument("--hessian-max-probes", type=int, default=2)
     g.add_argument("--hessian-batch-size", type=int, default=32)
     # baselines
@@ -378,6 +396,11 @@ class MSQ(Method):
             prune_threshold=args.prune_threshold,
             prune_interval=args.prune_interval,
             final_round_fraction=args.final_round_fraction,
+            **{
+                field: getattr(args, field)
+                for field in ("warmup_fraction", "target_fraction")
+                if getattr(args, field) is not None
+            },
             hessian_guided=hessian,
             hessian_max_probes=args.hessian_max_probes,
             hessian_batch_size=args.hessian_batch_size,
@@ -388,7 +411,8 @@ class MSQ(Method):
         return self.ctl.regularization()
 
     def after_step(self, global_step: int, batch: tuple[Any, Any]) -> bool:
-        self.ctl.learning_rate = self.learning_rate  # bounds lambda's pull (pacing.pull_limit)
+        # the learning rate bounds lambda's pull (pacing.pull_limit) only where no clipping rescales that pull
+        self.ctl.learning_rate = self.learning_rate if self.args.max_grad_norm <= 0 else None
         self.ctl.maybe_step(global_step, batch)  # also starts MSQ once the config's warm-up is over
         return False
 
@@ -517,6 +541,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, command: str) -> d
             total = loss if reg is None else loss + reg
             opt.zero_grad(set_to_none=True)
             total.backward()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
             step += 1
             if hooks.after_step(step, batch):

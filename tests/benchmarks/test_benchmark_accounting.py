@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 
+import msq_hf
 import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
 from msq_hf.nn.act import LSQActQuantizer, PACTActQuantizer
 from msq_hf.report.accounting import method_accounting
@@ -217,3 +218,25 @@ def test_result_records_hold_the_act_declaration_and_both_ratios(tmp_path: Path,
     assert msq["stored_bits"] == pytest.approx(msq["magnitude_bits"] + 1)
     assert msq["paper_ratio"] == pytest.approx(records["msq16"]["compression"])
     assert "pact A4 (first layer float)" in accuracy.summary_table(accuracy.load_results(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop's MSQ schedule and clipping flags
+
+
+def test_msq_schedule_flags_reach_the_config_and_clipping_lifts_the_lambda_bound() -> None:
+    """``--warmup-fraction``/``--target-fraction`` land in the MSQConfig; with ``--max-grad-norm`` the clip
+    already bounds the regularizer's pull, so the loop must not also hand the controller its learning rate."""
+    flags = ["--warmup-fraction", "0.3", "--target-fraction", "0.7", "--final-round-fraction", "0.85"]
+    for clip, expected_lr in (([], 0.05), (["--max-grad-norm", "1"], None)):
+        args = accuracy.build_parser().parse_args(flags + clip)
+        method = accuracy.make_method("msq16", resnet20(), args, total_steps=100, steps_per_epoch=10, seed=0)
+        assert (method.config.warmup_fraction, method.config.target_fraction) == (0.3, 0.7)
+        assert method.config.final_round_fraction == 0.85
+        method.learning_rate = 0.05
+        method.after_step(1, (torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)))  # before the warm-up
+        assert method.ctl.learning_rate == expected_lr
+    defaults = accuracy.make_method(
+        "msq16", resnet20(), accuracy.build_parser().parse_args([]), total_steps=100, steps_per_epoch=10, seed=0
+    )
+    assert defaults.config.warmup_fraction == msq_hf.MSQConfig().warmup_fraction
