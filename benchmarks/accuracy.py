@@ -412,7 +412,8 @@ class MSQ(Method):
 
     def after_step(self, global_step: int, batch: tuple[Any, Any]) -> bool:
         # the learning rate bounds lambda's pull (pacing.pull_limit) only where no clipping rescales that pull
-        self.ctl.learning_rate = self.learning_rate if self.args.max_grad_norm <= 0 else None
+        self.ctl.proximal_step(self.learning_rate)  # lsb_update="proximal" only
+        self.ctl.learning_rate = self.learning_rate if self.args.max_grad_norm <= 0 or self.ctl.proximal else None
         self.ctl.maybe_step(global_step, batch)  # also starts MSQ once the config's warm-up is over
         return False
 

@@ -50,6 +50,8 @@ VARIANTS: dict[str, list[str]] = {
     "no_bn_recalibration": ["--bn_recalibration", "false"],
     # the regularizer's gradient added after the Trainer's clipping (unclipped, bounded by the learning rate)
     "after_clipping": ["--regularizer_after_clipping", "true"],
+    # the LSB pull as a proximal step after each optimizer step (no clipping, no momentum, no overshoot)
+    "proximal": ["--lsb_update", "proximal"],
     # the paper's constant lambda with this package's other defaults (what the feedback replaces)
     "fixed_lambda": ["--reg_control", "fixed"],
     # before issue 14 (benchmarks/harness.PREVIOUS_REGULARIZER)

@@ -55,6 +55,18 @@ def add_regularizer_arguments(parser: argparse.ArgumentParser | Any) -> None:
         action="store_true",
         help="the MSQ regularizer before issue 14, which produced the recorded MSQ rows (PREVIOUS_REGULARIZER)",
     )
+    parser.add_argument(
+        "--lsb-update",
+        choices=("gradient", "proximal"),
+        default=None,
+        help="how the LSB regularizer moves the weights (MSQConfig.lsb_update; default: MSQConfig's)",
+    )
+    parser.add_argument(
+        "--lsb-units",
+        choices=("scale", "step", "code", "value"),
+        default=None,
+        help="units of the LSB pull (MSQConfig.lsb_units; default: MSQConfig's)",
+    )
 
 
 def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,6 +74,9 @@ def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(PREVIOUS_REGULARIZER) if args.previous_regularizer else {}
     if args.reg_strength is not None:
         settings["reg_strength"] = args.reg_strength
+    for name in ("lsb_update", "lsb_units"):
+        if getattr(args, name, None) is not None:
+            settings[name] = getattr(args, name)
     return settings
 
 

@@ -125,6 +125,12 @@ class MSQParams:
         "with a Trainer that clips gradients (max_grad_norm > 0): add lambda*dR/dW after the clipping, unclipped and "
         "bounded by the learning rate, instead of clipping it with the task gradient as a loss term (the default)",
     )
+    lsb_update: Literal["gradient", "proximal"] = param(
+        "gradient",
+        "how the LSB regularizer moves the weights: 'gradient' (lambda*R in the loss, the paper) or 'proximal' (after "
+        "every optimizer step, each weight moves lr*lambda*dR/dW toward its zero-LSB grid point, never past it: "
+        "no clipping, no momentum)",
+    )
     hessian_interval: int = param(
         2,
         "re-estimate the Hutchinson traces at every N-th sensitivity pass; in between, the last traces are reused with "
@@ -242,6 +248,13 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         ("warmup_fraction", "final_round_fraction"),
         lambda v: v["warmup_fraction"] < v["target_fraction"] <= v["final_round_fraction"],
         lambda v, s: f"above {s('warmup_fraction')} and at most {s('final_round_fraction')}",
+    ),
+    # the proximal step works on the sign-magnitude grid (msq_hf.quant.grid); DoReFa's tanh domain has none
+    CrossRule(
+        "lsb_update",
+        ("wnorm",),
+        lambda v: v["lsb_update"] == "gradient" or v["wnorm"] == "signmag",
+        lambda v, s: f"'gradient' with {s('wnorm')} (the proximal step needs wnorm='signmag')",
     ),
 )
 

@@ -35,6 +35,7 @@ from msq_hf.nn.quantizer import (
     op_supported,
 )
 from msq_hf.quant import functional as QF
+from msq_hf.quant.grid import lsb_proximal, max_abs_scale
 from msq_hf.quant.kernels import KERNELS
 
 REG_ATTR = "_msq_reg"
@@ -186,6 +187,16 @@ class MSQLayerMixin:
             w = w.clone().requires_grad_(True)
             reg = QF.lsb_l1(w, self.n_bits, self.n_k, self.lsb_form, self.lsb_units, self.reg_reduction, "dorefa")
             return torch.autograd.grad(reg, w)[0]
+
+    def apply_lsb_proximal(self, amount: float) -> None:
+        """Move the weights one proximal step of ``amount * R_l`` (``amount = lr * lambda``) toward the coarse grid
+        (:func:`msq_hf.quant.grid.lsb_proximal`), in place; nothing at ``k = 0``. Device-side, no host read."""
+        if self.wnorm != "signmag":
+            raise ValueError(f"{type(self).__name__}: lsb_update='proximal' needs wnorm='signmag', not {self.wnorm!r}")
+        mean = self.reg_reduction == "mean"
+        with torch.no_grad():
+            w = self.weight
+            w.copy_(lsb_proximal(w, max_abs_scale(w), self.bits, self.k, self.lsb_units, mean, float(amount)))
 
     def lsb_nonzero_rate(self, k: int | None = None) -> float:
         """Fraction of weights whose current code has a non-zero ``k``-LSB field."""

@@ -14,7 +14,8 @@ from typing import Any
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from msq_hf.quant.kernels import KERNELS
-from msq_hf.training.controller import PHASE_CODES, MSQController
+from msq_hf.training.controller import MSQController
+from msq_hf.training.log_metrics import PHASE_CODES
 
 _PHASE_NAMES = {float(code): name for name, code in PHASE_CODES.items()}
 

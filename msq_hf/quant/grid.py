@@ -103,10 +103,28 @@ def grid_values(
     return q, step, ell, reg, (coef_mult * s_coef).to(w.dtype)
 
 
+def lsb_proximal(
+    w: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor, k: torch.Tensor, units: str, mean: bool, amount: float
+) -> torch.Tensor:
+    """``W`` after one proximal step of ``amount * R`` (``amount = lr * lambda``): every weight moves toward the
+    nearest point of the coarse grid (its ``k`` LSBs zero) by ``amount * c`` -- the distance one SGD step on
+    ``R`` alone would move it -- but never past that point (soft-thresholding of the LSB part ``l``).
+
+    ``c`` is the coefficient of ``dR/dW = c sign(l)`` (:func:`grid_values`; 0 at ``k = 0``, so an unregularized
+    layer is returned unchanged). Unlike ``lambda * R`` in the loss, the step is neither clipped with the task
+    gradient nor carried over by momentum, and it cannot overshoot the zero-LSB point. As with the gradient, the
+    largest weight (at ``|x| = 2^n``, beyond the coarse top level) is pulled too, so ``S = max|W|`` shrinks while
+    the pull lasts (docs/pruning.md, "The largest weight is always pulled").
+    """
+    _, step, ell, _, coef = grid_values(w, scale, bits, k, True, units, mean)
+    return w - torch.sign(ell) * torch.minimum(ell.abs() * step, coef * amount)
+
+
 __all__ = [
     "REFERENCE_LEVELS",
     "grid_constants",
     "grid_values",
+    "lsb_proximal",
     "max_abs_scale",
     "scale_factors",
     "scale_powers",

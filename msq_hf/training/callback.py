@@ -60,6 +60,19 @@ def can_join_after_clipping(args: TrainingArguments) -> bool:
     return PartialState().distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
+def refuse_sharded_proximal(config: MSQConfig) -> None:
+    """``lsb_update="proximal"`` writes each MSQ weight in place after the optimizer step: it needs every rank to
+    hold the full weights, which DeepSpeed and FSDP shard. Raises ``ValueError`` there."""
+    if config.lsb_update != "proximal":
+        return
+    kind = PartialState().distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise ValueError(
+            f"MSQConfig.lsb_update='proximal' is not supported under {kind.value}, which shards the weights the "
+            "proximal step writes in place: use lsb_update='gradient' (the default) there"
+        )
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside DDP / DataParallel / accelerate wrappers."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
@@ -192,7 +205,7 @@ class MSQCallback(TrainerCallback):
 
     def _regularizer_scale(self) -> float:
         """``lambda`` times the loss scale the backward carries (accelerate's GradScaler under fp16), 0 if off."""
-        if not self.controller.regularizing:
+        if not self.controller.regularizing or self.controller.proximal:
             return 0.0
         scaler = getattr(self._optimizer, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -230,11 +243,16 @@ class MSQCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None, **kw: Any):
         controller = self.controller
+        refuse_sharded_proximal(controller.config)
         controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._optimizer = optimizer
-        self.after_clipping = controller.config.regularizer_after_clipping and can_join_after_clipping(args)
+        self.after_clipping = (
+            controller.config.regularizer_after_clipping and not controller.proximal and can_join_after_clipping(args)
+        )
         # lambda's learning-rate bound applies to an unclipped pull: not when clipping scales the loss term too
-        self._pull_bounded = self.after_clipping or not (args.max_grad_norm and args.max_grad_norm > 0)
+        self._pull_bounded = (
+            self.after_clipping or controller.proximal or not (args.max_grad_norm and args.max_grad_norm > 0)
+        )
         if self.standalone and state.global_step > 0 and self._resume is None:
             # the plain Trainer loaded the checkpoint with strict=False: reload it exactly, from output_dir
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -270,6 +288,8 @@ class MSQCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> Any:
         if self.standalone:
             self.controller.regularization()  # clears the terms of the last forward, records msq/reg
+        if self.controller.proximal and self._optimizer is not None:  # the LSB pull, after the optimizer step
+            self.controller.proximal_step(float(self._optimizer.param_groups[0]["lr"]))
         if self.last_batch is None:
             return None
         if self._pull_bounded and self._optimizer is not None and self.controller.is_pruning_step(state.global_step):
@@ -311,5 +331,6 @@ __all__ = [
     "can_join_after_clipping",
     "check_restored_bits",
     "refuse_packed",
+    "refuse_sharded_proximal",
     "unwrap_model",
 ]

@@ -24,6 +24,7 @@ from msq_hf.config import MSQConfig
 from msq_hf.convert import msq_layers
 from msq_hf.integrations.guard import mark_driven
 from msq_hf.quant.functional import average_bits, compression_ratio
+from msq_hf.training.log_metrics import msq_metrics
 from msq_hf.training.measure import (
     Batch,
     LossFn,
@@ -42,8 +43,6 @@ from msq_hf.training.sensitivity import reduce_across_ranks
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 2: lambda feedback, plan and averaged sensitivities (version 1 states still load)
-PHASE_CODES: dict[str, int] = {"regularize": 0, "final": 1, "qat": 2}
-"""Numeric code of each phase, logged as ``msq/phase`` (loggers such as TensorBoard want numbers)."""
 
 
 class MSQController:
@@ -201,8 +200,21 @@ class MSQController:
     def regularization(self) -> torch.Tensor:
         """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8), to add to the loss: the layers' fused
         terms, summed and cleared (``LSBRegularizer``); a 0-dim zero without gradient in eval mode, under
-        ``no_grad``, after the final round or with lambda = 0."""
-        return self._regularizer.collect(0.0 if self._finalized else self.reg_strength)
+        ``no_grad``, after the final round, with lambda = 0 or with ``lsb_update="proximal"`` (which still records
+        the value for :attr:`last_regularization`)."""
+        reg = self._regularizer.collect(0.0 if self._finalized else self.reg_strength)
+        return torch.zeros_like(reg.detach()) if self.proximal else reg  # proximal: the value is only logged
+
+    @property
+    def proximal(self) -> bool:
+        """True with ``lsb_update="proximal"``: :meth:`proximal_step` pulls, :meth:`regularization` is zero."""
+        return self.config.lsb_update == "proximal"
+
+    def proximal_step(self, learning_rate: float) -> None:
+        """Call after each optimizer step at ``learning_rate``: with ``lsb_update="proximal"``, the LSB pull
+        (:meth:`LSBRegularizer.proximal_step` at ``learning_rate * lambda``) while MSQ regularizes; else nothing."""
+        if self.proximal and self._started and not self._finalized:
+            self._regularizer.proximal_step(float(learning_rate) * self.reg_strength)
 
     # -- measurements ---------------------------------------------------------------------------
     def nonzero_rates(self) -> dict[str, float]:
@@ -331,26 +343,13 @@ class MSQController:
 
     # -- logging ----------------------------------------------------------------------------------
     def log_dict(self, per_layer: bool = True) -> dict[str, float]:
-        """Flat numeric metrics for loggers: ``msq/compression``, ``msq/avg_bits``, ``msq/phase`` (code of
-        :data:`PHASE_CODES`), ``msq/reg`` and, per layer, ``msq/bits/<name>``, ``msq/k/<name>``,
-        ``msq/nonzero/<name>``, ``msq/sens/<name>`` (last measured values)."""
-        out: dict[str, float] = {
-            "msq/compression": round(self.compression, 4),
-            "msq/avg_bits": round(self.avg_bits, 4),
-            "msq/phase": float(PHASE_CODES[self.phase]),
-            "msq/reg": self.last_regularization,
-            "msq/lambda": self.reg_strength,
-            "msq/pruning_steps": float(max(len(self._history) - 1, 0)),  # the first entry is the start
-        }
-        if per_layer:
-            for name, layer in self.layers.items():
-                out[f"msq/bits/{name}"] = float(layer.n_bits)
-                out[f"msq/k/{name}"] = float(layer.n_k)
-                if name in self._last_rates:
-                    out[f"msq/nonzero/{name}"] = float(self._last_rates[name])
-                if name in self._last_sens:
-                    out[f"msq/sens/{name}"] = float(self._last_sens[name])
-        return out
+        """Flat numeric metrics for loggers (:func:`msq_hf.training.log_metrics.msq_metrics`): compression, average
+        bits, phase, lambda * R, lambda and, per layer, bits, k and the last measured nonzero rate and sensitivity."""
+        summary = {"compression": self.compression, "avg_bits": self.avg_bits, "phase": self.phase}
+        summary.update(reg=self.last_regularization, reg_strength=self.reg_strength)
+        summary["pruning_steps"] = max(len(self._history) - 1, 0)  # the first entry is the start
+        layers = {"bits": self.bits, "k": self.ks, "nonzero": self._last_rates, "sens": self._last_sens}
+        return msq_metrics(summary, layers if per_layer else None)
 
     # -- persistence ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -395,4 +394,4 @@ class MSQController:
         self.traces.load_state_dict(state.get("traces") or {})  # older states: the next pass runs the Hessian
 
 
-__all__ = ["PHASE_CODES", "STATE_VERSION", "MSQController"]
+__all__ = ["STATE_VERSION", "MSQController"]

@@ -1,8 +1,9 @@
-"""Summing the LSB regularizer (MSQ Eq. 8) from the terms the MSQ layers recorded in a training forward.
+"""The LSB regularizer (MSQ Eq. 8) of a model's MSQ layers: as a loss term, or as a proximal step.
 
 The fused quantizer of every MSQ layer computes its ``R_l`` during the forward and keeps it on the layer
 (:meth:`msq_hf.nn.layers.MSQLayerMixin.pop_regularization`); this module only adds them up, times lambda. It
-costs no pass over the weights and never reads a value on the host.
+costs no pass over the weights and never reads a value on the host. With ``lsb_update="proximal"`` the pull is
+instead a step on the weights after the optimizer's (:meth:`LSBRegularizer.proximal_step`).
 """
 
 from __future__ import annotations
@@ -47,3 +48,11 @@ class LSBRegularizer:
         reg = torch.stack([t.float() for t in terms]).sum() * strength
         self.last = reg.detach()  # read on the host only when logged: no device sync per step
         return reg
+
+    def proximal_step(self, amount: float) -> None:
+        """Move every layer's weights one proximal step of ``amount * R_l`` (``amount = lr * lambda``) toward their
+        zero-LSB grid points (:meth:`msq_hf.nn.layers.MSQLayerMixin.apply_lsb_proximal`; layers at ``k = 0`` stay
+        as they are). Device-side, no host read."""
+        if amount > 0:
+            for layer in self.layers.values():
+                layer.apply_lsb_proximal(amount)

@@ -240,3 +240,15 @@ def test_msq_schedule_flags_reach_the_config_and_clipping_lifts_the_lambda_bound
         "msq16", resnet20(), accuracy.build_parser().parse_args([]), total_steps=100, steps_per_epoch=10, seed=0
     )
     assert defaults.config.warmup_fraction == msq_hf.MSQConfig().warmup_fraction
+
+
+def test_proximal_flags_reach_the_config_and_keep_the_lambda_bound() -> None:
+    """``--lsb-update proximal --lsb-units step`` land in the MSQConfig; the proximal step is never clipped, so the
+    loop hands the controller its learning rate (the lambda bound) even with ``--max-grad-norm``."""
+    flags = ["--lsb-update", "proximal", "--lsb-units", "step", "--max-grad-norm", "1"]
+    args = accuracy.build_parser().parse_args(flags)
+    method = accuracy.make_method("msq16", resnet20(), args, total_steps=100, steps_per_epoch=10, seed=0)
+    assert (method.config.lsb_update, method.config.lsb_units) == ("proximal", "step")
+    method.learning_rate = 0.05
+    method.after_step(1, (torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)))
+    assert method.ctl.learning_rate == 0.05
