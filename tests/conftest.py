@@ -205,6 +205,18 @@ def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+def toy_dataset(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """A learnable toy task for the tiny models: ``n`` rows of ``pixel_values`` (3 x IMAGE_SIZE^2) and ``labels``,
+    where the label (``i % NUM_CLASSES``) raises the mean of colour channel ``i % 3``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        x = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 0.5
+        x[i % 3] += 1.0
+        rows.append({"pixel_values": x, "labels": torch.tensor(i % NUM_CLASSES)})
+    return rows
+
+
 @pytest.fixture
 def tiny_model_factories() -> dict[str, Callable[[], nn.Module]]:
     """The table of tiny offline model factories."""

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from conftest import IMAGE_SIZE, NUM_CLASSES, TINY_MODELS, is_hf_model
+from conftest import IMAGE_SIZE, NUM_CLASSES, TINY_MODELS, is_hf_model, toy_dataset
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import TrainingArguments
@@ -198,16 +198,6 @@ def test_inductor_matches_eager() -> None:
         torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def _dataset(n: int = 24) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        x = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 0.5
-        x[i % 3] += 1.0
-        rows.append({"pixel_values": x, "labels": torch.tensor(i % NUM_CLASSES)})
-    return rows
-
-
 def _train(tmp_path, name: str, compile_backend: str | None) -> tuple[dict[str, int], list[dict]]:
     torch.manual_seed(0)
     model = TINY_MODELS[name]()
@@ -229,7 +219,7 @@ def _train(tmp_path, name: str, compile_backend: str | None) -> tuple[dict[str, 
         torch_compile=compile_backend is not None,
         torch_compile_backend=compile_backend,
     )
-    trainer = MSQTrainer(model=model, args=args, msq_config=cfg, train_dataset=_dataset())
+    trainer = MSQTrainer(model=model, args=args, msq_config=cfg, train_dataset=toy_dataset(24))
     trainer.train()
     return msq_hf.bit_scheme(trainer.model), trainer.msq_controller.history
 

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE_SIZE, NUM_CLASSES, TINY_MODELS
+from conftest import TINY_MODELS, toy_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import msq_hf
@@ -25,17 +25,6 @@ from msq_hf.training.controller import MSQController
 from msq_hf.training.trainer import MSQTrainer
 
 torch.set_num_threads(1)
-
-
-def dataset(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """A learnable toy task for the shared tiny ViT: the class sets the mean of one colour channel."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        x = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 0.5
-        x[i % 3] += 1.0
-        rows.append({"pixel_values": x, "labels": torch.tensor(i % NUM_CLASSES)})
-    return rows
 
 
 def tiny_vit() -> torch.nn.Module:
@@ -81,7 +70,7 @@ def test_the_loss_carries_no_regularizer_and_the_step_is_the_proximal_one() -> N
     ctl.proximal_step(0.1)  # before the start: nothing
     assert all(torch.equal(layer.weight, before[n]) for n, layer in ctl.layers.items())
     ctl.start()
-    batch = dataset(4)
+    batch = toy_dataset(4)
     model.train()
     out = model(pixel_values=torch.stack([r["pixel_values"] for r in batch]))
     reg = ctl.regularization()
@@ -111,7 +100,7 @@ def test_hand_loop_prunes_by_threshold_alone() -> None:
             target_fraction=0.6,
         ),
     )
-    rows = dataset(16)
+    rows = toy_dataset(16)
     x = torch.stack([r["pixel_values"] for r in rows])
     y = torch.stack([r["labels"] for r in rows])
     steps = 80
@@ -137,6 +126,7 @@ def test_trainers_apply_the_proximal_step_after_the_optimizer(front: str, tmp_pa
     lr, reg = 0.05, 5.0
 
     def train(name: str, cfg: msq_hf.MSQConfig) -> dict[str, torch.Tensor]:
+        rows, stop = toy_dataset(8), StopAfterFirstStep()
         args = TrainingArguments(
             output_dir=str(tmp_path / name),
             per_device_train_batch_size=8,
@@ -151,16 +141,12 @@ def test_trainers_apply_the_proximal_step_after_the_optimizer(front: str, tmp_pa
             max_grad_norm=1.0,
         )
         if front == "msq_trainer":
-            trainer = MSQTrainer(
-                model=tiny_vit(), args=args, train_dataset=dataset(), msq_config=cfg, callbacks=[StopAfterFirstStep()]
-            )
+            trainer = MSQTrainer(model=tiny_vit(), args=args, train_dataset=rows, msq_config=cfg, callbacks=[stop])
             controller = trainer.msq_controller
         else:
             callback = MSQCallback(cfg)
             model = msq_hf.quantize_model(tiny_vit(), cfg)
-            trainer = Trainer(
-                model=model, args=args, train_dataset=dataset(), callbacks=[callback, StopAfterFirstStep()]
-            )
+            trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback, stop])
             controller = callback.controller
         trainer.train()
         assert trainer.state.global_step == 1 and not controller.finalized
