@@ -24,6 +24,7 @@ Usage::
     python benchmarks/finetune_pretrained.py resnet18 --method dorefa --bits 4 --seeds 0 --skip-done
     python benchmarks/finetune_pretrained.py resnet18 --method msq --tag clip0 --max_grad_norm 0  # a budget variant
     python benchmarks/finetune_pretrained.py --table-only
+    python benchmarks/finetune_pretrained.py --table-only --plot   # also docs/img/finetune_trajectories.png
 
 Extra arguments go to the recipe (e.g. ``--max_train_samples 20000``) and are recorded in the run's command; runs
 with extra arguments that change the budget need a ``--tag`` (their own files, and rows compared within the tag).
@@ -58,6 +59,7 @@ PRETRAIN_RESULTS = ROOT / "benchmarks" / "results" / "pretrain"
 BASELINE_SCRIPT = "benchmarks/finetune_baseline.py"
 BASELINE_RESULT = "baseline_result.json"  # what BASELINE_SCRIPT writes in its output folder
 PAIR_TOLERANCE = 0.5  # stored bits per weight between MSQ and a uniform run called "equal stored bits"
+PLOT = ROOT / "docs" / "img" / "finetune_trajectories.png"
 
 # One short fine-tuning epoch on a 20,000-image subset (the budget every method shares); the paper's other
 # settings (SGD lr 0.01 cosine, 5 % warm-up, weight decay 1e-4, float activations for the CNN) come from the recipe.
@@ -174,6 +176,19 @@ def load_results(results: Path = RESULTS) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
 
 
+def plot(records: list[dict[str, Any]], path: Path = PLOT) -> Path | None:
+    """Seed 0's average-bits trajectory of every recorded MSQ setting, one panel each (threshold-pruning dots, the
+    forced round's red cross, the plan), with the target of the first run."""
+    from msq_hf.report import plot_pruning_trajectories
+
+    msq = [r for r in records if r.get("method", "msq") == "msq" and r["seed"] == 0 and r.get("history")]
+    if not msq:
+        return None
+    runs = {f"{r['model']} {r.get('tag') or 'default'}, seed 0": r["history"] for r in msq}
+    target = msq[0]["summary"].get("target_compression")
+    return plot_pruning_trajectories(runs, path, target_bits=32.0 / target if target else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", metavar="MODEL", help=f"default resnet18; one of {list(RUNS)}")
@@ -188,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (OMP_NUM_THREADS)")
     parser.add_argument("--skip-done", action="store_true", help="skip runs whose result file exists")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--plot", action="store_true", help=f"draw {PLOT.relative_to(ROOT)} from the records")
     args, extra = parser.parse_known_args(argv)
     check_method(args.method, args.bits)
     unknown = sorted(set(args.models) - set(RUNS))
@@ -211,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     # 0.5 bit: an MSQ run overshooting the target stores a little less than the uniform run it is paired with
     print(f"\nMSQ and the uniform runs at equal stored bits (within {PAIR_TOLERANCE} bit per weight):\n")
     print(pairing_table(records, PAIR_TOLERANCE))
+    if args.plot and (written := plot(records)) is not None:
+        print(f"\nplot: {written.relative_to(ROOT)}")
     return 0
 
 

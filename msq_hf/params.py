@@ -131,6 +131,11 @@ class MSQParams:
         "every optimizer step, each weight moves lr*lambda*dR/dW toward its zero-LSB grid point, never past it: "
         "no clipping, no momentum)",
     )
+    rewind_weights: bool = param(
+        False,
+        "at the final round, reload every weight and buffer the run started from (a fine-tune's checkpoint), clear "
+        "the optimizer state and train the remaining steps as QAT at the bit scheme MSQ found",
+    )
     hessian_interval: int = param(
         2,
         "re-estimate the Hutchinson traces at every N-th sensitivity pass; in between, the last traces are reused with "

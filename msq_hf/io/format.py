@@ -52,6 +52,7 @@ CARD_NAME = "README.md"
 PLOT_NAME = "bit_scheme.png"
 CONFIG_WEIGHTS_KEY = "msq_weights"  # top-level config.json key naming the weight file (or index)
 MSQ_STATE_NAME = "msq_state.json"  # the pruning schedule in every MSQTrainer checkpoint
+REWIND_NAME = "msq_rewind.safetensors"  # the weights a rewind_weights run goes back to, in checkpoints before it
 
 
 def packed_metadata() -> dict[str, str]:
@@ -357,6 +358,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MODEL_DTYPES",
     "MSQ_STATE_NAME",
+    "REWIND_NAME",
     "PLOT_NAME",
     "UNVERIFIED_NAMES",
     "WEIGHTS_ENTRIES",

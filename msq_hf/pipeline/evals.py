@@ -92,4 +92,8 @@ def pacing_summary(
         "measure_share": round(controller.measure_seconds / train_seconds, 4) if train_seconds > 0 else None,
         "hessian_passes": controller.traces.hessian_passes,
         "sensitivity_passes": controller.traces.passes,
+        # rewind_weights: the final round's step, where the weights went back to the start (msq_hf.training.rewind)
+        "rewound_at_step": next((e["step"] for e in controller.history if e["phase"] == "final"), None)
+        if controller.config.rewind_weights
+        else None,
     }

@@ -89,6 +89,7 @@ SUMMARY_KEYS = (
     "measure_share",
     "hessian_passes",
     "sensitivity_passes",
+    "rewound_at_step",
     "storage_compression",
     "export_weight_bytes",
     "float_weight_bytes",

@@ -43,10 +43,11 @@ from msq_hf.config import MSQConfig
 from msq_hf.convert import iter_msq_layers
 from msq_hf.errors import MSQFormatError
 from msq_hf.integrations.guard import PACKED_HINT, is_packed_model
-from msq_hf.io.format import MSQ_STATE_NAME
+from msq_hf.io.format import MSQ_STATE_NAME, REWIND_NAME
 from msq_hf.training.checkpoint import load_checkpoint_exact, require_msq_state, write_msq_state
 from msq_hf.training.controller import MSQController
 from msq_hf.training.measure import LossFn, detach_batch
+from msq_hf.training.rewind import WeightSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,22 @@ def can_join_after_clipping(args: TrainingArguments) -> bool:
     return PartialState().distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
-def refuse_sharded_proximal(config: MSQConfig) -> None:
-    """``lsb_update="proximal"`` writes each MSQ weight in place after the optimizer step: it needs every rank to
-    hold the full weights, which DeepSpeed and FSDP shard. Raises ``ValueError`` there."""
-    if config.lsb_update != "proximal":
-        return
+def refuse_sharded_writes(config: MSQConfig) -> None:
+    """``lsb_update="proximal"`` (after every optimizer step) and ``rewind_weights`` (at the final round) write the
+    weights in place: they need every rank to hold the full weights, which DeepSpeed and FSDP shard. Raises
+    ``ValueError`` naming the field there."""
     kind = PartialState().distributed_type
-    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if kind not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return
+    if config.lsb_update == "proximal":
         raise ValueError(
             f"MSQConfig.lsb_update='proximal' is not supported under {kind.value}, which shards the weights the "
             "proximal step writes in place: use lsb_update='gradient' (the default) there"
+        )
+    if config.rewind_weights:
+        raise ValueError(
+            f"MSQConfig.rewind_weights=True is not supported under {kind.value}, which shards the weights the rewind "
+            "writes back in place: use DDP (or one process) for a rewinding run"
         )
 
 
@@ -243,7 +250,7 @@ class MSQCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None, **kw: Any):
         controller = self.controller
-        refuse_sharded_proximal(controller.config)
+        refuse_sharded_writes(controller.config)
         controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._optimizer = optimizer
         self.after_clipping = (
@@ -263,16 +270,19 @@ class MSQCallback(TrainerCallback):
                 )
             load_checkpoint_exact(self._model, folder)
             self.stage_resume(folder)
+        resumed_from = None
         if self._resume is not None:
-            resume, folder = self._resume
+            resume, resumed_from = self._resume
             self._resume = None
-            self.restore(resume, folder)
+            self.restore(resume, resumed_from)
             logger.info(
                 "msq_hf: restored the pruning schedule of %s (phase %s, compression %.2f)",
-                folder,
+                resumed_from,
                 controller.phase,
                 controller.compression,
             )
+        if resumed_from and controller.snapshot is not None:  # rewind_weights: the start this run must go back to
+            controller.snapshot = WeightSnapshot.load(resumed_from)
 
     def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         self._global_step = state.global_step
@@ -297,11 +307,13 @@ class MSQCallback(TrainerCallback):
             self.controller.learning_rate = float(self._optimizer.param_groups[0]["lr"])
         self._measuring = True
         try:
-            decision = self.controller.maybe_step(state.global_step, self.last_batch)
+            decision = self.controller.maybe_step(state.global_step, self.last_batch, optimizer=self._optimizer)
         finally:
             self._measuring = False
         if decision is None:
             return None
+        if decision.finalized and self.controller.config.rewind_weights:
+            logger.info("msq_hf: step %d: weights rewound to the start of training for QAT", state.global_step)
         # log at this step through the normal path (log_history + every report_to target)
         self.layers_changed = True
         control.should_log = True
@@ -319,6 +331,9 @@ class MSQCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MSQ_STATE_NAME)):
             write_msq_state(self.controller, folder)
+        snapshot = self.controller.snapshot  # rewind_weights before the final round: a resume goes back to it too
+        if os.path.isdir(folder) and snapshot is not None and not os.path.isfile(os.path.join(folder, REWIND_NAME)):
+            snapshot.save(folder)
 
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         # the plain Trainer loaded the best checkpoint with strict=False: reload it exactly, schedule included
@@ -331,6 +346,6 @@ __all__ = [
     "can_join_after_clipping",
     "check_restored_bits",
     "refuse_packed",
-    "refuse_sharded_proximal",
+    "refuse_sharded_writes",
     "unwrap_model",
 ]

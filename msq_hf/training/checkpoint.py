@@ -2,6 +2,8 @@
 
 * ``msq_state.json``: the controller's pruning state (:func:`write_msq_state` / :func:`read_msq_state`), so a
   resumed run ends with the same bit scheme;
+* with ``rewind_weights``, before the final round: ``msq_rewind.safetensors``, the weights the run goes back to
+  (:class:`msq_hf.training.rewind.WeightSnapshot`, written by ``MSQCallback.on_save``);
 * for raw (non-transformers) models, a ``config.json`` that rebuilds them: timm's own layout
   (``save_config_for_hf``) plus ``quantization_config`` with the current bit scheme
   (:func:`write_raw_model_config`); :func:`load_timm_checkpoint` rebuilds a raw timm MSQ model from it.

@@ -37,6 +37,7 @@ from msq_hf.training.measure import (
 )
 from msq_hf.training.pacing import Pacer, PruningPlan, last_measurement, pruning_share, pull_limit, rate_change
 from msq_hf.training.regularizer import LSBRegularizer
+from msq_hf.training.rewind import WeightSnapshot, rewind
 from msq_hf.training.schedule import BitPruningSchedule, PruneDecision, make_state
 from msq_hf.training.sensitivity import reduce_across_ranks
 
@@ -111,6 +112,8 @@ class MSQController:
             default_k=config.default_k,
         )
         self.total_steps = total_steps
+        # rewind_weights: the weights the final round goes back to (msq_hf.training.rewind), on the CPU
+        self.snapshot: WeightSnapshot | None = WeightSnapshot.take(model) if config.rewind_weights else None
 
     # -- read-only views --------------------------------------------------------------------------
     @property
@@ -261,22 +264,12 @@ class MSQController:
         self._last_rates = dict(rates)
         if sens is not None:
             self._last_sens = dict(sens)
-        self._history.append(
-            {
-                "step": int(step),
-                "bits": self.bits,
-                "k": self.ks,
-                "rates": dict(rates),
-                "sensitivities": dict(sens) if sens is not None else None,
-                "compression": self.compression,
-                "avg_bits": self.avg_bits,
-                "phase": "final" if self._finalized else "regularize",
-                "pruned": list(done.pruned) if done is not None else [],
-                "forced": bool(done is not None and done.forced),
-                "reg_strength": self.reg_strength,
-                "planned_bits": self.plan.planned_bits(step) if self.plan is not None else None,
-            }
-        )
+        entry = {"step": int(step), "bits": self.bits, "k": self.ks, "rates": dict(rates)}
+        entry.update(sensitivities=dict(sens) if sens is not None else None, compression=self.compression)
+        entry.update(avg_bits=self.avg_bits, phase="final" if self._finalized else "regularize")
+        entry.update(pruned=list(done.pruned) if done else [], forced=bool(done is not None and done.forced))
+        entry.update(reg_strength=self.reg_strength, planned_bits=self.plan.planned_bits(step) if self.plan else None)
+        self._history.append(entry)
 
     def start(self, batch: Batch | None = None, loss_fn: LossFn | None = None, global_step: int = 0) -> None:
         """Initial ``k`` (sensitivities at the current bits: 1 above the mean, 2 below) and the planned trajectory,
@@ -313,13 +306,17 @@ class MSQController:
         return max(1, math.ceil(self.config.final_round_fraction * self._total_steps))
 
     def maybe_step(
-        self, global_step: int, batch: Batch | None = None, loss_fn: LossFn | None = None
+        self, global_step: int, batch: Batch | None = None, loss_fn: LossFn | None = None, optimizer: Any = None
     ) -> PruneDecision | None:
         """Run a pruning step if ``global_step`` (optimizer steps done) is one; else return ``None``.
 
         Measures rates and sensitivities (rank-reduced), lets the schedule decide, writes the new bits/k into the
-        layers and (``bn_recalibration``) re-estimates BatchNorm statistics on ``batch`` if bits were lowered.
+        layers and (``bn_recalibration``) re-estimates BatchNorm statistics on ``batch`` if bits were lowered. With
+        ``rewind_weights`` the final round puts the weights back to :attr:`snapshot` and clears ``optimizer``'s state
+        (required then: a ``ValueError`` on the first call without it).
         """
+        if self.snapshot is not None and optimizer is None:
+            raise ValueError("MSQConfig.rewind_weights=True: pass maybe_step(..., optimizer=...), for the rewind")
         was_started = self._started  # a step that starts MSQ measures once and does not also prune
         started = self.maybe_start(global_step, batch, loss_fn)
         if not (started and was_started and self.is_pruning_step(global_step)):
@@ -329,9 +326,12 @@ class MSQController:
         state = make_state(now["bits"], now["k"], self.numels)
         decision = self._schedule.step(state, rates, sens, global_step, self._pacer.floor_bits(global_step))
         self._apply(decision.bits, decision.k)
+        self._finalized = bool(decision.finalized)
+        if self._finalized and self.snapshot is not None:  # rewind_weights: the scheme is found, QAT from the start
+            rewind(self.model, self.snapshot, optimizer)
+            self.snapshot = None
         if decision.pruned and self.config.bn_recalibration and batch is not None:  # stale statistics otherwise
             recalibrate_batchnorm(self.model, batch, loss_fn or self.loss_fn or fp32_default_loss)
-        self._finalized = bool(decision.finalized)
         if not self._finalized:  # the rates' trend and the learning rate bound the feedback (pacing module docstring)
             top = [layer.n_bits for layer in self.layers.values() if layer.n_k > 0]
             change = rate_change(last_measurement(self._history), now, self.numels)
@@ -384,6 +384,7 @@ class MSQController:
         self._apply(state["bits"], state["k"])
         self._started = bool(state["started"])
         self._finalized = bool(state["finalized"])
+        self.snapshot = None if self._finalized else self.snapshot  # a resumed rewind reads the checkpoint's copy
         if state.get("total_steps") is not None and self._total_steps is None:
             self.total_steps = state["total_steps"]
         self._last_rates = {k: float(v) for k, v in state.get("last_rates", {}).items()}

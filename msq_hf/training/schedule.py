@@ -1,11 +1,11 @@
 """The MSQ bit-pruning decision (Algorithm 1 of MSQ; see docs/pruning.md).
 
-Pure Python on purpose (no torch, no msq_hf: a test loads this file standalone): it only sees numbers --
-per layer ``bits``, ``k``, ``numel``, LSB nonzero rate and HAWQ-V2 sensitivity -- and decides which layers
-drop bits, identically on every rank given rank-reduced inputs. The controller measures the numbers and
-writes the decision back. Contract of ``step(state, rates, sensitivities, global_step)``: ``state`` is every
-layer *before* this step, ``rates``/``sensitivities`` are measured at those bits, and the returned
-:class:`PruneDecision` carries the bits after it and the ``k`` to regularize until the next step.
+Pure Python on purpose (no torch, no msq_hf: a test loads this file standalone): it only sees numbers -- per layer
+``bits``, ``k``, ``numel``, LSB nonzero rate and HAWQ-V2 sensitivity -- and decides which layers drop bits,
+identically on every rank given rank-reduced inputs. The controller measures the numbers and writes the decision
+back. Contract of ``step(state, rates, sensitivities, global_step)``: ``state`` is every layer *before* this step,
+``rates``/``sensitivities`` are measured at those bits, and the returned :class:`PruneDecision` carries the bits
+after it and the ``k`` to regularize until the next step.
 """
 
 from __future__ import annotations
@@ -97,10 +97,9 @@ class BitPruningSchedule:
         prune_threshold: a layer whose LSB nonzero rate is below this drops its ``k`` LSBs (0 < tau < 1).
         min_bits: no layer goes below this precision (1..8).
         count_sign_bit: count ``bits + 1`` per weight in ``C`` (what a sign-magnitude file stores).
-        final_round_fraction: once ``global_step >= final_round_fraction * total_steps`` and the target
-            is not reached, a final round over all layers is forced (0 < f <= 1).
-        total_steps: optimizer steps of the run; ``None`` disables the forced round. Assignable later
-            through the :attr:`total_steps` attribute.
+        final_round_fraction: once ``global_step >= final_round_fraction * total_steps`` and the target is not
+            reached, a final round over all layers is forced (0 < f <= 1).
+        total_steps: optimizer steps of the run (``None`` disables the forced round); assignable later.
         default_k: ``k`` given to every layer when no sensitivities are available (1 or 2).
     """
 
@@ -184,14 +183,13 @@ class BitPruningSchedule:
     def _validate_state(self, state: Mapping[str, LayerState]) -> None:
         if not state:
             raise ValueError("the schedule needs at least one layer (state is empty)")
-        lo, hi = _SUPPORTED_BITS
+        floor, hi = max(_SUPPORTED_BITS[0], self.min_bits), _SUPPORTED_BITS[1]
         for name, layer in state.items():
             if not isinstance(layer, LayerState):
                 raise TypeError(f"state[{name!r}] must be a LayerState, got {type(layer).__name__}")
-            if not max(lo, self.min_bits) <= layer.bits <= hi:
+            if not floor <= layer.bits <= hi:
                 raise ValueError(
-                    f"layer {name!r} has bits={layer.bits}, outside {max(lo, self.min_bits)}..{hi} "
-                    f"(min_bits={self.min_bits})"
+                    f"layer {name!r} has bits={layer.bits}, outside {floor}..{hi} (min_bits={self.min_bits})"
                 )
             if layer.k < 0 or (layer.k > 0 and layer.bits - layer.k < self.min_bits):
                 raise ValueError(
@@ -205,12 +203,11 @@ class BitPruningSchedule:
     def assign_k(self, bits: Mapping[str, int], sensitivities: Mapping[str, float] | None) -> dict[str, int]:
         """HAWQ-guided ``k`` per layer (MSQ §3.7).
 
-        ``k = 1`` if ``S_l >= mean(S)`` (sensitive layers lose one bit at a time; equality counts as
-        sensitive, with a 1e-9 relative tolerance so that all-equal sensitivities give ``k = 1``
-        everywhere despite float rounding of the mean), else ``k = 2``. The mean is the unweighted
-        mean over *all* layers in ``bits``. ``k`` is capped at ``bits - min_bits``, so a layer at
-        ``min_bits`` gets ``k = 0`` (frozen, not regularized). Without sensitivities every layer gets
-        ``default_k`` (capped the same way).
+        ``k = 1`` if ``S_l >= mean(S)`` (sensitive layers lose one bit at a time; equality counts as sensitive, with
+        a 1e-9 relative tolerance so that all-equal sensitivities give ``k = 1`` everywhere despite float rounding of
+        the mean), else ``k = 2``. The mean is the unweighted mean over *all* layers in ``bits``. ``k`` is capped at
+        ``bits - min_bits``, so a layer at ``min_bits`` gets ``k = 0`` (frozen, not regularized). Without
+        sensitivities every layer gets ``default_k`` (capped the same way).
         """
         room = {name: max(int(b) - self.min_bits, 0) for name, b in bits.items()}
         if sensitivities is None:
@@ -243,11 +240,11 @@ class BitPruningSchedule:
         ``floor_bits`` (the pacing plan, :mod:`msq_hf.training.pacing`): threshold candidates are pruned by
         ascending rate only while the parameter-weighted average bits stay at or above it; the rest wait.
 
-        Order of the rules: (1) already finalized -> no-op ``"qat"``; (2) target already met ->
-        finalize without pruning; (3) at/after the forced-round cut-off -> forced final round over all
-        layers; (4) if pruning every candidate (rate < threshold, ``k >= 1``, ``bits - k >= min_bits``)
-        reaches the target -> final round, candidates by ascending rate (ties by name), stopping at
-        the first crossing; (5) otherwise prune every candidate and reassign ``k``.
+        Order of the rules: (1) already finalized -> no-op ``"qat"``; (2) target already met -> finalize without
+        pruning; (3) at/after the forced-round cut-off -> forced final round over all layers; (4) if pruning every
+        candidate (rate < threshold, ``k >= 1``, ``bits - k >= min_bits``) reaches the target -> final round,
+        candidates by ascending rate (ties by name) up to the target, the crossing made by the candidate and drop
+        that overshoot least (:meth:`_land`); (5) otherwise prune every candidate and reassign ``k``.
         """
         self._validate_state(state)
         bits = {name: layer.bits for name, layer in state.items()}
@@ -287,13 +284,8 @@ class BitPruningSchedule:
             candidates = paced
         after_all = {name: b - (state[name].k if name in candidates else 0) for name, b in bits.items()}
         if candidates and self._reached(after_all, numels):
-            new_bits = dict(bits)
-            pruned: list[str] = []
-            for name in sorted(candidates, key=lambda n: (rates[n], n)):
-                new_bits[name] -= state[name].k
-                pruned.append(name)
-                if self._reached(new_bits, numels):
-                    break
+            order = sorted(candidates, key=lambda n: (rates[n], n))
+            new_bits, pruned, _ = self._land(bits, numels, order, {name: state[name].k for name in order})
             reason = (
                 f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by ascending "
                 f"nonzero rate until compression >= {self.target_compression:g}x"
@@ -302,11 +294,8 @@ class BitPruningSchedule:
 
         new_k = self.assign_k(after_all, sensitivities)
         src = "sensitivities" if sensitivities is not None else f"default_k={self.default_k}"
-        reason = (
-            f"pruned {len(candidates)} layer(s) with nonzero rate < {self.prune_threshold:g}; k from {src}"
-            if candidates
-            else f"no layer below nonzero rate {self.prune_threshold:g}; k from {src}"
-        )
+        done = f"pruned {len(candidates)} layer(s)" if candidates else "no layer"
+        reason = f"{done} with nonzero rate < {self.prune_threshold:g}; k from {src}"
         return self._record(after_all, numels, candidates, reason, global_step, new_k)
 
     def _forced_round(
@@ -320,26 +309,39 @@ class BitPruningSchedule:
         drops = {name: max(state[name].k, 1) for name in order}  # first pass: the layer's own k (>= 1)
         reached = self._reached(new_bits, numels)
         while not reached and any(new_bits[name] > self.min_bits for name in order):
-            for name in order:
-                drop = min(drops[name], new_bits[name] - self.min_bits)
-                if drop <= 0:
-                    continue
-                new_bits[name] -= drop
-                if name not in pruned:
-                    pruned.append(name)
-                reached = self._reached(new_bits, numels)
-                if reached:
-                    break
+            room = {name: min(drops[name], new_bits[name] - self.min_bits) for name in order}
+            new_bits, newly, reached = self._land(new_bits, numels, [name for name in order if room[name] > 0], room)
+            pruned += [name for name in newly if name not in pruned]
             drops = dict.fromkeys(order, 1)  # later passes: one bit at a time
         cutoff = f"step {global_step} >= {self.final_round_fraction:g} * total_steps={self._total_steps}"
-        if reached:
-            reason = f"forced final round ({cutoff}): pruned {len(pruned)} layer(s) by ascending nonzero rate"
-        else:  # only possible if check_reachable was skipped
-            reason = (
-                f"forced final round ({cutoff}): every layer is at min_bits={self.min_bits} and the target "
-                f"{self.target_compression:g}x is still not met"
-            )
+        outcome = f"pruned {len(pruned)} layer(s) by ascending nonzero rate"  # not reached: check_reachable skipped
+        missed = (
+            f"every layer is at min_bits={self.min_bits} and the target {self.target_compression:g}x is still not met"
+        )
+        reason = f"forced final round ({cutoff}): {outcome if reached else missed}"
         return self._record(new_bits, numels, pruned, reason, global_step, forced=True)
+
+    def _land(
+        self, bits: Mapping[str, int], numels: Mapping[str, int], order: list[str], drops: Mapping[str, int]
+    ) -> tuple[dict[str, int], list[str], bool]:
+        """Prune ``order``'s layers in turn by ``drops[name]`` bits until the target is reached; ``(bits, pruned,
+        reached)``. The prune that would cross the target is replaced by the crossing that overshoots least: the
+        layer not pruned yet and drop (1 to its ``drops``) that reach the target by the smallest margin (ties: the
+        earlier in ``order``). The first crossing can overshoot by a large layer's ``k`` bits (ResNet-20 at 16x:
+        16.3-16.8x); dropping fewer LSBs than ``k`` is safe, as all ``k`` had a low nonzero rate."""
+        new_bits, pruned = dict(bits), []
+        for index, name in enumerate(order):
+            trial = {**new_bits, name: new_bits[name] - drops[name]}
+            if not self._reached(trial, numels):
+                new_bits, pruned = trial, [*pruned, name]
+                continue
+            options = [(o, {**new_bits, o: new_bits[o] - d}) for o in order[index:] for d in range(1, drops[o] + 1)]
+            crossings = [
+                (self.compression(b, numels), i, o, b) for i, (o, b) in enumerate(options) if self._reached(b, numels)
+            ]
+            _, _, chosen, landed = min(crossings, key=lambda c: c[:2])
+            return landed, [*pruned, chosen], True
+        return new_bits, pruned, self._reached(new_bits, numels)
 
     def _record(
         self,

@@ -110,3 +110,20 @@ def test_former_msq_result_names_are_migrated(tmp_path) -> None:
     assert migrated["method"] == "msq" and migrated["bits"] is None and migrated["seed"] == 0
     assert not (tmp_path / "resnet18_seed0.json").exists()
     assert json.loads((tmp_path / "resnet18_msq_seed1.json").read_text()) == {"kept": True}
+
+
+def test_plot_draws_seed_zero_of_every_msq_setting(tmp_path) -> None:
+    history = [
+        {"step": 8, "avg_bits": 8.0, "pruned": [], "forced": False, "planned_bits": 8.0},
+        {"step": 84, "avg_bits": 2.9, "pruned": ["a"], "forced": False, "planned_bits": 3.0},
+    ]
+    records = [
+        {**record("msq", 0, 0.92, compression=11.0, target_compression=10.67), "history": history},
+        {**record("msq", 1, 0.92, compression=11.0, target_compression=10.67), "history": history},
+        {**record("msq", 0, 0.91, compression=11.0, target_compression=10.67), "history": history, "tag": "x"},
+        record("float", 0, 0.92),
+    ]
+    path = finetune_pretrained.plot(records, tmp_path / "trajectories.png")
+    assert path is not None and path.stat().st_size > 0
+    assert finetune_pretrained.plot([record("float", 0, 0.92)], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

@@ -20,7 +20,7 @@ import msq_hf
 from msq_hf.config import ConfigFieldError
 from msq_hf.quant.grid import lsb_proximal, max_abs_scale
 from msq_hf.training import callback as callback_module
-from msq_hf.training.callback import MSQCallback, refuse_sharded_proximal
+from msq_hf.training.callback import MSQCallback, refuse_sharded_writes
 from msq_hf.training.controller import MSQController
 from msq_hf.training.trainer import MSQTrainer
 
@@ -176,5 +176,5 @@ def test_sharded_weights_are_refused(kind: str, monkeypatch) -> None:
 
     monkeypatch.setattr(callback_module, "PartialState", Sharded)
     with pytest.raises(ValueError, match=f"lsb_update='proximal' is not supported under {DistributedType[kind].value}"):
-        refuse_sharded_proximal(config())
-    refuse_sharded_proximal(config(lsb_update="gradient"))  # the loss-term regularizer works there
+        refuse_sharded_writes(config())
+    refuse_sharded_writes(config(lsb_update="gradient"))  # the loss-term regularizer works there

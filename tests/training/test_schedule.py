@@ -244,6 +244,83 @@ def test_final_round_lands_just_above_target():
     assert compression(undo, {n: x.numel for n, x in st0.items()}) < 10.0
 
 
+def first_crossing(bits: dict[str, int], numels: dict[str, int], order: list[str], drops: dict[str, int], target):
+    """The rule before the least-overshoot landing: prune in order, stop at the first crossing (reference)."""
+    bits = dict(bits)
+    for name in order:
+        bits[name] -= drops[name]
+        if compression(bits, numels) >= target:
+            break
+    return bits
+
+
+def test_final_round_crosses_with_the_least_overshoot():
+    # all at 4 bits (8x), target 8.1x: "big" has the lowest rate, but its k = 2 bits overshoot to 10.5x (the
+    # first-crossing rule); "small" dropping its 2 bits lands at 32 * 2100 / 8200 = 8.195x
+    s = sched(target=8.1, tau=0.5)
+    numels = {"big": 1000, "mid": 1000, "small": 100}
+    ks = {"big": 2, "mid": 1, "small": 2}
+    rates = {"big": 0.1, "mid": 0.2, "small": 0.3}
+    d = s.step(state_of(dict.fromkeys(numels, 4), k=ks, numels=numels), rates, None, 3)
+    assert d.finalized and d.phase == "final" and not d.forced
+    assert compression(first_crossing(dict.fromkeys(numels, 4), numels, list(rates), ks, 8.1), numels) == 10.5
+    assert d.bits == {"big": 4, "mid": 4, "small": 2} and d.pruned == ["small"]
+    assert d.compression == pytest.approx(32 * 2100 / 8200)
+
+
+def test_final_round_may_drop_fewer_bits_than_k_at_the_crossing():
+    # one layer, k = 2: dropping 1 bit already reaches 32/7 = 4.57x; the first-crossing rule dropped both (5.33x)
+    s = sched(target=4.5, tau=0.5)
+    d = s.step(state_of({"a": 8}, k=2, numels=1000), {"a": 0.1}, None, 1)
+    assert d.finalized and d.bits == {"a": 7} and d.pruned == ["a"] and d.compression == pytest.approx(32 / 7)
+
+
+def test_forced_round_crosses_with_the_least_overshoot():
+    # forced round at 8 bits (4x), target 4.1x: the first pass would drop a's own k = 2 (4.91x); one bit of it
+    # is enough (32 * 2010 / 15080 = 4.27x) and the tiny c cannot cross at all
+    s = sched(target=4.1, tau=0.01, total_steps=10, final_round_fraction=0.5)
+    numels = {"a": 1000, "b": 1000, "c": 10}
+    d = s.step(state_of({"a": 8, "b": 8, "c": 8}, k=2, numels=numels), {"a": 0.1, "b": 0.2, "c": 0.3}, None, 5)
+    assert d.forced and d.bits == {"a": 7, "b": 8, "c": 8} and d.pruned == ["a"]
+    assert d.compression == pytest.approx(32 * 2010 / 15080)
+
+
+def test_forced_round_later_pass_lands_with_the_least_overshoot():
+    # the first pass (k = 1 each) leaves 7 bits (4.57x < 4.6x); in the second pass a's bit would give the
+    # first-crossing rule's 4.99x, c's lands at 32 * 1700 / 11800 = 4.61x
+    s = sched(target=4.6, tau=0.01, total_steps=10, final_round_fraction=0.5)
+    numels = {"a": 1000, "b": 600, "c": 100}
+    d = s.step(state_of(dict.fromkeys(numels, 8), k=1, numels=numels), {"a": 0.1, "b": 0.2, "c": 0.3}, None, 5)
+    assert d.forced and d.bits == {"a": 7, "b": 7, "c": 6} and d.pruned == ["a", "b", "c"]
+    assert d.compression == pytest.approx(32 * 1700 / 11800)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(2, 8), st.integers(1, 2), st.integers(1, 5000), st.floats(0, 0.49)),
+             min_size=1, max_size=8),
+    st.floats(0.001, 1.0),
+)  # fmt: skip
+def test_landing_reaches_the_target_and_never_overshoots_more_than_the_first_crossing(layers, position):
+    state = {f"l{i}": LayerState(b, min(k, b - 1), n) for i, (b, k, n, _) in enumerate(layers)}
+    rates = {f"l{i}": r for i, (*_, r) in enumerate(layers)}
+    bits = {n: x.bits for n, x in state.items()}
+    numels = {n: x.numel for n, x in state.items()}
+    order = sorted(state, key=lambda n: (rates[n], n))
+    drops = {n: x.k for n, x in state.items()}
+    after_all = {n: bits[n] - drops[n] for n in bits}
+    # a target between the start and all candidates pruned: rule (4), the final round, always applies
+    start, floor = compression(bits, numels), compression(after_all, numels)
+    target = start + position * (floor - start)
+    if target <= start * (1 + 1e-9):
+        return
+    d = sched(target=target, tau=0.5).step(make_state(bits, drops, numels), rates, None, 1)
+    assert d.finalized and target * (1 - 1e-12) <= d.compression
+    assert d.compression <= compression(first_crossing(bits, numels, order, drops, target), numels) + 1e-9
+    assert all(bits[n] - drops[n] <= d.bits[n] <= bits[n] for n in bits)
+    assert set(d.pruned) == {n for n in bits if d.bits[n] < bits[n]}
+
+
 def test_final_round_tie_order_is_by_name():
     s1, s2 = sched(target=12.8, tau=0.5), sched(target=12.8, tau=0.5)
     bits = {"zeta": 3, "alpha": 3, "mid": 3, "beta": 3}

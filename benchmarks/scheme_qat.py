@@ -1,0 +1,162 @@
+"""Where an MSQ fine-tune loses accuracy: plain QAT of the float checkpoint at the bit scheme an MSQ run found.
+
+``benchmarks/finetune_pretrained.py`` records the bit scheme each MSQ fine-tune ended with. This script takes that
+scheme, quantizes the *float checkpoint* with MSQ's quantizer at exactly those bits (no regularizer, no pruning:
+``MSQLayerMixin.set_bits`` with ``k = 0``) and trains it with the MSQ run's own recipe flags (data subset, batch,
+optimizer, schedule, clipping, seed), through ``finetune_baseline.TaskLossTrainer``. Two budgets:
+
+* ``full``: the whole budget of the MSQ run (every step at the final bits);
+* ``tail``: only the steps the MSQ run had left after its final round, starting at the learning rate the recipe's
+  schedule had reached there (warm-up 0, cosine to 0 over those steps).
+
+If the ``tail`` run scores well above the MSQ run, the bits are not what cost accuracy: MSQ's weights at the
+moment of the final round are (docs/results.md, "Where the accuracy goes").
+
+Usage (from the repository root)::
+
+    python benchmarks/scheme_qat.py benchmarks/results/finetune/resnet18_msq_after-clip_seed0.json --budget tail
+
+Writes ``benchmarks/results/finetune/scheme_qat/<record stem>_<budget>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "finetune" / "scheme_qat"
+BUDGETS = ("full", "tail")
+
+
+def apply_scheme(model: Any, scheme: dict[str, int]) -> None:
+    """Put every MSQ layer of ``model`` at ``scheme[name]`` bits with ``k = 0``; ``KeyError`` naming the layers
+    that the scheme and the model do not share."""
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "set_bits")}
+    if set(layers) != set(scheme):
+        raise KeyError(
+            f"the bit scheme and the model differ: only in the scheme {sorted(set(scheme) - set(layers))[:5]}, "
+            f"only in the model {sorted(set(layers) - set(scheme))[:5]}"
+        )
+    for name, layer in layers.items():
+        layer.set_bits(int(scheme[name]), 0)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """The learning rate of transformers' linear-warm-up cosine schedule at ``step``."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def final_round_step(record: dict[str, Any]) -> int:
+    """The step of the MSQ run's final round (threshold or forced), from its controller history."""
+    steps = [entry["step"] for entry in record["history"] if entry.get("phase") == "final"]
+    if not steps:
+        raise ValueError("the record's history has no final round: the MSQ run never reached its target")
+    return min(steps)
+
+
+def child_argv(record: dict[str, Any], budget: str, out: Path) -> list[str]:
+    """The MSQ run's recipe flags (its MSQ-only flags are parsed and ignored), for this script's ``--child`` mode."""
+    command = record["command"][2:]  # drop "OMP_NUM_THREADS=1 python"
+    recipe, flags = command[0], command[1:]
+    flags[flags.index("--output_dir") + 1] = str(out)
+    tail = ["--start-step", str(final_round_step(record))] if budget == "tail" else []
+    steps = ["--total-steps", str(record["summary"]["steps"])]
+    return [sys.executable, __file__, "--child", "--recipe", recipe, *steps, *tail, *flags]
+
+
+def child(argv: list[str], scheme: dict[str, int]) -> dict[str, Any]:
+    """Train the float checkpoint at ``scheme`` with the recipe flags in ``argv``; the test metrics."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "recipes")]
+    from common import parse_args
+    from finetune_baseline import TaskLossTrainer, load_recipe
+    from transformers import DefaultDataCollator
+    from transformers.trainer_utils import IntervalStrategy
+
+    import msq_hf
+    from msq_hf.metrics import compute_accuracy_metrics
+    from msq_hf.pipeline import prepare
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--total-steps", type=int, required=True)
+    parser.add_argument("--start-step", type=int, default=0)
+    args, rest = parser.parse_known_args(argv)
+    training, model_args, data_args, _msq, _run, _ = parse_args(load_recipe(args.recipe), rest)
+    training.save_strategy = IntervalStrategy.NO
+    if args.start_step:  # the schedule's tail: its learning rate at start_step, cosine to 0 over the steps left
+        warmup = training.get_warmup_steps(args.total_steps)
+        training.learning_rate = cosine_lr(args.start_step, args.total_steps, training.learning_rate, warmup)
+        training.max_steps, training.warmup_steps = args.total_steps - args.start_step, 0
+    prepared = prepare(model_args, data_args, training.seed)
+    msq_hf.quantize_model(prepared.model, msq_hf.MSQConfig())
+    apply_scheme(prepared.model, scheme)
+    trainer = TaskLossTrainer(
+        model=prepared.model,
+        args=training,
+        train_dataset=prepared.splits.train,
+        eval_dataset=prepared.splits.eval,
+        data_collator=DefaultDataCollator(),
+        compute_metrics=compute_accuracy_metrics,
+    )
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    metrics = trainer.evaluate(eval_dataset=prepared.splits.eval, metric_key_prefix="test")
+    steps, lr = int(trainer.state.global_step), training.learning_rate
+    return {"test_accuracy": metrics["test_accuracy"], "steps": steps, "start_step": args.start_step, "peak_lr": lr}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        scheme = json.loads(os.environ["MSQ_SCHEME_QAT_SCHEME"])
+        result = child(argv[1:], scheme)
+        print("SCHEME_QAT_RESULT " + json.dumps(result), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="+", type=Path, help="MSQ records of benchmarks/finetune_pretrained.py")
+    parser.add_argument("--budget", choices=BUDGETS, default="tail")
+    parser.add_argument("--skip-done", action="store_true")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for path in (p.resolve() for p in args.records):
+        record = json.loads(path.read_text())
+        if record.get("method") != "msq" or not record.get("bit_scheme"):
+            raise ValueError(f"{path}: not an MSQ record with a bit scheme")
+        target = RESULTS / f"{path.stem}_{args.budget}.json"
+        if args.skip_done and target.exists():
+            print(f"[{target.stem}] done before")
+            continue
+        argv_child = child_argv(record, args.budget, ROOT / "runs" / "scheme_qat" / target.stem)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MSQ_SCHEME_QAT_SCHEME": json.dumps(record["bit_scheme"])}
+        started = time.time()
+        out = subprocess.run(argv_child, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.split("SCHEME_QAT_RESULT ", 1)[1].splitlines()[0])
+        summary = {
+            **result,
+            "budget": args.budget,
+            "msq_test_accuracy": record["summary"]["test_accuracy"],
+            "compression": record["summary"]["compression"],
+            "threshold_share": record["summary"].get("threshold_share"),
+            "wall_seconds": round(time.time() - started, 1),
+        }
+        source = os.path.relpath(path, ROOT)
+        command = ["OMP_NUM_THREADS=1", "python", "benchmarks/scheme_qat.py", source, "--budget", args.budget]
+        saved = {"source": source, "command": command}
+        target.write_text(json.dumps({**saved, "summary": summary, "bit_scheme": record["bit_scheme"]}, indent=1))
+        print(f"[{target.stem}] QAT at the scheme {result['test_accuracy']:.4f} vs MSQ {summary['msq_test_accuracy']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""benchmarks/scheme_qat.py: the schedule tail it restarts from, the scheme it applies, the final round it finds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODELS
+from transformers import get_cosine_schedule_with_warmup
+
+import msq_hf
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import scheme_qat  # noqa: E402
+
+
+@pytest.mark.parametrize("step", [0, 3, 8, 84, 156])
+def test_cosine_lr_is_the_trainers_schedule(step: int) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=8, num_training_steps=157)
+    for _ in range(step):
+        optimizer.step()
+        schedule.step()
+    assert scheme_qat.cosine_lr(step, 157, 0.01, 8) == pytest.approx(schedule.get_last_lr()[0], rel=1e-9, abs=1e-15)
+
+
+def test_apply_scheme_sets_every_layer_and_names_a_mismatch() -> None:
+    model = msq_hf.quantize_model(TINY_MODELS["hf/vit"](), msq_hf.MSQConfig())
+    names = [n for n, m in model.named_modules() if hasattr(m, "set_bits")]
+    scheme = {name: 2 + i % 3 for i, name in enumerate(names)}
+    scheme_qat.apply_scheme(model, scheme)
+    assert msq_hf.bit_scheme(model) == scheme
+    assert all(m.n_k == 0 for m in model.modules() if hasattr(m, "set_bits"))
+    with pytest.raises(KeyError, match="only in the scheme \\['nowhere'\\].*only in the model \\[" + repr(names[0])):
+        scheme_qat.apply_scheme(model, {**{n: 3 for n in names[1:]}, "nowhere": 3})
+
+
+def test_final_round_step_reads_the_history() -> None:
+    history = [{"step": 8, "phase": "regularize"}, {"step": 84, "phase": "final"}]
+    assert scheme_qat.final_round_step({"history": history}) == 84
+    with pytest.raises(ValueError, match="no final round"):
+        scheme_qat.final_round_step({"history": history[:1]})
