@@ -327,8 +327,8 @@ class BitPruningSchedule:
         """Prune ``order``'s layers in turn by ``drops[name]`` bits until the target is reached; ``(bits, pruned,
         reached)``. The prune that would cross the target is replaced by the crossing that overshoots least: the
         layer not pruned yet and drop (1 to its ``drops``) that reach the target by the smallest margin (ties: the
-        earlier in ``order``). The first crossing can overshoot by a large layer's ``k`` bits (ResNet-20 at 16x:
-        16.3-16.8x); dropping fewer LSBs than ``k`` is safe, as all ``k`` had a low nonzero rate."""
+        earlier in ``order``). The first crossing can overshoot by a whole large layer's ``k`` bits; dropping fewer
+        LSBs than ``k`` is safe, as all ``k`` had a low nonzero rate."""
         new_bits, pruned = dict(bits), []
         for index, name in enumerate(order):
             trial = {**new_bits, name: new_bits[name] - drops[name]}
