@@ -8,9 +8,9 @@ the weights the LSB pull had moved onto the coarse grids were. With ``rewind_wei
 its value at the start of training (a fine-tune's checkpoint), the optimizer state is cleared, and the remaining
 steps train those weights as QAT at the scheme found. Search-then-QAT is how HAWQ and HAQ use a scheme too.
 
-The snapshot is one CPU copy of the model's state (host memory, not accelerator memory), taken when training
-starts and dropped at the rewind; checkpoints written before the rewind carry it as ``msq_rewind.safetensors``
-(:data:`msq_hf.io.format.REWIND_NAME`), so a resumed run goes back to the same weights.
+The snapshot is one CPU copy of the model's state (host memory, not accelerator memory), taken when the controller
+is built (before the first step) and dropped at the rewind; checkpoints written before the rewind carry it as
+``msq_rewind.safetensors`` (:data:`msq_hf.io.format.REWIND_NAME`), so a resumed run goes back to the same weights.
 """
 
 from __future__ import annotations
