@@ -6,7 +6,9 @@ Run by ``tests/test_distributed.py`` as::
 
 Each rank sees different samples (DistributedSampler), so its local sensitivities differ; the
 controller reduces rates and sensitivities across ranks, so all ranks must take identical decisions.
-DDP's buffer broadcast is switched off, so a divergent decision would stay visible in the output.
+DDP's buffer broadcast is switched off, so a divergent decision would stay visible in the output. The run uses
+``rewind_weights``: at the final round every rank must put back the weights it started from and clear its optimizer
+state (recorded by a callback right after that step).
 """
 
 from __future__ import annotations
@@ -16,10 +18,23 @@ import os
 import sys
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import msq_hf
 from msq_hf.training.trainer import MSQTrainer
+
+
+class AtTheFinalRound(TrainerCallback):
+    """Right after the step that finalized MSQ: do the parameters equal the start, and is the optimizer state empty?"""
+
+    def __init__(self, start: dict[str, torch.Tensor]):
+        self.start, self.controller, self.seen = start, None, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        if self.seen is None and self.controller.finalized:
+            live = dict(model.module.named_parameters() if hasattr(model, "module") else model.named_parameters())
+            same = all(torch.equal(live[name].detach(), start) for name, start in self.start.items())
+            self.seen = {"step": state.global_step, "rewound": same, "optimizer_entries": len(optimizer.state)}
 
 
 def main(out_dir: str) -> None:
@@ -52,6 +67,7 @@ def main(out_dir: str) -> None:
         hessian_max_probes=2,
         hessian_batch_size=4,
         final_round_fraction=0.8,
+        rewind_weights=True,
     )
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "run"),
@@ -68,7 +84,10 @@ def main(out_dir: str) -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    probe = AtTheFinalRound({name: p.detach().clone() for name, p in model.named_parameters()})
     trainer = MSQTrainer(model=model, args=args, train_dataset=rows, msq_config=cfg)
+    probe.controller = trainer.msq_controller
+    trainer.add_callback(probe)
     trainer.train()
     ctl = trainer.msq_controller
     rank = int(os.environ.get("RANK", "0"))
@@ -81,6 +100,8 @@ def main(out_dir: str) -> None:
         "phase": ctl.phase,
         "history": [{"step": h["step"], "bits": h["bits"], "k": h["k"]} for h in ctl.history],
         "sensitivities": [h["sensitivities"] for h in ctl.history],
+        "at_final_round": probe.seen,
+        "final_weights_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
     }
     with open(os.path.join(out_dir, f"scheme_rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1, sort_keys=True)

@@ -53,3 +53,7 @@ def test_two_ranks_write_identical_bit_schemes(tmp_path) -> None:
     assert a["bits"] == b["bits"] and a["phase"] == b["phase"] == "qat"
     assert a["compression"] >= 5.0
     assert min(a["bits"].values()) < 8
+    # rewind_weights: each rank went back to its (identical) start and cleared its optimizer state at the final round
+    for res in results:
+        assert res["at_final_round"] == {"step": a["history"][-1]["step"], "rewound": True, "optimizer_entries": 0}
+    assert a["final_weights_sum"] == b["final_weights_sum"], "ranks ended with different weights"
