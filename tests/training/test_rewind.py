@@ -216,13 +216,18 @@ def test_the_snapshot_leaves_out_only_the_bit_scheme() -> None:
 
 
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP"])
-def test_sharded_weights_are_refused(kind: str, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [({"lsb_update": "proximal"}, "lsb_update='proximal'"), ({"rewind_weights": True}, "rewind_weights=True")],
+)
+def test_in_place_weight_writes_are_refused_when_sharded(kind: str, field: dict, message: str, monkeypatch) -> None:
+    # the proximal step and the rewind write whole weights in place: DeepSpeed and FSDP shard them
     from accelerate.utils import DistributedType
 
     class Sharded:
         distributed_type = DistributedType[kind]
 
     monkeypatch.setattr(callback_module, "PartialState", Sharded)
-    with pytest.raises(ValueError, match=f"rewind_weights=True is not supported under {DistributedType[kind].value}"):
-        refuse_sharded_writes(config())
-    refuse_sharded_writes(config(rewind_weights=False))
+    with pytest.raises(ValueError, match=f"{message} is not supported under {DistributedType[kind].value}"):
+        refuse_sharded_writes(config(**{"rewind_weights": False, **field}))
+    refuse_sharded_writes(config(rewind_weights=False))  # the loss-term regularizer, no rewind: works there
