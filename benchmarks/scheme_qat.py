@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from msq_hf.convert import msq_layers
+from msq_hf.training.pacing import final_round_step as history_final_round_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "finetune" / "scheme_qat"
@@ -39,7 +44,7 @@ BUDGETS = ("full", "tail")
 def apply_scheme(model: Any, scheme: dict[str, int]) -> None:
     """Put every MSQ layer of ``model`` at ``scheme[name]`` bits with ``k = 0``; ``KeyError`` naming the layers
     that the scheme and the model do not share."""
-    layers = {name: m for name, m in model.named_modules() if hasattr(m, "set_bits")}
+    layers = msq_layers(model)
     if set(layers) != set(scheme):
         raise KeyError(
             f"the bit scheme and the model differ: only in the scheme {sorted(set(scheme) - set(layers))[:5]}, "
@@ -50,19 +55,17 @@ def apply_scheme(model: Any, scheme: dict[str, int]) -> None:
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    """The learning rate of transformers' linear-warm-up cosine schedule at ``step``."""
-    if step < warmup:
-        return peak * step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """The learning rate of transformers' linear-warm-up cosine schedule at ``step`` (its own multiplier)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    return peak * get_cosine_schedule_with_warmup(optimizer, warmup, total).lr_lambdas[0](step)
 
 
 def final_round_step(record: dict[str, Any]) -> int:
     """The step of the MSQ run's final round (threshold or forced), from its controller history."""
-    steps = [entry["step"] for entry in record["history"] if entry.get("phase") == "final"]
-    if not steps:
+    step = history_final_round_step(record["history"])
+    if step is None:
         raise ValueError("the record's history has no final round: the MSQ run never reached its target")
-    return min(steps)
+    return step
 
 
 def child_argv(record: dict[str, Any], budget: str, out: Path) -> list[str]:

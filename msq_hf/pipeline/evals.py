@@ -14,7 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from msq_hf.training.controller import MSQController
-from msq_hf.training.pacing import k_flip_rate
+from msq_hf.training.pacing import final_round_step, k_flip_rate
 
 __all__ = ["EvalAfterPruning", "pacing_summary", "pruning_drops"]
 
@@ -92,8 +92,6 @@ def pacing_summary(
         "measure_share": round(controller.measure_seconds / train_seconds, 4) if train_seconds > 0 else None,
         "hessian_passes": controller.traces.hessian_passes,
         "sensitivity_passes": controller.traces.passes,
-        # rewind_weights: the final round's step, where the weights went back to the start (msq_hf.training.rewind)
-        "rewound_at_step": next((e["step"] for e in controller.history if e["phase"] == "final"), None)
-        if controller.config.rewind_weights
-        else None,
+        # rewind_weights: the weights went back to the start at the final round (msq_hf.training.rewind)
+        "rewound_at_step": final_round_step(controller.history) if controller.config.rewind_weights else None,
     }

@@ -42,6 +42,7 @@ from typing import Any
 __all__ = [
     "MAX_PULL",
     "Pacer",
+    "final_round_step",
     "PruningPlan",
     "k_flip_rate",
     "last_measurement",
@@ -267,6 +268,11 @@ def smooth_sensitivities(
     return {
         name: keep * previous[name] + (1 - keep) * value if name in previous else value for name, value in fresh.items()
     }
+
+
+def final_round_step(history: Sequence[Mapping[str, Any]]) -> int | None:
+    """The step of the final round (threshold or forced) in a controller history; ``None`` if it has not happened."""
+    return next((int(entry["step"]) for entry in history if entry.get("phase") == "final"), None)
 
 
 def last_measurement(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from conftest import TINY_MODELS
 from transformers import get_cosine_schedule_with_warmup
 
 import msq_hf
+from msq_hf.convert import msq_layers
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
@@ -31,11 +32,11 @@ def test_cosine_lr_is_the_trainers_schedule(step: int) -> None:
 
 def test_apply_scheme_sets_every_layer_and_names_a_mismatch() -> None:
     model = msq_hf.quantize_model(TINY_MODELS["hf/vit"](), msq_hf.MSQConfig())
-    names = [n for n, m in model.named_modules() if hasattr(m, "set_bits")]
+    names = list(msq_layers(model))
     scheme = {name: 2 + i % 3 for i, name in enumerate(names)}
     scheme_qat.apply_scheme(model, scheme)
     assert msq_hf.bit_scheme(model) == scheme
-    assert all(m.n_k == 0 for m in model.modules() if hasattr(m, "set_bits"))
+    assert all(m.n_k == 0 for m in msq_layers(model).values())
     with pytest.raises(KeyError, match="only in the scheme \\['nowhere'\\].*only in the model \\[" + repr(names[0])):
         scheme_qat.apply_scheme(model, {**{n: 3 for n in names[1:]}, "nowhere": 3})
 
