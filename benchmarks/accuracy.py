@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAJECTORY_PLOT = ROOT / "docs" / "img" / "resnet20_trajectories.png"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -77,6 +78,7 @@ from msq_hf.report.accounting import (  # noqa: E402
     method_accounting,
     storage_reference_table,
 )
+from msq_hf.training.pacing import final_round_step, pruning_share  # noqa: E402
 
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 
@@ -152,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="--summary: largest stored-bits gap (bits per weight) of an equal-stored-bits pair",
     )
+    p.add_argument(
+        "--float-dir",
+        type=Path,
+        default=None,
+        help="--summary: take the float runs for 'vs float' from this results directory (default: --results-dir), "
+        "e.g. when MSQ variants with the same method name are kept in directories of their own",
+    )
+    p.add_argument(
+        "--trajectories",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="only draw seed 0's pruning trajectory of the MSQ runs in each results directory (one panel per run) "
+        f"into --plot-out (default {TRAJECTORY_PLOT.relative_to(ROOT)})",
+    )
+    p.add_argument("--plot-out", type=Path, default=TRAJECTORY_PLOT, help="--trajectories: the image written")
     add_act_arguments(p)
     # MSQ
     g = p.add_argument_group("MSQ")
@@ -769,6 +788,58 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pacing_table(records: list[dict[str, Any]], float_records: list[dict[str, Any]] | None = None) -> str:
+    """Markdown table, one row per MSQ run: accuracy against float on the same seed, both ratios, and who pruned.
+
+    "threshold share" is the part of the bit reduction done by threshold steps (:func:`pacing.pruning_share`); the
+    final-round step is when the target was reached (by threshold or by the forced round); the λ range is what the
+    pacing feedback did. Float comes from ``float_records`` (default: ``records``); a mean row closes each seed list.
+    """
+    import statistics
+
+    numels = shared_numels(records)
+    float_by_seed = {
+        r["seed"]: r["accuracy"]
+        for r in (records if float_records is None else float_records)
+        if r["family"] == "float"
+    }
+    lines = [
+        "| method | seed | accuracy (%) | float, same seed (%) | vs float (pt) | paper / stored ratio "
+        "| threshold share | final round at step | forced-round layers | λ range |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("msq_history"):
+            by.setdefault(r["method"], []).append(r)
+    for method, rs in by.items():
+        deltas = []
+        for r in rs:
+            history = r["msq_history"]
+            acct = record_accounting(r, numels)
+            share = pruning_share(history, r.get("numels") or numels)
+            lam = [float(e["reg_strength"]) for e in history if e.get("reg_strength") is not None]
+            ref = float_by_seed.get(r["seed"])
+            delta = None if ref is None else r["accuracy"] - ref
+            if delta is not None:
+                deltas.append(delta)
+            lines.append(
+                f"| `{method}` | {r['seed']} | {r['accuracy']:.2f} | {'–' if ref is None else f'{ref:.2f}'} "
+                f"| {'–' if delta is None else f'{delta:+.2f}'} "
+                f"| {format_ratio(acct.paper_ratio)} / {format_ratio(acct.stored_ratio)} "
+                f"| {100 * share['threshold_share']:.0f} % | {final_round_step(history) or '–'} "
+                f"| {share['forced_layers']:.0f} | {f'{min(lam):.2g}–{max(lam):.2g}' if lam else '–'} |"
+            )
+        if len(rs) > 1:
+            accs = [r["accuracy"] for r in rs]
+            mean_delta = f"{statistics.mean(deltas):+.2f}" if len(deltas) == len(rs) else "–"
+            lines.append(
+                f"| **`{method}`, mean** | | **{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}** | "
+                f"| **{mean_delta}** | | | | | |"
+            )
+    return "\n".join(lines)
+
+
 def pair_equal_stored_bits(
     rows: list[MethodRow], tolerance: float = 0.25, anchor_family: str = "msq"
 ) -> list[tuple[MethodRow, list[MethodRow]]]:
@@ -861,6 +932,36 @@ def child_command(method: str, seed: int, argv: list[str]) -> list[str]:
     ]
 
 
+def plot_trajectories(dirs: list[Path], path: Path = TRAJECTORY_PLOT) -> Path:
+    """Seed 0's average-bits trajectory of every MSQ run in ``dirs`` (threshold dots, the forced round's cross)."""
+    from msq_hf.report import plot_pruning_trajectories
+
+    runs, targets = {}, set()
+    for results_dir in dirs:
+        for r in load_results(results_dir):
+            if r["seed"] == 0 and r.get("msq_history"):
+                steps = r.get("steps")
+                runs[f"{results_dir.name}: {r['method']}, seed 0" + (f", {steps} steps" if steps else "")] = r[
+                    "msq_history"
+                ]
+                targets.add(r["msq_config"]["target_compression"])
+    if not runs:
+        raise SystemExit(f"no MSQ run of seed 0 in {[str(d) for d in dirs]}")
+    return plot_pruning_trajectories(runs, path, target_bits=32.0 / targets.pop() if len(targets) == 1 else None)
+
+
+def print_summary(args: argparse.Namespace) -> None:
+    """The summary, equal-stored-bits and (when MSQ runs are present) pacing tables of ``args.results_dir``."""
+    records = load_results(args.results_dir)
+    print(summary_table(records))
+    print(f"\nEqual stored bits (within {args.pair_tolerance:g} bit per weight):\n")
+    print(pairing_table(records, args.pair_tolerance))
+    if any(r.get("msq_history") for r in records):
+        float_records = load_results(args.float_dir) if args.float_dir is not None else None
+        print("\nMSQ runs, per seed (who pruned, and how far from float):\n")
+        print(pacing_table(records, float_records))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -868,10 +969,10 @@ def main(argv: list[str] | None = None) -> int:
         print(storage_reference_table(), end="")
         return 0
     if args.summary:
-        records = load_results(args.results_dir)
-        print(summary_table(records))
-        print(f"\nEqual stored bits (within {args.pair_tolerance:g} bit per weight):\n")
-        print(pairing_table(records, args.pair_tolerance))
+        print_summary(args)
+        return 0
+    if args.trajectories:
+        print(f"wrote {plot_trajectories(args.trajectories, args.plot_out)}")
         return 0
     if args.jobs < 1 or args.threads < 1:
         raise SystemExit(f"--jobs ({args.jobs}) and --threads ({args.threads}) must be >= 1")
@@ -917,10 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             print(f"failed runs: {failures}; see {logs}", file=sys.stderr)
     print(f"\nsuite wall time {(time.time() - t0) / 60:.1f} min\n")
-    records = load_results(args.results_dir)
-    print(summary_table(records))
-    print(f"\nEqual stored bits (within {args.pair_tolerance:g} bit per weight):\n")
-    print(pairing_table(records, args.pair_tolerance))
+    print_summary(args)
     return 0
 
 

@@ -8,4 +8,5 @@ bash scripts/setup_env.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 # two workers: the suite is CPU-bound and single-threaded per test (tests/conftest.py pins 1 thread)
-exec python -m pytest -q -p no:cacheprovider -n "${MSQ_TEST_WORKERS:-2}" "$@"
+# --durations: the slowest tests are printed, to see what to trim when the CI run nears its time budget
+exec python -m pytest -q -p no:cacheprovider --durations=15 -n "${MSQ_TEST_WORKERS:-2}" "$@"

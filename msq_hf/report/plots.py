@@ -274,7 +274,7 @@ def plot_pruning_trajectories(
         if forced:
             ax.plot(*zip(*forced), "x", ms=8, mew=2, color="tab:red", label="forced round")
         if target_bits is not None:
-            ax.axhline(target_bits, color="tab:green", ls="--", lw=1, label=f"target {target_bits:g} bits")
+            ax.axhline(target_bits, color="tab:green", ls="--", lw=1, label=f"target {target_bits:.2f} bits")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("training step", fontsize=8)
         ax.set_ylabel("average bits", fontsize=8)

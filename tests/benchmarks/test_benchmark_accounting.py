@@ -98,6 +98,38 @@ def test_tables_show_both_ratios_and_the_pairs() -> None:
         accuracy.summary_table(records)
 
 
+def history_entry(step: int, bits: dict, phase: str = "regularize", forced: bool = False, lam: float = 1.0) -> dict:
+    return {"step": step, "bits": bits, "phase": phase, "forced": forced, "reg_strength": lam}
+
+
+def test_pacing_table_says_who_pruned_and_compares_with_float_from_another_directory() -> None:
+    numels = {"conv1": 100, "fc": 300}
+    by_threshold = [  # fc loses 2 bits by threshold, then conv1 1 bit in a threshold final round: share 100 %
+        history_entry(0, {"conv1": 4, "fc": 4}, lam=0.5),
+        history_entry(10, {"conv1": 4, "fc": 2}, lam=2.0),
+        history_entry(20, {"conv1": 3, "fc": 2}, phase="final", lam=3.0),
+    ]
+    by_force = [  # fc loses 1 bit by threshold (300 of 500 weight-bits), then the forced round takes 2 from conv1
+        history_entry(0, {"conv1": 4, "fc": 4}),
+        history_entry(10, {"conv1": 4, "fc": 3}),
+        history_entry(30, {"conv1": 2, "fc": 3}, phase="final", forced=True),
+    ]
+    records = [
+        record("msq16", "msq", 0, 88.0, {"conv1": 3, "fc": 2}, numels=numels, msq_history=by_threshold),
+        record("msq16", "msq", 1, 86.0, {"conv1": 2, "fc": 3}, numels=numels, msq_history=by_force),
+        record("dorefa3", "dorefa", 0, 70.0, {"conv1": 3, "fc": 3}),  # not an MSQ run: no row
+    ]
+    floats = [record("float", "float", 0, 89.0, None), record("float", "float", 1, 87.5, None)]
+    lines = accuracy.pacing_table(records, floats).splitlines()
+    assert len(lines) == 5 and not any("dorefa" in line for line in lines)
+    assert lines[2].startswith("| `msq16` | 0 | 88.00 | 89.00 | -1.00 | 14.22x / 9.85x | 100 % | 20 | 0 | 0.5–3 |")
+    assert lines[3].startswith("| `msq16` | 1 | 86.00 | 87.50 | -1.50 |") and "| 60 % | 30 | 1 |" in lines[3]
+    assert "**87.00 ± 1.41**" in lines[4] and "**-1.25**" in lines[4]
+    # without float runs there is nothing to compare with: dashes, no mean difference
+    alone = accuracy.pacing_table(records).splitlines()
+    assert "| 88.00 | – | – |" in alone[2] and "| **–** |" in alone[4]
+
+
 def test_pairing_refuses_different_activations() -> None:
     act = {"bits": 4, "quantizer": "pact", "skip_first": True}
     records = [
@@ -252,3 +284,21 @@ def test_proximal_flags_reach_the_config_and_keep_the_lambda_bound() -> None:
     method.learning_rate = 0.05
     method.after_step(1, (torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)))
     assert method.ctl.learning_rate == 0.05
+
+
+def test_trajectory_plot_draws_seed_zero_of_every_directory(tmp_path: Path) -> None:
+    import json
+
+    numels = {"conv1": 100, "fc": 300}
+    history = [history_entry(0, {"conv1": 4, "fc": 4}), history_entry(10, {"conv1": 3, "fc": 2}, phase="final")]
+    for entry in history:
+        entry["avg_bits"] = sum(entry["bits"][n] * numels[n] for n in numels) / 400
+    for name, seed in (("default", 0), ("prox", 0), ("prox", 1)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        rec = record("msq16", "msq", seed, 88.0, {"conv1": 3, "fc": 2}, numels=numels, msq_history=history)
+        rec.update(msq_config={"target_compression": 16.0}, steps=390)
+        (tmp_path / name / f"msq16_seed{seed}.json").write_text(json.dumps(rec))
+    out = accuracy.plot_trajectories([tmp_path / "default", tmp_path / "prox"], tmp_path / "t.png")
+    assert out.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no MSQ run of seed 0"):
+        accuracy.plot_trajectories([tmp_path / "missing"], tmp_path / "u.png")
