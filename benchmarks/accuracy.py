@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--float-dir",
         type=Path,
         default=None,
-        help="--summary: take the float runs for 'vs float' from this results directory (default: --results-dir), "
+        help="--summary: float runs of the per-seed MSQ table from this results directory (default: --results-dir), "
         "e.g. when MSQ variants with the same method name are kept in directories of their own",
     )
     p.add_argument(
