@@ -31,7 +31,9 @@ from typing import Literal
 
 import torch
 
-# the supported precisions (declared in quant.bits, torch-free, so the CLI can build its flags without torch)
+from msq_hf.quant import grid
+
+# the supported precisions are declared in quant.bits (torch-free, so the CLI can build its flags without torch)
 from msq_hf.quant.bits import MAX_ACT_BITS, MAX_BITS, MIN_ACT_BITS, MIN_BITS, check_bits
 
 WeightNorm = Literal["signmag", "dorefa"]
@@ -40,14 +42,8 @@ LSBUnits = Literal["scale", "step", "code", "value"]
 
 
 def max_abs_scale(weight: torch.Tensor) -> torch.Tensor:
-    """Per-layer scale ``S = max|W|`` (detached; 1.0 for an all-zero tensor to avoid 0/0).
-
-    Uses a single ``aminmax`` pass instead of ``abs().max()`` (which would allocate a copy).
-    """
-    with torch.no_grad():
-        lo, hi = torch.aminmax(weight.detach())
-        scale = torch.maximum(-lo, hi).to(torch.float32)
-        return torch.where(scale > 0, scale, torch.ones_like(scale))
+    """Per-layer scale ``S = max|W|`` in float32, detached (the kernels' :func:`msq_hf.quant.grid.max_abs_scale`)."""
+    return grid.max_abs_scale(weight.detach()).to(torch.float32)
 
 
 def roundclamp_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
