@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     # MSQ
     g = p.add_argument_group("MSQ")
     add_regularizer_arguments(g)
+    g.add_argument("--init-bits", type=int, default=8, help="MSQ's starting precision (MSQConfig.init_bits)")
     g.add_argument("--prune-threshold", type=float, default=0.3)
     g.add_argument("--prune-interval", type=int, default=10)
     g.add_argument("--final-round-fraction", type=float, default=0.65)
@@ -408,7 +409,7 @@ class MSQ(Method):
         from msq_hf.training.controller import MSQController
 
         self.config = self.convert(
-            init_bits=8,
+            init_bits=args.init_bits,
             target_compression=target,
             count_sign_bit=count_sign_bit,
             **regularizer_settings(args),

@@ -27,7 +27,10 @@ Usage::
     python benchmarks/finetune_pretrained.py --table-only --plot   # also docs/img/finetune_trajectories.png
 
 Extra arguments go to the recipe (e.g. ``--max_train_samples 20000``) and are recorded in the run's command; runs
-with extra arguments that change the budget need a ``--tag`` (their own files, and rows compared within the tag).
+with extra arguments need a ``--tag`` (their own files and rows). A tagged MSQ run whose extra arguments are all MSQ
+hyperparameters (``--target_compression 16``) is compared with the untagged float and uniform runs; one with any
+other argument (``--max_grad_norm 0``) changed the budget and is compared within its tag
+(``finetune_table.baseline_tag``).
 Children run with ``--threads`` torch threads (default 1). Wall times vary across machines.
 """
 
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from finetune_table import (  # noqa: E402
     METHODS,
+    baseline_tag,
     check_method,
     legacy_stem,
     pairing_table,
@@ -152,6 +156,7 @@ def run(
         "method": method,
         "bits": bits,
         "tag": tag,
+        "baseline_tag": baseline_tag(method, tag, extra),
         "seed": seed,
         "command": [f"OMP_NUM_THREADS={threads}", "python", *argv[1:]],
         "wall_seconds": round(time.time() - started, 1),

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import MethodRow, pair_equal_stored_bits  # noqa: E402
 
+from msq_hf.arguments import config_flags  # noqa: E402
 from msq_hf.report.accounting import (  # noqa: E402
     Accounting,
     accounting_from_paper_ratio,
@@ -43,14 +44,26 @@ def check_method(method: str, bits: int | None) -> None:
 def result_stem(model: str, method: str, bits: int | None, seed: int, tag: str | None = None) -> str:
     """``<model>_<method>[_w<bits>][_<tag>]_seed<k>``: the result file's and the output folder's name.
 
-    ``tag`` names a variant of the shared budget (e.g. ``clip0`` for runs with ``--max_grad_norm 0``); tagged runs
-    form their own rows and are compared with float and paired only within their tag.
+    ``tag`` names a variant (e.g. ``clip0`` for runs with ``--max_grad_norm 0``); tagged runs form their own rows,
+    compared with the float and uniform runs of their budget (:func:`baseline_tag`).
     """
     check_method(method, bits)
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9.-]+", tag):
         raise ValueError(f"tag {tag!r} may only hold letters, digits, '.' and '-'")
     width = f"_w{bits}" if bits is not None else ""
     return f"{model}_{method}{width}{f'_{tag}' if tag else ''}_seed{seed}"
+
+
+def baseline_tag(method: str, tag: str | None, extra: list[str]) -> str | None:
+    """The tag whose float and uniform runs share this run's budget.
+
+    An MSQ run whose extra flags are all MSQConfig hyperparameters (``--target_compression 16``,
+    ``--rewind_weights true``) changes MSQ, not the budget: it is compared with the untagged float and uniform
+    runs (None). Any other flag (``--max_grad_norm 0``, ``--num_train_epochs 2``) changes the budget, so the
+    run's own tag names its baselines.
+    """
+    given = {token.split("=", 1)[0] for token in extra if token.startswith("--")}
+    return None if method == "msq" and given <= config_flags() else tag
 
 
 def legacy_stem(model: str, seed: int) -> str:
@@ -98,6 +111,12 @@ class Group:
     @property
     def title(self) -> str:
         return method_title(self.method, self.bits, self.tag)
+
+    @property
+    def baseline_tag(self) -> str | None:
+        """The tag of the float and uniform runs with this group's budget (:func:`baseline_tag`; records
+        written before it was recorded use their own tag)."""
+        return self.records[0].get("baseline_tag", self.tag)
 
     @property
     def seeds(self) -> list[int]:
@@ -148,8 +167,8 @@ def _mean_cell(values: list[Any], fmt: str, scale: float = 1.0) -> str:
 
 
 def vs_float(group: Group, groups: list[Group]) -> float | None:
-    """Mean accuracy (pt) minus the float fine-tune's mean on the same model and tag (all float seeds)."""
-    ref = next((g for g in groups if (g.model, g.method, g.tag) == (group.model, "float", group.tag)), None)
+    """Mean accuracy (pt) minus the mean of the float fine-tune with the same model and budget (all its seeds)."""
+    ref = next((g for g in groups if (g.model, g.method, g.tag) == (group.model, "float", group.baseline_tag)), None)
     if ref is None or group is ref:
         return None
     return statistics.mean(group.accuracies) - statistics.mean(ref.accuracies)
@@ -200,16 +219,20 @@ def method_rows(records: list[dict[str, Any]]) -> list[MethodRow]:
 
 
 def pairing_table(records: list[dict[str, Any]], tolerance: float = 0.25) -> str:
-    """Markdown table: each MSQ group beside the uniform groups of the same model within ``tolerance`` stored
-    bits per weight (``accuracy.pair_equal_stored_bits``) and the same tag, with the accuracy difference."""
+    """Markdown table: each MSQ group beside the uniform groups of the same model and budget (its
+    :attr:`Group.baseline_tag`) within ``tolerance`` stored bits per weight (``accuracy.pair_equal_stored_bits``),
+    with the accuracy difference."""
     lines = [
         "| MSQ | stored bits / weight | paper / stored ratio | acc (%) | uniform partner | stored bits / weight "
         "| paper / stored ratio | acc (%) | MSQ − partner (pt) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for model, tag in sorted({(r["model"], r.get("tag") or "") for r in records}):
-        rows = method_rows([r for r in records if (r["model"], r.get("tag") or "") == (model, tag)])
-        for anchor, partners in pair_equal_stored_bits(rows, tolerance):
+    groups = group_records(records)
+    for msq in (g for g in groups if g.method == "msq"):
+        uniform = [g for g in groups if g.method in UNIFORM and (g.model, g.tag) == (msq.model, msq.baseline_tag)]
+        for anchor, partners in pair_equal_stored_bits(
+            method_rows(msq.records + [r for g in uniform for r in g.records]), tolerance
+        ):
             a = anchor.accounting
             head = (
                 f"| {anchor.title} | {a.stored_bits:.2f} | {format_ratio(a.paper_ratio)} / "
@@ -230,6 +253,7 @@ __all__ = [
     "METHODS",
     "UNIFORM",
     "Group",
+    "baseline_tag",
     "check_method",
     "group_records",
     "legacy_stem",

@@ -105,6 +105,20 @@ MSQArguments = make_msq_arguments()
 """The MSQ hyperparameters as ``HfArgumentParser`` arguments, with MSQConfig's defaults."""
 
 
+def config_flags() -> frozenset[str]:
+    """Every command-line spelling of a user-facing MSQConfig field: ``--reg_strength`` and ``--reg-strength``,
+    the declared aliases and negations, and ``--no_<field>``/``--no-<field>`` for fields that default to True
+    (what ``HfArgumentParser`` accepts for :class:`MSQArguments`)."""
+    flags: set[str] = set()
+    for spec in user_params():
+        names = [spec.name, *(alias.lstrip("-") for alias in (*spec.aliases, *spec.negations))]
+        if spec.default is True:
+            names.append(f"no_{spec.name}")
+        for name in names:
+            flags |= {"--" + name.replace("-", "_"), "--" + name.replace("_", "-")}
+    return frozenset(flags)
+
+
 def cli_message(exc: ConfigFieldError) -> str:
     """A config error in command-line words: ``--min-bits 5 is not allowed (expected at most --init-bits 4)``."""
     values = {**exc.related, exc.field: exc.value}
@@ -129,4 +143,4 @@ def cli_config_values(parser: argparse.ArgumentParser, args: Any, **overrides: A
         parser.error(cli_message(exc))
 
 
-__all__ = ["MSQArguments", "cli_config_values", "cli_message", "flag", "make_msq_arguments"]
+__all__ = ["MSQArguments", "cli_config_values", "cli_message", "config_flags", "flag", "make_msq_arguments"]

@@ -100,6 +100,30 @@ def test_tagged_runs_form_their_own_rows_and_pairs() -> None:
     assert "DoReFa W4" in lines[0] and "needs a uniform 4-bit run" in lines[1]  # clip0 MSQ has no clip0 partner
 
 
+def test_msq_only_variants_share_the_untagged_budget() -> None:
+    assert (
+        ft.baseline_tag("msq", "t16", ["--target_compression", "16", "--rewind-weights=true", "--no_hessian"]) is None
+    )
+    assert ft.baseline_tag("msq", "clip0", ["--max_grad_norm", "0"]) == "clip0"
+    assert ft.baseline_tag("msq", "mix", ["--target_compression", "16", "--num_train_epochs", "2"]) == "mix"
+    assert ft.baseline_tag("lsq", "t16", ["--target_compression", "16"]) == "t16"  # not an MSQ run
+    records = [
+        record("float", 0, 0.93),
+        record("lsq", 0, 0.90, 3),
+        {**record("msq", 0, 0.915, compression=16.0), "tag": "t16", "baseline_tag": None},
+        {**record("msq", 0, 0.92), "tag": "clip0", "baseline_tag": "clip0"},
+    ]
+    groups = ft.group_records(records)
+    t16 = next(g for g in groups if g.tag == "t16")
+    assert ft.vs_float(t16, groups) == pytest.approx(-1.5)
+    clip0 = next(g for g in groups if g.tag == "clip0")
+    assert ft.vs_float(clip0, groups) is None  # its budget's float run is missing: not compared with another budget
+    lines = {line.split("|")[1].strip(): line for line in ft.pairing_table(records).splitlines()[2:]}
+    assert set(lines) == {"resnet18 MSQ [t16]", "resnet18 MSQ [clip0]"}
+    assert "LSQ W3" in lines["resnet18 MSQ [t16]"] and "+1.50" in lines["resnet18 MSQ [t16]"]
+    assert "needs a uniform 4-bit run" in lines["resnet18 MSQ [clip0]"]
+
+
 def test_former_msq_result_names_are_migrated(tmp_path) -> None:
     (tmp_path / "resnet18_seed0.json").write_text(json.dumps({"model": "resnet18", "seed": 0, "summary": {}}))
     (tmp_path / "resnet18_seed1.json").write_text(json.dumps({"model": "resnet18", "seed": 1, "summary": {}}))
