@@ -183,15 +183,16 @@ def load_results(results: Path = RESULTS) -> list[dict[str, Any]]:
 
 def plot(records: list[dict[str, Any]], path: Path = PLOT) -> Path | None:
     """Seed 0's average-bits trajectory of every recorded MSQ setting, one panel each (threshold-pruning dots, the
-    forced round's red cross, the plan), with the target of the first run."""
+    forced round's red cross, the plan, the run's own target)."""
     from msq_hf.report import plot_pruning_trajectories
 
     msq = [r for r in records if r.get("method", "msq") == "msq" and r["seed"] == 0 and r.get("history")]
     if not msq:
         return None
-    runs = {f"{r['model']} {r.get('tag') or 'default'}, seed 0": r["history"] for r in msq}
-    target = msq[0]["summary"].get("target_compression")
-    return plot_pruning_trajectories(runs, path, target_bits=32.0 / target if target else None)
+    labels = {f"{r['model']} {r.get('tag') or 'default'}, seed 0": r for r in msq}
+    runs = {label: r["history"] for label, r in labels.items()}
+    targets = {label: 32.0 / r["summary"]["target_compression"] for label, r in labels.items()}
+    return plot_pruning_trajectories(runs, path, target_bits=targets)
 
 
 def main(argv: list[str] | None = None) -> int:

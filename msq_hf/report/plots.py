@@ -245,13 +245,15 @@ def plot_training_curves(
 
 
 def plot_pruning_trajectories(
-    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike[str], target_bits: float | None = None
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | os.PathLike[str],
+    target_bits: float | Mapping[str, float] | None = None,
 ) -> Path:
     """Average magnitude bits over training for each run (``{label: controller history}``), one panel per run.
 
     Threshold-pruning steps are drawn as dots, the forced final round as a red cross, and the planned trajectory
     (``planned_bits`` of the history, when recorded) as a dotted line: the plot shows at a glance which mechanism
-    did the pruning.
+    did the pruning. ``target_bits`` is one target line for every panel or ``{label: bits}`` per run.
     """
     if not runs:
         raise ValueError("plot_pruning_trajectories: no runs")
@@ -273,8 +275,9 @@ def plot_pruning_trajectories(
             ax.plot(*zip(*threshold), "o", ms=3, color="tab:blue", label="threshold pruning")
         if forced:
             ax.plot(*zip(*forced), "x", ms=8, mew=2, color="tab:red", label="forced round")
-        if target_bits is not None:
-            ax.axhline(target_bits, color="tab:green", ls="--", lw=1, label=f"target {target_bits:.2f} bits")
+        target = target_bits.get(label) if isinstance(target_bits, Mapping) else target_bits
+        if target is not None:
+            ax.axhline(target, color="tab:green", ls="--", lw=1, label=f"target {target:.2f} bits")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("training step", fontsize=8)
         ax.set_ylabel("average bits", fontsize=8)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import msq_hf.report
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
@@ -136,7 +138,7 @@ def test_former_msq_result_names_are_migrated(tmp_path) -> None:
     assert json.loads((tmp_path / "resnet18_msq_seed1.json").read_text()) == {"kept": True}
 
 
-def test_plot_draws_seed_zero_of_every_msq_setting(tmp_path) -> None:
+def test_plot_draws_seed_zero_of_every_msq_setting(tmp_path, monkeypatch) -> None:
     history = [
         {"step": 8, "avg_bits": 8.0, "pruned": [], "forced": False, "planned_bits": 8.0},
         {"step": 84, "avg_bits": 2.9, "pruned": ["a"], "forced": False, "planned_bits": 3.0},
@@ -144,10 +146,16 @@ def test_plot_draws_seed_zero_of_every_msq_setting(tmp_path) -> None:
     records = [
         {**record("msq", 0, 0.92, compression=11.0, target_compression=10.67), "history": history},
         {**record("msq", 1, 0.92, compression=11.0, target_compression=10.67), "history": history},
-        {**record("msq", 0, 0.91, compression=11.0, target_compression=10.67), "history": history, "tag": "x"},
+        {**record("msq", 0, 0.91, compression=16.2, target_compression=16.0), "history": history, "tag": "x"},
         record("float", 0, 0.92),
     ]
     path = finetune_pretrained.plot(records, tmp_path / "trajectories.png")
     assert path is not None and path.stat().st_size > 0
+    drawn = {}
+    monkeypatch.setattr(
+        msq_hf.report, "plot_pruning_trajectories", lambda runs, path, target_bits: drawn.update(target_bits)
+    )
+    finetune_pretrained.plot(records, tmp_path / "again.png")
+    assert drawn == {"resnet18 default, seed 0": 32 / 10.67, "resnet18 x, seed 0": 2.0}  # each panel its own target
     assert finetune_pretrained.plot([record("float", 0, 0.92)], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
