@@ -934,21 +934,23 @@ def child_command(method: str, seed: int, argv: list[str]) -> list[str]:
 
 
 def plot_trajectories(dirs: list[Path], path: Path = TRAJECTORY_PLOT) -> Path:
-    """Seed 0's average-bits trajectory of every MSQ run in ``dirs`` (threshold dots, the forced round's cross)."""
+    """Seed 0's average-bits trajectory of every MSQ run in ``dirs`` (threshold dots, the forced round's cross,
+    the run's own target)."""
     from msq_hf.report import plot_pruning_trajectories
+    from msq_hf.training.pacing import target_average_bits
 
-    runs, targets = {}, set()
+    runs, targets = {}, {}
     for results_dir in dirs:
         for r in load_results(results_dir):
             if r["seed"] == 0 and r.get("msq_history"):
                 steps = r.get("steps")
-                runs[f"{results_dir.name}: {r['method']}, seed 0" + (f", {steps} steps" if steps else "")] = r[
-                    "msq_history"
-                ]
-                targets.add(r["msq_config"]["target_compression"])
+                label = f"{results_dir.name}: {r['method']}, seed 0" + (f", {steps} steps" if steps else "")
+                runs[label] = r["msq_history"]
+                config = r["msq_config"]
+                targets[label] = target_average_bits(config["target_compression"], config.get("count_sign_bit", False))
     if not runs:
         raise SystemExit(f"no MSQ run of seed 0 in {[str(d) for d in dirs]}")
-    return plot_pruning_trajectories(runs, path, target_bits=32.0 / targets.pop() if len(targets) == 1 else None)
+    return plot_pruning_trajectories(runs, path, target_bits=targets)
 
 
 def print_summary(args: argparse.Namespace) -> None:

@@ -185,13 +185,14 @@ def plot(records: list[dict[str, Any]], path: Path = PLOT) -> Path | None:
     """Seed 0's average-bits trajectory of every recorded MSQ setting, one panel each (threshold-pruning dots, the
     forced round's red cross, the plan, the run's own target)."""
     from msq_hf.report import plot_pruning_trajectories
+    from msq_hf.training.pacing import target_average_bits
 
     msq = [r for r in records if r.get("method", "msq") == "msq" and r["seed"] == 0 and r.get("history")]
     if not msq:
         return None
     labels = {f"{r['model']} {r.get('tag') or 'default'}, seed 0": r for r in msq}
     runs = {label: r["history"] for label, r in labels.items()}
-    targets = {label: 32.0 / r["summary"]["target_compression"] for label, r in labels.items()}
+    targets = {label: target_average_bits(r["summary"]["target_compression"]) for label, r in labels.items()}
     return plot_pruning_trajectories(runs, path, target_bits=targets)
 
 

@@ -89,14 +89,20 @@ def record_of(out: Path, name: str, seed: int, command: list[str] | None, wall: 
 
 
 def plot(results: list[dict[str, Any]]) -> Path | None:
-    """Draw every recorded run's average-bits trajectory (threshold dots vs the forced round's cross)."""
+    """Draw every recorded run's average-bits trajectory (threshold dots vs the forced round's cross, its target)."""
     from msq_hf.report import plot_pruning_trajectories
+    from msq_hf.training.pacing import target_average_bits
 
     if not results:
         return None
-    runs = {f"{r['variant']} seed {r['seed']}": r["history"] for r in results}
-    target = results[0].get("target_compression")
-    return plot_pruning_trajectories(runs, PLOT, target_bits=32.0 / target if target else None)
+    labels = {f"{r['variant']} seed {r['seed']}": r for r in results}
+    runs = {label: r["history"] for label, r in labels.items()}
+    targets = {
+        label: target_average_bits(r["target_compression"])
+        for label, r in labels.items()
+        if r.get("target_compression")
+    }
+    return plot_pruning_trajectories(runs, PLOT, target_bits=targets)
 
 
 def table(results: list[dict[str, Any]]) -> str:

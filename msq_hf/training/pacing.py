@@ -50,6 +50,7 @@ __all__ = [
     "pull_limit",
     "rate_change",
     "smooth_sensitivities",
+    "target_average_bits",
 ]
 
 
@@ -57,6 +58,12 @@ MAX_PULL = 0.25
 """Grid steps one plain SGD step (learning rate times gradient, before momentum) may pull the finest regularized
 layer's weights. Measured on ResNet-20 with SGD momentum 0.9 (which multiplies a steady pull by ~10): the LSB
 nonzero rates fell while ``lr * lambda`` stayed below 0.25-0.4 at 8 bits, and rose beyond."""
+
+
+def target_average_bits(target_compression: float, count_sign_bit: bool = False) -> float:
+    """The average magnitude bits per weight that ``target_compression`` asks for (the sign bit taken out when
+    the target counts it)."""
+    return 32.0 / target_compression - (1 if count_sign_bit else 0)
 
 
 def pull_limit(learning_rate: float | None, regularized_bits: Sequence[int], units: str) -> float | None:
@@ -161,7 +168,7 @@ class Pacer:
             gain=config.reg_gain,
             warmup_fraction=config.warmup_fraction,
             target_fraction=config.target_fraction,
-            target_bits=32.0 / config.target_compression - (1 if config.count_sign_bit else 0),
+            target_bits=target_average_bits(config.target_compression, config.count_sign_bit),
             hessian_ema=config.hessian_ema,
         )
 

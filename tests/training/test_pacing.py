@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from msq_hf import MSQConfig
 from msq_hf.training.pacing import (
     MAX_PULL,
     Pacer,
@@ -16,9 +17,22 @@ from msq_hf.training.pacing import (
     pull_limit,
     rate_change,
     smooth_sensitivities,
+    target_average_bits,
 )
 
 # -- PruningPlan ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "count_sign_bit", "bits"),
+    [(16.0, False, 2.0), (32 / 3, False, 3.0), (32 / 3, True, 2.0), (8.0, True, 3.0)],
+)
+def test_target_average_bits_takes_the_sign_bit_out_only_when_the_target_counts_it(
+    target: float, count_sign_bit: bool, bits: float
+) -> None:
+    assert target_average_bits(target, count_sign_bit) == pytest.approx(bits)
+    config = MSQConfig(target_compression=target, count_sign_bit=count_sign_bit)
+    assert Pacer.from_config(config).target_bits == pytest.approx(bits)
 
 
 def test_planned_bits_is_linear_between_start_and_reach_and_clamped_outside() -> None:
