@@ -20,7 +20,7 @@ from msq_hf.training.pacing import (
     target_average_bits,
 )
 
-# -- PruningPlan ----------------------------------------------------------------------------------
+# -- the target ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,9 @@ def test_target_average_bits_takes_the_sign_bit_out_only_when_the_target_counts_
     assert target_average_bits(target, count_sign_bit) == pytest.approx(bits)
     config = MSQConfig(target_compression=target, count_sign_bit=count_sign_bit)
     assert Pacer.from_config(config).target_bits == pytest.approx(bits)
+
+
+# -- PruningPlan ----------------------------------------------------------------------------------
 
 
 def test_planned_bits_is_linear_between_start_and_reach_and_clamped_outside() -> None:
