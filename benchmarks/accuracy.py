@@ -78,7 +78,7 @@ from msq_hf.report.accounting import (  # noqa: E402
     method_accounting,
     storage_reference_table,
 )
-from msq_hf.training.pacing import final_round_step, pruning_share  # noqa: E402
+from msq_hf.training.pacing import final_round_step, pruning_share, target_average_bits  # noqa: E402
 
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 
@@ -937,7 +937,6 @@ def plot_trajectories(dirs: list[Path], path: Path = TRAJECTORY_PLOT) -> Path:
     """Seed 0's average-bits trajectory of every MSQ run in ``dirs`` (threshold dots, the forced round's cross,
     the run's own target)."""
     from msq_hf.report import plot_pruning_trajectories
-    from msq_hf.training.pacing import target_average_bits
 
     runs, targets = {}, {}
     for results_dir in dirs:

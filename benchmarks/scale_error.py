@@ -42,19 +42,18 @@ def squared_errors(weight: torch.Tensor, bits: int) -> dict[str, float]:
     """``||Q(W) - W||^2`` of one layer for the max, best clipped and best uniform grids at ``bits`` magnitude bits."""
     w = weight.detach().float()
     top = max_abs_scale(w)
-    clipped = min((fake_quantize_signmag(w, bits, top * c) - w).pow(2).sum().item() for c in CLIP_RATIOS)
     levels = 2**bits  # the uniform grid stores the same bits: codes -2^n .. 2^n - 1
-    uniform = min(
-        (torch.clamp(torch.round(w / (top * c / levels)), -levels, levels - 1) * (top * c / levels) - w)
-        .pow(2)
-        .sum()
-        .item()
-        for c in CLIP_RATIOS
-    )
+
+    def signmag(scale: torch.Tensor) -> float:
+        return (fake_quantize_signmag(w, bits, scale) - w).pow(2).sum().item()
+
+    def uniform(step: torch.Tensor) -> float:
+        return (torch.clamp(torch.round(w / step), -levels, levels - 1) * step - w).pow(2).sum().item()
+
     return {
-        "max": (fake_quantize_signmag(w, bits, top) - w).pow(2).sum().item(),
-        "clipped": clipped,
-        "uniform": uniform,
+        "max": signmag(top),
+        "clipped": min(signmag(top * c) for c in CLIP_RATIOS),
+        "uniform": min(uniform(top * c / levels) for c in CLIP_RATIOS),
     }
 
 
