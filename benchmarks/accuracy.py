@@ -157,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--float-dir",
         type=Path,
+        nargs="+",
         default=None,
-        help="--summary: float runs of the per-seed MSQ table from this results directory (default: --results-dir), "
-        "e.g. when MSQ variants with the same method name are kept in directories of their own",
+        help="--summary: float runs of the per-seed MSQ table from these results directories (default: "
+        "--results-dir), e.g. when MSQ variants with the same method name are kept in directories of their own",
     )
     p.add_argument(
         "--trajectories",
@@ -833,10 +834,13 @@ def pacing_table(records: list[dict[str, Any]], float_records: list[dict[str, An
             )
         if len(rs) > 1:
             accs = [r["accuracy"] for r in rs]
-            mean_delta = f"{statistics.mean(deltas):+.2f}" if len(deltas) == len(rs) else "–"
+            mean_delta = "**–**"
+            if len(deltas) == len(rs):  # the mean paired difference and its standard error
+                se = statistics.stdev(deltas) / len(deltas) ** 0.5
+                mean_delta = f"**{statistics.mean(deltas):+.2f}** (paired SE {se:.2f})"
             lines.append(
                 f"| **`{method}`, mean** | | **{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}** | "
-                f"| **{mean_delta}** | | | | | |"
+                f"| {mean_delta} | | | | | |"
             )
     return "\n".join(lines)
 
@@ -959,7 +963,7 @@ def print_summary(args: argparse.Namespace) -> None:
     print(f"\nEqual stored bits (within {args.pair_tolerance:g} bit per weight):\n")
     print(pairing_table(records, args.pair_tolerance))
     if any(r.get("msq_history") for r in records):
-        float_records = load_results(args.float_dir) if args.float_dir is not None else None
+        float_records = None if args.float_dir is None else [r for d in args.float_dir for r in load_results(d)]
         print("\nMSQ runs, per seed (who pruned, and how far from float):\n")
         print(pacing_table(records, float_records))
 

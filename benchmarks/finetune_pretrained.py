@@ -24,7 +24,7 @@ Usage::
     python benchmarks/finetune_pretrained.py resnet18 --method dorefa --bits 4 --seeds 0 --skip-done
     python benchmarks/finetune_pretrained.py resnet18 --method msq --tag clip0 --max_grad_norm 0  # a budget variant
     python benchmarks/finetune_pretrained.py --table-only
-    python benchmarks/finetune_pretrained.py --table-only --plot   # also docs/img/finetune_trajectories.png
+    python benchmarks/finetune_pretrained.py --table-only --plot   # also the two docs/img/finetune_*.png figures
 
 Extra arguments go to the recipe (e.g. ``--max_train_samples 20000``) and are recorded in the run's command; runs
 with extra arguments need a ``--tag`` (their own files and rows). A tagged MSQ run whose extra arguments are all MSQ
@@ -51,6 +51,7 @@ from finetune_table import (  # noqa: E402
     METHODS,
     baseline_tag,
     check_method,
+    comparison_points,
     legacy_stem,
     pairing_table,
     result_stem,
@@ -64,6 +65,15 @@ BASELINE_SCRIPT = "benchmarks/finetune_baseline.py"
 BASELINE_RESULT = "baseline_result.json"  # what BASELINE_SCRIPT writes in its output folder
 PAIR_TOLERANCE = 0.5  # stored bits per weight between MSQ and a uniform run called "equal stored bits"
 PLOT = ROOT / "docs" / "img" / "finetune_trajectories.png"
+COMPARISON_PLOT = ROOT / "docs" / "img" / "finetune_accuracy_vs_ratio.png"
+#: the MSQ settings of the comparison plot and their legend labels (tags without their target marker; None: the
+#: paper's defaults)
+MSQ_SERIES = {
+    None: "MSQ",
+    "mse": "MSQ + clipped scale",
+    "ac-rewind": "MSQ search-then-QAT",
+    "ac-rewind-mse": "MSQ search-then-QAT + clipped scale",
+}
 
 # One short fine-tuning epoch on a 20,000-image subset (the budget every method shares); the paper's other
 # settings (SGD lr 0.01 cosine, 5 % warm-up, weight decay 1e-4, float activations for the CNN) come from the recipe.
@@ -196,6 +206,17 @@ def plot(records: list[dict[str, Any]], path: Path = PLOT) -> Path | None:
     return plot_pruning_trajectories(runs, path, target_bits=targets)
 
 
+def plot_comparison(
+    records: list[dict[str, Any]], model: str = "resnet18", path: Path = COMPARISON_PLOT
+) -> Path | None:
+    """Mean accuracy of ``model``'s fine-tunes against the stored and the paper ratio: float, LSQ, DoReFa and the
+    :data:`MSQ_SERIES` settings, each joined across its targets (``finetune_table.comparison_points``)."""
+    from msq_hf.report import plot_accuracy_vs_compression
+
+    points = comparison_points(records, model, MSQ_SERIES)
+    return plot_accuracy_vs_compression(points, path) if points else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", metavar="MODEL", help=f"default resnet18; one of {list(RUNS)}")
@@ -210,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (OMP_NUM_THREADS)")
     parser.add_argument("--skip-done", action="store_true", help="skip runs whose result file exists")
     parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--plot", action="store_true", help=f"draw {PLOT.relative_to(ROOT)} from the records")
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help=f"draw {PLOT.relative_to(ROOT)} and {COMPARISON_PLOT.relative_to(ROOT)} from the records",
+    )
     args, extra = parser.parse_known_args(argv)
     check_method(args.method, args.bits)
     unknown = sorted(set(args.models) - set(RUNS))
@@ -234,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     # 0.5 bit: an MSQ run overshooting the target stores a little less than the uniform run it is paired with
     print(f"\nMSQ and the uniform runs at equal stored bits (within {PAIR_TOLERANCE} bit per weight):\n")
     print(pairing_table(records, PAIR_TOLERANCE))
-    if args.plot and (written := plot(records)) is not None:
-        print(f"\nplot: {written.relative_to(ROOT)}")
+    for written in (plot(records), plot_comparison(records)) if args.plot else ():
+        if written is not None:
+            print(f"\nplot: {written.relative_to(ROOT)}")
     return 0
 
 

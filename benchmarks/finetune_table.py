@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import statistics
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from accuracy import MethodRow, pair_equal_stored_bits  # noqa: E402
 from msq_hf.arguments import config_flags  # noqa: E402
 from msq_hf.report.accounting import (  # noqa: E402
     Accounting,
+    ComparisonPoint,
     accounting_from_paper_ratio,
     format_ratio,
     method_accounting,
@@ -249,8 +251,40 @@ def pairing_table(records: list[dict[str, Any]], tolerance: float = 0.25) -> str
     return "\n".join(lines)
 
 
+#: a tag's leading target marker (``t16``, ``t16-``): runs that differ only in it are one series of a plot
+TARGET_MARK = re.compile(r"^t\d+(\.\d+)?(-|$)")
+
+
+def series_tag(tag: str | None) -> str | None:
+    """``tag`` without its target marker: ``t16-mse`` -> ``mse``, ``t16`` -> None, ``ac-rewind`` unchanged."""
+    rest = TARGET_MARK.sub("", tag) if tag else tag
+    return rest or None
+
+
+def comparison_points(
+    records: list[dict[str, Any]], model: str, msq_series: Mapping[str | None, str]
+) -> list[ComparisonPoint]:
+    """Mean accuracy against both ratios of ``model``'s groups on the shared budget (no baseline tag): float, every
+    uniform width, and the MSQ groups whose :func:`series_tag` is a key of ``msq_series`` (``{tag: legend label}``;
+    None: the untagged MSQ settings; one series per key, its targets joined), for
+    :func:`msq_hf.report.plot_accuracy_vs_compression`."""
+    points = []
+    for g in group_records(records):
+        if g.model != model or g.baseline_tag is not None:
+            continue
+        if g.method == "msq" and series_tag(g.tag) not in msq_series:
+            continue
+        a = g.accounting
+        label = msq_series[series_tag(g.tag)] if g.method == "msq" else method_title(g.method, None)
+        points.append(ComparisonPoint(label, a.stored_ratio, a.paper_ratio, statistics.mean(g.accuracies)))
+    return points
+
+
 __all__ = [
     "METHODS",
+    "TARGET_MARK",
+    "comparison_points",
+    "series_tag",
     "UNIFORM",
     "Group",
     "baseline_tag",

@@ -67,6 +67,12 @@ def add_regularizer_arguments(parser: argparse.ArgumentParser | Any) -> None:
         default=None,
         help="units of the LSB pull (MSQConfig.lsb_units; default: MSQConfig's)",
     )
+    parser.add_argument(
+        "--qat-scale",
+        choices=("max", "mse"),
+        default=None,
+        help="each layer's scale once the bit scheme is final (MSQConfig.qat_scale; default: MSQConfig's)",
+    )
 
 
 def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,7 +80,7 @@ def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(PREVIOUS_REGULARIZER) if args.previous_regularizer else {}
     if args.reg_strength is not None:
         settings["reg_strength"] = args.reg_strength
-    for name in ("lsb_update", "lsb_units"):
+    for name in ("lsb_update", "lsb_units", "qat_scale"):
         if getattr(args, name, None) is not None:
             settings[name] = getattr(args, name)
     return settings

@@ -7,12 +7,13 @@ quantizes) and, at each precision, reports the relative squared error ``||Q(W) -
 layers for
 
 * ``max``: MSQ's sign-magnitude grid at ``S = max|W|``;
-* ``clipped``: the same grid at the best ``S = c max|W|`` per layer (``c`` on a grid in (0, 1], 1 included);
+* ``clipped``: the same grid at the best ``S = c max|W|`` per layer (``c`` in (0, 1], 1 included: the scale
+  ``MSQConfig(qat_scale="mse")`` clips each layer to once the bit scheme is final, :mod:`msq_hf.quant.clip`);
 * ``uniform``: a uniform grid with the same stored bits (sign + n magnitude bits: ``2^(n+1)`` signed levels,
   ``-2^n .. 2^n - 1``, the grid LSQ learns) at its best step per layer.
 
 No training: it says how far the max-based grid is from the best grid of its kind before any training, not what
-accuracy a clipped scale would reach (docs/results.md, "At three stored bits").
+accuracy a clipped scale reaches (for that, docs/results.md, "At three stored bits").
 
 Usage::
 
@@ -32,10 +33,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msq_hf.quant.functional import fake_quantize_signmag, max_abs_scale  # noqa: E402
-
-#: candidate clipping ratios ``c`` of ``S = c max|W|`` (and of the uniform grid's largest level); 1.0 included
-CLIP_RATIOS = torch.linspace(0.05, 1.0, 96).tolist()
+from msq_hf.quant.clip import best_clip_ratio, quantization_error, search_ratio  # noqa: E402
+from msq_hf.quant.functional import max_abs_scale  # noqa: E402
 
 
 def squared_errors(weight: torch.Tensor, bits: int) -> dict[str, float]:
@@ -44,16 +43,13 @@ def squared_errors(weight: torch.Tensor, bits: int) -> dict[str, float]:
     top = max_abs_scale(w)
     levels = 2**bits  # the uniform grid stores the same bits: codes -2^n .. 2^n - 1
 
-    def signmag(scale: torch.Tensor) -> float:
-        return (fake_quantize_signmag(w, bits, scale) - w).pow(2).sum().item()
-
     def uniform(step: torch.Tensor) -> float:
-        return (torch.clamp(torch.round(w / step), -levels, levels - 1) * step - w).pow(2).sum().item()
+        return float((torch.clamp(torch.round(w / step), -levels, levels - 1) * step - w).double().pow(2).sum())
 
     return {
-        "max": signmag(top),
-        "clipped": min(signmag(top * c) for c in CLIP_RATIOS),
-        "uniform": min(uniform(top * c / levels) for c in CLIP_RATIOS),
+        "max": quantization_error(w, bits, top),
+        "clipped": quantization_error(w, bits, top * best_clip_ratio(w, bits)),  # what qat_scale="mse" clips to
+        "uniform": uniform(top * search_ratio(lambda c: uniform(top * c / levels)) / levels),
     }
 
 

@@ -136,6 +136,12 @@ class MSQParams:
         "at the final round, reload every weight and buffer the run started from (a fine-tune's checkpoint), clear "
         "the optimizer state and train the remaining steps as QAT at the bit scheme MSQ found",
     )
+    qat_scale: Literal["max", "mse"] = param(
+        "max",
+        "each layer's scale S once the bit scheme is final: 'max' keeps the paper's S = max|W|; 'mse' clips the "
+        "layer's latent weights to the range c*max|W| of least quantization error at its final bits, at the final "
+        "round and every prune_interval steps after it",
+    )
     hessian_interval: int = param(
         2,
         "re-estimate the Hutchinson traces at every N-th sensitivity pass; in between, the last traces are reused with "
@@ -260,6 +266,12 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         ("wnorm",),
         lambda v: v["lsb_update"] == "gradient" or v["wnorm"] == "signmag",
         lambda v, s: f"'gradient' with {s('wnorm')} (the proximal step needs wnorm='signmag')",
+    ),
+    CrossRule(
+        "qat_scale",
+        ("wnorm",),
+        lambda v: v["qat_scale"] == "max" or v["wnorm"] == "signmag",
+        lambda v, s: f"'max' with {s('wnorm')} (the clipped scale fits the sign-magnitude grid)",
     ),
 )
 

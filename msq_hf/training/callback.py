@@ -61,23 +61,27 @@ def can_join_after_clipping(args: TrainingArguments) -> bool:
     return PartialState().distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
+#: settings that write whole weights in place: (field, value, what writes, what to do instead)
+IN_PLACE_WRITES = (
+    ("lsb_update", "proximal", "the proximal step writes", "use lsb_update='gradient' (the default) there"),
+    ("rewind_weights", True, "the rewind writes back", "use DDP (or one process) for a rewinding run"),
+    ("qat_scale", "mse", "the clip (fitted to each layer's max|W|) writes", "use DDP (or one process), or 'max'"),
+)
+
+
 def refuse_sharded_writes(config: MSQConfig) -> None:
-    """``lsb_update="proximal"`` (after every optimizer step) and ``rewind_weights`` (at the final round) write the
-    weights in place: they need every rank to hold the full weights, which DeepSpeed and FSDP shard. Raises
-    ``ValueError`` naming the field there."""
+    """``lsb_update="proximal"`` (after every optimizer step), ``rewind_weights`` and ``qat_scale="mse"`` (from the
+    final round on) write the weights in place: they need every rank to hold the full weights, which DeepSpeed and
+    FSDP shard. Raises ``ValueError`` naming the field there."""
     kind = PartialState().distributed_type
     if kind not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return
-    if config.lsb_update == "proximal":
-        raise ValueError(
-            f"MSQConfig.lsb_update='proximal' is not supported under {kind.value}, which shards the weights the "
-            "proximal step writes in place: use lsb_update='gradient' (the default) there"
-        )
-    if config.rewind_weights:
-        raise ValueError(
-            f"MSQConfig.rewind_weights=True is not supported under {kind.value}, which shards the weights the rewind "
-            "writes back in place: use DDP (or one process) for a rewinding run"
-        )
+    for field, value, writer, instead in IN_PLACE_WRITES:
+        if getattr(config, field) == value:
+            raise ValueError(
+                f"MSQConfig.{field}={value!r} is not supported under {kind.value}, which shards the weights {writer} "
+                f"in place: {instead}"
+            )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -1,11 +1,10 @@
 """``MSQController``: the training-loop side of MSQ (Algorithm 1), free of any trainer framework.
 
-For one model it finds the MSQ layers, sums their LSB terms into the regularizer
-(:class:`~msq_hf.training.regularizer.LSBRegularizer`), and every ``config.prune_interval`` optimizer steps
-measures LSB nonzero rates and Hessian sensitivities (reduced across ranks, so every process decides alike),
-asks the :class:`~msq_hf.training.schedule.BitPruningSchedule` what to prune and writes the new ``bits``/``k``
-into the layers. The :class:`~msq_hf.training.pacing.Pacer` holds the warm-up, the planned trajectory and
-the lambda feedback. After the final round every ``k`` is 0 and training continues as plain QAT. It works in a
+For one model it finds the MSQ layers, sums their LSB terms in the regularizer (:class:`~.regularizer.LSBRegularizer`),
+and every ``config.prune_interval`` optimizer steps measures LSB nonzero rates and Hessian sensitivities (reduced
+across ranks, so every process decides alike), asks the :class:`~.schedule.BitPruningSchedule` what to prune and
+writes the new ``bits``/``k`` into the layers. The :class:`~.pacing.Pacer` holds the warm-up, the planned trajectory
+and the lambda feedback. After the final round every ``k`` is 0 and training continues as plain QAT. It works in a
 hand-written loop (docs/training.md) and is what :class:`msq_hf.MSQTrainer` drives from its callback.
 """
 
@@ -24,6 +23,7 @@ from msq_hf.config import MSQConfig
 from msq_hf.convert import msq_layers
 from msq_hf.integrations.guard import mark_driven
 from msq_hf.quant.functional import average_bits, compression_ratio
+from msq_hf.training.clipping import fit_clipped_scales
 from msq_hf.training.log_metrics import msq_metrics
 from msq_hf.training.measure import (
     Batch,
@@ -114,6 +114,7 @@ class MSQController:
         self.total_steps = total_steps
         # rewind_weights: the weights the final round goes back to (msq_hf.training.rewind), on the CPU
         self.snapshot: WeightSnapshot | None = WeightSnapshot.take(model) if config.rewind_weights else None
+        self.clip_ratios: dict[str, float] = {}  # qat_scale="mse": each layer's last c of its scale S = c max|W|
 
     # -- read-only views --------------------------------------------------------------------------
     @property
@@ -201,10 +202,9 @@ class MSQController:
 
     # -- the regularizer ------------------------------------------------------------------------
     def regularization(self) -> torch.Tensor:
-        """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8), to add to the loss: the layers' fused
-        terms, summed and cleared (``LSBRegularizer``); a 0-dim zero without gradient in eval mode, under
-        ``no_grad``, after the final round, with lambda = 0 or with ``lsb_update="proximal"`` (which still records
-        the value for :attr:`last_regularization`)."""
+        """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8) to add to the loss: the layers' fused terms,
+        summed and cleared (``LSBRegularizer``); a 0-dim zero without gradient in eval mode, under ``no_grad``, after
+        the final round, at lambda = 0 or with ``lsb_update="proximal"`` (:attr:`last_regularization` logs it)."""
         reg = self._regularizer.collect(0.0 if self._finalized else self.reg_strength)
         return torch.zeros_like(reg.detach()) if self.proximal else reg  # proximal: the value is only logged
 
@@ -226,9 +226,8 @@ class MSQController:
             return {name: float(layer.lsb_nonzero_rate()) for name, layer in self.layers.items()}
 
     def sensitivities(self, batch: Batch, global_step: int = 0, loss_fn: LossFn | None = None) -> dict[str, float]:
-        """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``hessian_batch_size`` samples of ``batch``
-        (:func:`~msq_hf.training.measure.layer_sensitivities`; probes seeded by ``hutchinson_seed(seed,
-        global_step)``; not reduced across ranks, see :meth:`maybe_step`)."""
+        """HAWQ-V2 sensitivity of every layer (MSQ Eq. 9) on ``hessian_batch_size`` samples of ``batch`` (probes seeded
+        by ``hutchinson_seed(seed, global_step)``; not reduced across ranks, see :meth:`maybe_step`)."""
         loss_fn = loss_fn or self.loss_fn or fp32_default_loss
         seed = hutchinson_seed(self.seed, global_step)
         return layer_sensitivities(self.model, self.layers, batch, self.config, seed, loss_fn)[0]
@@ -241,10 +240,8 @@ class MSQController:
         rates = reduce_across_ranks(self.nonzero_rates())
         if self.config.hessian_guided:
             if batch is None:
-                raise ValueError(
-                    "hessian_guided=True needs a batch for the sensitivity pass; pass batch=... (or "
-                    "set MSQConfig.hessian_guided=False)"
-                )
+                msg = "hessian_guided=True needs a batch for the sensitivity pass; pass batch=... (or set "
+                raise ValueError(msg + "MSQConfig.hessian_guided=False)")
             seed, loss_fn = hutchinson_seed(self.seed, global_step), loss_fn or self.loss_fn or fp32_default_loss
             # the Hessian every config.hessian_interval-th pass, else its last traces with the current ||Q(W) - W||
             sens = self.traces.sensitivities(self.model, self.layers, batch, self.config, seed, loss_fn)
@@ -269,6 +266,7 @@ class MSQController:
         entry.update(avg_bits=self.avg_bits, phase="final" if self._finalized else "regularize")
         entry.update(pruned=list(done.pruned) if done else [], forced=bool(done is not None and done.forced))
         entry.update(reg_strength=self.reg_strength, planned_bits=self.plan.planned_bits(step) if self.plan else None)
+        entry["clip_ratios"] = dict(self.clip_ratios) if self._finalized and self.clip_ratios else None
         self._history.append(entry)
 
     def start(self, batch: Batch | None = None, loss_fn: LossFn | None = None, global_step: int = 0) -> None:
@@ -311,12 +309,16 @@ class MSQController:
         """Run a pruning step if ``global_step`` (optimizer steps done) is one; else return ``None``.
 
         Measures rates and sensitivities (rank-reduced), lets the schedule decide, writes the new bits/k into the
-        layers and (``bn_recalibration``) re-estimates BatchNorm statistics on ``batch`` if bits were lowered. With
-        ``rewind_weights`` the final round puts the weights back to :attr:`snapshot` and clears ``optimizer``'s state
-        (required then: a ``ValueError`` on the first call without it).
+        layers and (``bn_recalibration``) re-estimates BatchNorm statistics on ``batch`` if weights changed. At the
+        final round ``rewind_weights`` puts the weights back to :attr:`snapshot` and clears ``optimizer``'s state
+        (required then: a ``ValueError`` without it) and ``qat_scale="mse"`` clips them (:mod:`.clipping`).
         """
         if self.snapshot is not None and optimizer is None:
             raise ValueError("MSQConfig.rewind_weights=True: pass maybe_step(..., optimizer=...), for the rewind")
+        if self._finalized:  # QAT; qat_scale="mse" refits every layer's clipped scale each prune_interval steps
+            refit = self.config.qat_scale == "mse" and global_step > 0 and global_step % self.config.prune_interval == 0
+            self.clip_ratios = fit_clipped_scales(self.layers) if refit else self.clip_ratios
+            return None
         was_started = self._started  # a step that starts MSQ measures once and does not also prune
         started = self.maybe_start(global_step, batch, loss_fn)
         if not (started and was_started and self.is_pruning_step(global_step)):
@@ -330,7 +332,9 @@ class MSQController:
         if self._finalized and self.snapshot is not None:  # rewind_weights: the scheme is found, QAT from the start
             rewind(self.model, self.snapshot, optimizer)
             self.snapshot = None
-        if decision.pruned and self.config.bn_recalibration and batch is not None:  # stale statistics otherwise
+        if clipped := self._finalized and self.config.qat_scale == "mse":  # the scheme is final: fit every scale
+            self.clip_ratios = fit_clipped_scales(self.layers)
+        if (decision.pruned or clipped) and self.config.bn_recalibration and batch is not None:  # stale otherwise
             recalibrate_batchnorm(self.model, batch, loss_fn or self.loss_fn or fp32_default_loss)
         if not self._finalized:  # the rates' trend and the learning rate bound the feedback (pacing module docstring)
             top = [layer.n_bits for layer in self.layers.values() if layer.n_k > 0]
@@ -373,14 +377,12 @@ class MSQController:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (also re-applies bits/k to the layers)."""
-        version = state.get("version")
-        if version not in (1, STATE_VERSION):
+        if (version := state.get("version")) not in (1, STATE_VERSION):
             raise ValueError(f"MSQ controller state version {version!r} is not supported (expected {STATE_VERSION})")
         unknown = sorted(set(state["bits"]) ^ set(self.names))
         if unknown:
-            raise ValueError(
-                f"MSQ controller state does not match the model: layer(s) {unknown[:5]} are in only one of them"
-            )
+            msg = f"MSQ controller state does not match the model: layer(s) {unknown[:5]} are in only one of them"
+            raise ValueError(msg)
         self._apply(state["bits"], state["k"])
         self._started = bool(state["started"])
         self._finalized = bool(state["finalized"])

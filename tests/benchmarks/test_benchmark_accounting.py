@@ -124,10 +124,29 @@ def test_pacing_table_says_who_pruned_and_compares_with_float_from_another_direc
     assert len(lines) == 5 and not any("dorefa" in line for line in lines)
     assert lines[2].startswith("| `msq16` | 0 | 88.00 | 89.00 | -1.00 | 14.22x / 9.85x | 100 % | 20 | 0 | 0.5–3 |")
     assert lines[3].startswith("| `msq16` | 1 | 86.00 | 87.50 | -1.50 |") and "| 60 % | 30 | 1 |" in lines[3]
-    assert "**87.00 ± 1.41**" in lines[4] and "**-1.25**" in lines[4]
+    assert "**87.00 ± 1.41**" in lines[4] and "| **-1.25** (paired SE 0.25) |" in lines[4]
     # without float runs there is nothing to compare with: dashes, no mean difference
     alone = accuracy.pacing_table(records).splitlines()
     assert "| 88.00 | – | – |" in alone[2] and "| **–** |" in alone[4]
+
+
+def test_summary_reads_float_runs_from_several_directories(tmp_path: Path, capsys) -> None:
+    import json
+
+    history = [history_entry(0, {"conv1": 4, "fc": 4}), history_entry(10, {"conv1": 3, "fc": 2}, phase="final")]
+    runs, first, second = tmp_path / "msq", tmp_path / "float_a", tmp_path / "float_b"
+    for folder in (runs, first, second):
+        folder.mkdir()
+    for seed, acc in ((0, 88.0), (1, 86.0)):
+        rec = record("msq16", "msq", seed, acc, {"conv1": 3, "fc": 2}, numels={"conv1": 100, "fc": 300})
+        (runs / f"msq16_seed{seed}.json").write_text(json.dumps({**rec, "msq_history": history}))
+    (first / "float_seed0.json").write_text(json.dumps(record("float", "float", 0, 89.0, None)))
+    (second / "float_seed1.json").write_text(json.dumps(record("float", "float", 1, 87.0, None)))
+    flags = ["--summary", "--results-dir", str(runs), "--float-dir", str(first), str(second)]
+    assert accuracy.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "| 88.00 | 89.00 | -1.00 |" in out and "| 86.00 | 87.00 | -1.00 |" in out
+    assert "| **-1.00** (paired SE 0.00) |" in out
 
 
 def test_pairing_refuses_different_activations() -> None:
@@ -275,12 +294,12 @@ def test_msq_schedule_flags_reach_the_config_and_clipping_lifts_the_lambda_bound
 
 
 def test_proximal_flags_reach_the_config_and_keep_the_lambda_bound() -> None:
-    """``--lsb-update proximal --lsb-units step`` land in the MSQConfig; the proximal step is never clipped, so the
-    loop hands the controller its learning rate (the lambda bound) even with ``--max-grad-norm``."""
-    flags = ["--lsb-update", "proximal", "--lsb-units", "step", "--max-grad-norm", "1"]
+    """``--lsb-update proximal --lsb-units step --qat-scale mse`` land in the MSQConfig; the proximal step is never
+    clipped, so the loop hands the controller its learning rate (the lambda bound) even with ``--max-grad-norm``."""
+    flags = ["--lsb-update", "proximal", "--lsb-units", "step", "--qat-scale", "mse", "--max-grad-norm", "1"]
     args = accuracy.build_parser().parse_args(flags)
     method = accuracy.make_method("msq16", resnet20(), args, total_steps=100, steps_per_epoch=10, seed=0)
-    assert (method.config.lsb_update, method.config.lsb_units) == ("proximal", "step")
+    assert (method.config.lsb_update, method.config.lsb_units, method.config.qat_scale) == ("proximal", "step", "mse")
     method.learning_rate = 0.05
     method.after_step(1, (torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)))
     assert method.ctl.learning_rate == 0.05

@@ -159,3 +159,38 @@ def test_plot_draws_seed_zero_of_every_msq_setting(tmp_path, monkeypatch) -> Non
     assert drawn == {"resnet18 default, seed 0": 32 / 10.67, "resnet18 x, seed 0": 2.0}  # each panel its own target
     assert finetune_pretrained.plot([record("float", 0, 0.92)], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_the_comparison_plot_joins_each_msq_setting_across_its_targets(tmp_path) -> None:
+    assert [ft.series_tag(t) for t in ("t16-mse", "t16", "t10.67-ac-rewind", "mse", None, "t1x")] == [
+        "mse",
+        None,
+        "ac-rewind",
+        "mse",
+        None,
+        "t1x",
+    ]
+    tagged = {"baseline_tag": None}
+    records = [
+        record("float", 0, 0.922),
+        record("lsq", 0, 0.921, 4),
+        record("lsq", 0, 0.9207, 3),
+        record("msq", 0, 0.920),
+        {**record("msq", 0, 0.916, compression=16.0), "tag": "t16", **tagged},
+        {**record("msq", 0, 0.921, compression=16.0), "tag": "t16-mse", **tagged},
+        {**record("msq", 0, 0.910, compression=16.0), "tag": "t16-other", **tagged},  # not a plotted setting
+        {**record("lsq", 0, 0.90, 3), "tag": "clip0"},  # another budget
+    ]
+    points = ft.comparison_points(records, "resnet18", {None: "MSQ", "mse": "MSQ + clipped"})
+    got = {(p.method, round(p.paper_ratio, 2)): round(p.accuracy, 2) for p in points}
+    assert got == {
+        ("float", 1.0): 92.2,
+        ("LSQ", 8.0): 92.1,
+        ("LSQ", 10.67): 92.07,
+        ("MSQ", 10.67): 92.0,
+        ("MSQ", 16.0): 91.6,
+        ("MSQ + clipped", 16.0): 92.1,
+    }
+    path = finetune_pretrained.plot_comparison(records, path=tmp_path / "comparison.png")
+    assert path is not None and path.stat().st_size > 0
+    assert finetune_pretrained.plot_comparison([], path=tmp_path / "none.png") is None

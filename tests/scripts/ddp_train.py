@@ -7,8 +7,9 @@ Run by ``tests/test_distributed.py`` as::
 Each rank sees different samples (DistributedSampler), so its local sensitivities differ; the
 controller reduces rates and sensitivities across ranks, so all ranks must take identical decisions.
 DDP's buffer broadcast is switched off, so a divergent decision would stay visible in the output. The run uses
-``rewind_weights``: at the final round every rank must put back the weights it started from and clear its optimizer
-state (recorded by a callback right after that step).
+``rewind_weights`` and ``qat_scale="mse"``: at the final round every rank must put back the weights it started
+from, clipped to the scales fitted to the scheme found, and clear its optimizer state (recorded by a callback right
+after that step).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 import msq_hf
+from msq_hf.quant.clip import clip_weight_
 from msq_hf.training.trainer import MSQTrainer
 
 
@@ -33,8 +35,11 @@ class AtTheFinalRound(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
         if self.seen is None and self.controller.finalized:
             live = dict(model.module.named_parameters() if hasattr(model, "module") else model.named_parameters())
-            same = all(torch.equal(live[name].detach(), start) for name, start in self.start.items())
+            ratios = {f"{name}.weight": c for name, c in self.controller.clip_ratios.items()}
+            expected = {n: clip_weight_(w.clone(), ratios[n]) if n in ratios else w for n, w in self.start.items()}
+            same = all(torch.equal(live[name].detach(), w) for name, w in expected.items())
             self.seen = {"step": state.global_step, "rewound": same, "optimizer_entries": len(optimizer.state)}
+            self.seen["clip_ratios"] = dict(self.controller.clip_ratios)
 
 
 def main(out_dir: str) -> None:
@@ -68,6 +73,7 @@ def main(out_dir: str) -> None:
         hessian_batch_size=4,
         final_round_fraction=0.8,
         rewind_weights=True,
+        qat_scale="mse",
     )
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "run"),

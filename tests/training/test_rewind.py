@@ -218,10 +218,14 @@ def test_the_snapshot_leaves_out_only_the_bit_scheme() -> None:
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP"])
 @pytest.mark.parametrize(
     ("field", "message"),
-    [({"lsb_update": "proximal"}, "lsb_update='proximal'"), ({"rewind_weights": True}, "rewind_weights=True")],
+    [
+        ({"lsb_update": "proximal"}, "lsb_update='proximal'"),
+        ({"rewind_weights": True}, "rewind_weights=True"),
+        ({"qat_scale": "mse"}, "qat_scale='mse'"),
+    ],
 )
 def test_in_place_weight_writes_are_refused_when_sharded(kind: str, field: dict, message: str, monkeypatch) -> None:
-    # the proximal step and the rewind write whole weights in place: DeepSpeed and FSDP shard them
+    # the proximal step, the rewind and the clip write whole weights in place: DeepSpeed and FSDP shard them
     from accelerate.utils import DistributedType
 
     class Sharded:
