@@ -7,7 +7,7 @@ final nothing is pruned any more, and the scale is free to fit each layer's fina
 ``||Q_n(W; c max|W|) - W||^2`` at the layer's final ``n`` bits. Weights beyond ``c max|W|`` lose nothing by being
 clipped to it (both round to the top level), so clipping the latent weights *is* the clipped scale: ``max|W|``
 then equals the clipped range, and every path that computes ``S = max|W|`` (the fused kernels, the export's codes
-and scale) uses it without a change (docs/design-choices.md, "Clipped scale after the search").
+and scale) uses it without a change (docs/training.md, "A clipped scale once the scheme is final").
 
 Pure functions; the controller decides when to call them (:mod:`msq_hf.training.controller`).
 """
