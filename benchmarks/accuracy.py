@@ -14,6 +14,8 @@ data subset, epochs, optimizer (SGD, momentum 0.9, cosine learning rate, weight 
 ``msq10.7``        MSQ to 32/3 = 10.67x; ``msq10.7_nohess`` likewise without Hessian guidance
 ``msq*_stored``    MSQ whose target counts the sign bit (``count_sign_bit``): ``msq16_stored`` stores 2 bits per
                    weight like ``dorefa2``, ``msq10.7_stored`` 3 bits like ``dorefa3``
+``msq8_fixed``     MSQ's layers at 8 bits with nothing driving them (no regularizer, no pruning): the quantized
+                   training MSQ starts from, to separate what its grid costs from what the search costs
 =================  ==========================================================================================
 
 Accounting: an MSQ (and BSQ/CSQ) layer of n bits stores sign + n magnitude bits; a DoReFa n-bit layer stores n.
@@ -59,6 +61,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAJECTORY_PLOT = ROOT / "docs" / "img" / "resnet20_trajectories.png"
+SEED_DIFFERENCE_PLOT = ROOT / "docs" / "img" / "resnet20_seed_differences.png"
+#: issue 14's from-scratch goal: MSQ at 16x at most this many points below float (drawn in the seed plot)
+GOAL_POINTS = 0.5
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -89,8 +94,8 @@ class MethodSpec:
 
     family: str  # float | dorefa | bsq | csq | msq
     title: str = ""
-    bits: int | None = None  # DoReFa weight bits
-    target: float | None = None  # MSQ target compression
+    bits: int | None = None  # DoReFa weight bits; MSQ without a target: the fixed bits of its grid
+    target: float | None = None  # MSQ target compression (None: the grid at ``bits``, no search)
     hessian: bool = True  # MSQ Hessian-guided k
     count_sign_bit: bool = False  # MSQ: the target is a stored ratio (sign counted), not the paper ratio
 
@@ -108,6 +113,7 @@ METHODS: dict[str, MethodSpec] = {
     "dorefa4": MethodSpec("dorefa", "DoReFa 4-bit", bits=4),
     "msq16_stored": MethodSpec("msq", "MSQ 16x stored, Hessian k", target=16.0, count_sign_bit=True),
     "msq10.7_stored": MethodSpec("msq", "MSQ 10.7x stored, Hessian k", target=32.0 / 3.0, count_sign_bit=True),
+    "msq8_fixed": MethodSpec("msq", "MSQ's grid at 8 bits, no search", bits=8),
 }
 """Run order of the suite: the headline runs (float, MSQ 16x, DoReFa 2-bit) first, so a suite cut short
 still answers the main question; then the equal-stored-bits partners (DoReFa 4-bit for MSQ 10.7x, MSQ with a
@@ -171,7 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="only draw seed 0's pruning trajectory of the MSQ runs in each results directory (one panel per run) "
         f"into --plot-out (default {TRAJECTORY_PLOT.relative_to(ROOT)})",
     )
-    p.add_argument("--plot-out", type=Path, default=TRAJECTORY_PLOT, help="--trajectories: the image written")
+    p.add_argument(
+        "--seed-differences",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="only plot each non-float run's per-seed accuracy minus float's (same seed and number of steps, from "
+        "--float-dir) into --plot-out (default "
+        f"{SEED_DIFFERENCE_PLOT.relative_to(ROOT)}); DIR+DIR joins directories into one series",
+    )
+    p.add_argument("--plot-out", type=Path, default=None, help="--trajectories / --seed-differences: the image written")
     add_act_arguments(p)
     # MSQ
     g = p.add_argument_group("MSQ")
@@ -390,6 +405,26 @@ class CSQ(Method):
         )
 
 
+class FixedGrid(Method):
+    """MSQ's layers at fixed bits with nothing driving them: the quantized training MSQ starts from.
+
+    No regularizer, no pruning: the difference to float of this run is what MSQ's grid alone costs (or the
+    trajectory it sends training on), before any bit is pruned.
+    """
+
+    family = "msq"
+
+    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int, bits: int):
+        super().__init__(model, args, total_steps, steps_per_epoch)
+        self.convert(init_bits=bits)
+
+    def summary(self) -> dict[str, Any]:
+        from msq_hf.convert import bit_scheme, msq_layers
+
+        numels = {name: int(layer.weight.numel()) for name, layer in msq_layers(self.model).items()}
+        return _weights_summary("msq", bit_scheme(self.model), numels)
+
+
 class MSQ(Method):
     """MSQ through :class:`msq_hf.MSQController` (regularize + prune, final round, then QAT)."""
 
@@ -466,6 +501,8 @@ def make_method(
         return BSQ(model, args, total_steps, steps_per_epoch)
     if spec.family == "csq":
         return CSQ(model, args, total_steps, steps_per_epoch)
+    if spec.family == "msq" and spec.target is None:
+        return FixedGrid(model, args, total_steps, steps_per_epoch, int(spec.bits))
     if spec.family == "msq":
         return MSQ(
             model, args, total_steps, steps_per_epoch, float(spec.target), spec.hessian, seed, spec.count_sign_bit
@@ -956,6 +993,35 @@ def plot_trajectories(dirs: list[Path], path: Path = TRAJECTORY_PLOT) -> Path:
     return plot_pruning_trajectories(runs, path, target_bits=targets)
 
 
+def seed_differences(groups: list[str], float_records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """``{"<dir>: <method>, <steps> steps": {seed: accuracy - float's}}`` for every non-float run.
+
+    Each group is a results directory, or several joined by ``+`` whose runs form one series (seeds 0-2 in one
+    directory, 3-4 in another), named after the first. A run is compared with the float run of the same seed and
+    number of training steps; a run without one is an error that names it (a difference to another budget's float
+    would mean nothing), and so is a seed found twice in one series.
+    """
+    floats = {(r["seed"], r["steps"]): r["accuracy"] for r in float_records if r["method"] == "float"}
+    series: dict[str, dict[int, float]] = {}
+    for group in groups:
+        dirs = [Path(d) for d in group.split("+")]
+        for results_dir in dirs:
+            for r in sorted(load_results(results_dir), key=lambda r: r["seed"]):
+                if r["method"] == "float":
+                    continue
+                name = results_dir / f"{r['method']}_seed{r['seed']}.json"
+                key = (r["seed"], r["steps"])
+                if key not in floats:
+                    raise SystemExit(f"{name}: no float run of seed {key[0]} with {key[1]} steps in --float-dir")
+                label = f"{dirs[0].name}: {r['method']}, {r['steps']} steps"
+                if r["seed"] in series.get(label, {}):
+                    raise SystemExit(f"{name}: seed {r['seed']} of {label!r} is already in another directory")
+                series.setdefault(label, {})[r["seed"]] = r["accuracy"] - floats[key]
+    if not series:
+        raise SystemExit(f"no non-float run in {groups}")
+    return series
+
+
 def print_summary(args: argparse.Namespace) -> None:
     """The summary, equal-stored-bits and (when MSQ runs are present) pacing tables of ``args.results_dir``."""
     records = load_results(args.results_dir)
@@ -978,7 +1044,16 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(args)
         return 0
     if args.trajectories:
-        print(f"wrote {plot_trajectories(args.trajectories, args.plot_out)}")
+        print(f"wrote {plot_trajectories(args.trajectories, args.plot_out or TRAJECTORY_PLOT)}")
+        return 0
+    if args.seed_differences:
+        from msq_hf.report import plot_seed_differences
+
+        if args.float_dir is None:
+            raise SystemExit("--seed-differences needs --float-dir: the float runs each seed is compared with")
+        floats = [r for d in args.float_dir for r in load_results(d)]
+        series = seed_differences(args.seed_differences, floats)
+        print(f"wrote {plot_seed_differences(series, args.plot_out or SEED_DIFFERENCE_PLOT, goal=GOAL_POINTS)}")
         return 0
     if args.jobs < 1 or args.threads < 1:
         raise SystemExit(f"--jobs ({args.jobs}) and --threads ({args.threads}) must be >= 1")

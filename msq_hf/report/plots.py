@@ -16,29 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from msq_hf.report.accounting import FLOAT_BITS, ComparisonPoint, format_ratio, method_accounting
+from msq_hf.report.figure import new_figure, save_figure
 from msq_hf.report.history import layer_order
 
 MAX_BITS = 8
 
 # ------------------------------------------------------------------------------------------------
-# matplotlib helpers
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+# helpers
 
 
 def _short_names(names: Sequence[str], width: int = 28) -> list[str]:
@@ -70,7 +54,7 @@ def plot_bits_per_layer(
     labels = _short_names(names, 40)
     if numels:
         labels = [f"{label}  ({_count(numels.get(n, 0))})" for label, n in zip(labels, names)]
-    fig = _figure(8.0, min(max(2.5, 0.22 * len(names) + 1.2), 40.0))
+    fig = new_figure(8.0, min(max(2.5, 0.22 * len(names) + 1.2), 40.0))
     ax = fig.add_subplot(1, 1, 1)
     cmap = _bits_cmap()
     ax.barh(range(len(names)), bits, color=[cmap((b - 1) / (MAX_BITS - 1)) for b in bits])
@@ -93,7 +77,7 @@ def plot_bits_per_layer(
             )
         title += ")"
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bits_cmap() -> Any:
@@ -134,7 +118,7 @@ def plot_bits_timeline(
         for i, name in enumerate(names):
             if name in entry["bits"]:
                 grid[i, j] = int(entry["bits"][name])
-    fig = _figure(9.0, min(max(3.0, 0.2 * len(names) + 1.8), 40.0))
+    fig = new_figure(9.0, min(max(3.0, 0.2 * len(names) + 1.8), 40.0))
     ax = fig.add_subplot(1, 1, 1)
     mesh = ax.pcolormesh(
         edges, np.arange(len(names) + 1), grid, cmap=_bits_cmap(), vmin=0.5, vmax=MAX_BITS + 0.5, shading="flat"
@@ -159,7 +143,7 @@ def plot_bits_timeline(
     elif comps[0] is not None and comps[-1] is not None:
         title += f"\ncompression {comps[0]:.2f}x → {comps[-1]:.2f}x (the run's accounting)"
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _covers(numels: Mapping[str, int] | None, *schemes: Mapping[str, Any]) -> bool:
@@ -206,7 +190,7 @@ def plot_training_curves(
         raise ValueError(
             "plot_training_curves: neither compression (history / msq/compression) nor eval_accuracy found"
         )
-    fig = _figure(7.5, 3.8)
+    fig = new_figure(7.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     handles = []
     own, other = ("stored ratio (sign counted)", "paper ratio (magnitude bits)")
@@ -241,7 +225,7 @@ def plot_training_curves(
         ax2.set_ylim(0, 100)
     ax.legend(handles=handles, loc="lower right", fontsize=8)
     ax.set_title("MSQ training: compression" + (" and accuracy" if acc_x else ""), fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pruning_trajectories(
@@ -259,7 +243,7 @@ def plot_pruning_trajectories(
         raise ValueError("plot_pruning_trajectories: no runs")
     cols = min(len(runs), 3)
     rows = math.ceil(len(runs) / cols)
-    fig = _figure(4.2 * cols, 3.0 * rows)
+    fig = new_figure(4.2 * cols, 3.0 * rows)
     for index, (label, history) in enumerate(runs.items(), start=1):
         ax = fig.add_subplot(rows, cols, index)
         hist = sorted(history, key=lambda e: int(e["step"]))
@@ -284,7 +268,7 @@ def plot_pruning_trajectories(
         ax.set_ylim(0, MAX_BITS + 0.5)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _comparison_points(points: Sequence[Any]) -> list[ComparisonPoint]:
@@ -325,7 +309,7 @@ def plot_accuracy_vs_compression(
     for point in checked:
         by_method.setdefault(point.method, []).append(point)
     percent = max(p.accuracy for p in checked) > 1.0
-    fig = _figure(11.0, 4.4)
+    fig = new_figure(11.0, 4.4)
     stored_ax = fig.add_subplot(1, 2, 1)
     paper_ax = fig.add_subplot(1, 2, 2, sharey=stored_ax)
     right = max(max(p.stored_ratio, p.paper_ratio) for p in checked) * 1.08 + 0.5
@@ -361,7 +345,37 @@ def plot_accuracy_vs_compression(
     top = stored_ax.secondary_xaxis("top", functions=(to_bits, to_bits))
     top.set_xticks([b for b in (32, 8, 6, 5, 4, 3, 2) if FLOAT_BITS / b <= right])
     top.set_xlabel("stored bits per weight", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def plot_seed_differences(
+    series: Mapping[str, Mapping[int, float]], path: str | os.PathLike[str], goal: float | None = None
+) -> Path:
+    """Per-seed accuracy differences to a baseline (``{label: {seed: points}}``), one row per series.
+
+    Each seed is a numbered dot; the bar is the mean with one standard error either side, so the plot shows
+    whether a mean is carried by every seed or by one. ``goal`` draws the tolerated loss (``-goal``) as a line.
+    """
+    if not series or not all(series.values()):
+        raise ValueError("plot_seed_differences: every series needs at least one seed")
+    fig = new_figure(8.0, 1.0 + 0.55 * len(series))
+    ax = fig.add_subplot(1, 1, 1)
+    for row, by_seed in enumerate(reversed(list(series.values()))):
+        values = [float(v) for v in by_seed.values()]
+        mean = sum(values) / len(values)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        ax.errorbar(mean, row, xerr=spread / math.sqrt(len(values)), fmt="|", ms=14, color="black", capsize=4)
+        ax.plot(values, [row] * len(values), "o", ms=5, color="tab:blue", alpha=0.6)
+        for seed, value in by_seed.items():
+            ax.annotate(str(seed), (float(value), row), xytext=(0, 5), textcoords="offset points", fontsize=6)
+    ax.axvline(0.0, color="gray", lw=1)
+    if goal is not None:
+        ax.axvline(-goal, color="tab:red", ls="--", lw=1, label=f"goal: at most {goal:g} point below")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_yticks(range(len(series)), list(reversed(list(series))), fontsize=8)
+    ax.set_xlabel("accuracy difference (points); bar: mean ± 1 standard error; numbers: seeds", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)
 
 
 __all__ = [
@@ -369,5 +383,6 @@ __all__ = [
     "plot_bits_per_layer",
     "plot_bits_timeline",
     "plot_pruning_trajectories",
+    "plot_seed_differences",
     "plot_training_curves",
 ]

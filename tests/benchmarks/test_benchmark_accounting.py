@@ -175,7 +175,7 @@ def converted(method: str, flags: list[str]) -> torch.nn.Module:
     return model
 
 
-ACCURACY_METHODS = ["float", "msq16", "dorefa2", "bsq", "csq"]  # one per family
+ACCURACY_METHODS = ["float", "msq16", "msq8_fixed", "dorefa2", "bsq", "csq"]  # one per family, and the fixed grid
 
 
 @pytest.mark.parametrize(
@@ -239,9 +239,8 @@ def test_cost_benchmark_accounting_table() -> None:
     assert "| float | 32 | 32 | 1.00x | 1.00x | float |" in table
 
 
-def test_result_records_hold_the_act_declaration_and_both_ratios(tmp_path: Path, monkeypatch) -> None:
-    """Two short runs through the real loop (random images instead of Fashion-MNIST): each record names its
-    activation quantizers (declared and installed, identical across methods) and both ratios."""
+def random_images_instead_of_fashion_mnist(monkeypatch) -> None:
+    """The accuracy loop on 48 random training and 16 test images (no dataset needed)."""
     gen = torch.Generator().manual_seed(0)
 
     def fake_tensors(split: str, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +249,12 @@ def test_result_records_hold_the_act_declaration_and_both_ratios(tmp_path: Path,
 
     monkeypatch.setattr(accuracy, "load_tensors", fake_tensors)
     monkeypatch.setattr(accuracy, "machine_description", lambda: "test")
+
+
+def test_result_records_hold_the_act_declaration_and_both_ratios(tmp_path: Path, monkeypatch) -> None:
+    """Two short runs through the real loop (random images instead of Fashion-MNIST): each record names its
+    activation quantizers (declared and installed, identical across methods) and both ratios."""
+    random_images_instead_of_fashion_mnist(monkeypatch)
     flags = ["--epochs", "1", "--batch-size", "16", "--results-dir", str(tmp_path), "--act-bits", "4"]
     args = accuracy.build_parser().parse_args(flags + ["--hessian-batch-size", "8", "--hessian-max-probes", "1"])
     records = {m: accuracy.run_one(m, 0, args, "test") for m in ("dorefa2", "msq16")}
@@ -269,6 +274,21 @@ def test_result_records_hold_the_act_declaration_and_both_ratios(tmp_path: Path,
     assert msq["stored_bits"] == pytest.approx(msq["magnitude_bits"] + 1)
     assert msq["paper_ratio"] == pytest.approx(records["msq16"]["compression"])
     assert "pact A4 (first layer float)" in accuracy.summary_table(accuracy.load_results(tmp_path))
+
+
+def test_the_fixed_grid_trains_msq_layers_at_their_bits_with_nothing_pruned(tmp_path: Path, monkeypatch) -> None:
+    """``msq8_fixed`` is MSQ's starting point alone: its layers train at 8 bits (their weights are quantized, unlike
+    float's), no bit is pruned and no controller history is recorded; both ratios are those of 8 bits."""
+    random_images_instead_of_fashion_mnist(monkeypatch)
+    args = accuracy.build_parser().parse_args(["--epochs", "2", "--batch-size", "16", "--results-dir", str(tmp_path)])
+    record = accuracy.run_one("msq8_fixed", 0, args, "test")
+    assert record["family"] == "msq" and "msq_history" not in record
+    assert len(record["bit_scheme"]) == 22 and set(record["bit_scheme"].values()) == {8}
+    assert record["accounting"]["paper_ratio"] == pytest.approx(4.0)
+    assert record["accounting"]["stored_ratio"] == pytest.approx(32 / 9)
+    model = converted("msq8_fixed", [])
+    layer = model.layer1[0].conv1
+    assert layer.n_bits == 8 and not torch.equal(layer.quantized_weight(), layer.weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,3 +341,45 @@ def test_trajectory_plot_draws_seed_zero_of_every_directory(tmp_path: Path) -> N
     assert out.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no MSQ run of seed 0"):
         accuracy.plot_trajectories([tmp_path / "missing"], tmp_path / "u.png")
+
+
+def test_seed_differences_join_directories_and_compare_with_the_same_budget(tmp_path: Path) -> None:
+    """Each run is compared with float of its own seed and step count; ``a+b`` makes one series of two directories;
+    a run without its float partner, or a seed found twice in one series, is named in the error."""
+    import json
+
+    def write(folder: str, method: str, seed: int, acc: float, steps: int = 390) -> None:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        rec = record(method, "float" if method == "float" else "msq", seed, acc, None, steps=steps)
+        (tmp_path / folder / f"{method}_seed{seed}.json").write_text(json.dumps(rec))
+
+    for seed, acc in ((0, 88.0), (1, 87.5), (2, 87.0)):
+        write("float", "float", seed, acc)
+    write("float_long", "float", 0, 90.0, steps=780)  # another budget: never the partner of a 390-step run
+    write("a", "msq16", 0, 87.5)
+    write("a", "msq16", 1, 87.0)
+    write("b", "msq16", 2, 86.0)
+    write("b", "float", 2, 99.0)  # float runs among the series' directories are not series
+    floats = accuracy.load_results(tmp_path / "float") + accuracy.load_results(tmp_path / "float_long")
+    series = accuracy.seed_differences([f"{tmp_path / 'a'}+{tmp_path / 'b'}"], floats)
+    assert series == {"a: msq16, 390 steps": {0: -0.5, 1: -0.5, 2: -1.0}}
+    write("long", "msq16", 1, 89.0, steps=780)
+    with pytest.raises(SystemExit, match=r"long/msq16_seed1.json: no float run of seed 1 with 780 steps"):
+        accuracy.seed_differences([str(tmp_path / "long")], floats)
+    write("c", "msq16", 0, 87.9)
+    with pytest.raises(SystemExit, match=r"c/msq16_seed0.json: seed 0 of 'a: msq16, 390 steps' is already"):
+        accuracy.seed_differences([f"{tmp_path / 'a'}+{tmp_path / 'c'}"], floats)
+    assert (
+        accuracy.main(
+            [
+                "--seed-differences",
+                str(tmp_path / "a"),
+                "--float-dir",
+                str(tmp_path / "float"),
+                "--plot-out",
+                str(tmp_path / "d.png"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "d.png").stat().st_size > 10_000

@@ -21,6 +21,7 @@ from msq_hf.report import (
     plot_accuracy_vs_compression,
     plot_bits_per_layer,
     plot_bits_timeline,
+    plot_seed_differences,
     plot_training_curves,
     write_history,
     write_report,
@@ -85,6 +86,7 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
             [("MSQ", 8.1, 11.1, 0.71), ("DoReFa 2-bit", 16.0, 16.0, 0.64), ("DoReFa 4-bit", 8.0, 8.0, 0.7)],
             tmp_path / "acc.png",
         ),
+        plot_seed_differences({"grid": {0: 0.1, 1: -1.2}, "msq": {0: -0.4, 1: -1.1, 2: -0.9}}, tmp_path / "d.png", 0.5),
     ]
     assert paths[0] == tmp_path / "a" / "bits.png"  # parent folder created
     for path in paths:
@@ -111,6 +113,8 @@ def test_training_curves_from_history_only(tmp_path: Path) -> None:
         (lambda p: plot_accuracy_vs_compression([], p), "no \\(method"),
         (lambda p: plot_accuracy_vs_compression([("LSQ", float("nan"), 8.0, 0.5)], p), "'LSQ'"),
         (lambda p: plot_accuracy_vs_compression([("MSQ", 16.0, 0.5)], p), "stored ratio, paper ratio"),
+        (lambda p: plot_seed_differences({}, p), "at least one seed"),
+        (lambda p: plot_seed_differences({"msq": {0: -0.5}, "grid": {}}, p), "at least one seed"),
     ],
 )
 def test_plot_errors(tmp_path: Path, call, match: str) -> None:
