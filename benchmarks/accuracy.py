@@ -14,6 +14,7 @@ data subset, epochs, optimizer (SGD, momentum 0.9, cosine learning rate, weight 
 ``msq10.7``        MSQ to 32/3 = 10.67x; ``msq10.7_nohess`` likewise without Hessian guidance
 ``msq*_stored``    MSQ whose target counts the sign bit (``count_sign_bit``): ``msq16_stored`` stores 2 bits per
                    weight like ``dorefa2``, ``msq10.7_stored`` 3 bits like ``dorefa3``
+``lsq2/3``         uniform 2-/3-bit LSQ weights (learned step per layer); ``lsq3`` stores what ``msq16`` stores
 ``msq8_fixed``     MSQ's layers at 8 bits with nothing driving them (no regularizer, no pruning): the quantized
                    training MSQ starts from, to separate what its grid costs from what the search costs
 =================  ==========================================================================================
@@ -92,7 +93,7 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 class MethodSpec:
     """One entry of the method table: the family, its quantization target and its title in the tables."""
 
-    family: str  # float | dorefa | bsq | csq | msq
+    family: str  # float | dorefa | lsq | bsq | csq | msq
     title: str = ""
     bits: int | None = None  # DoReFa weight bits; MSQ without a target: the fixed bits of its grid
     target: float | None = None  # MSQ target compression (None: the grid at ``bits``, no search)
@@ -114,7 +115,11 @@ METHODS: dict[str, MethodSpec] = {
     "msq16_stored": MethodSpec("msq", "MSQ 16x stored, Hessian k", target=16.0, count_sign_bit=True),
     "msq10.7_stored": MethodSpec("msq", "MSQ 10.7x stored, Hessian k", target=32.0 / 3.0, count_sign_bit=True),
     "msq8_fixed": MethodSpec("msq", "MSQ's grid at 8 bits, no search", bits=8),
+    "lsq3": MethodSpec("lsq", "LSQ 3-bit", bits=3),
+    "lsq2": MethodSpec("lsq", "LSQ 2-bit", bits=2),
 }
+#: the families that train every layer at one width (``bits`` of their MethodSpec)
+UNIFORM_FAMILIES = ("dorefa", "lsq")
 """Run order of the suite: the headline runs (float, MSQ 16x, DoReFa 2-bit) first, so a suite cut short
 still answers the main question; then the equal-stored-bits partners (DoReFa 4-bit for MSQ 10.7x, MSQ with a
 stored-ratio target for DoReFa 2/3-bit)."""
@@ -303,19 +308,25 @@ def _weights_summary(family: str, scheme: dict[str, int], numels: dict[str, int]
     }
 
 
-class DoReFa(Method):
-    family = "dorefa"
+class Uniform(Method):
+    """A uniform baseline at ``bits`` for every layer: DoReFa, or LSQ (its step learned with the weights, by the
+    same optimizer and weight decay)."""
 
-    def __init__(self, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int, bits: int):
+    def __init__(
+        self, family: str, model: Any, args: argparse.Namespace, total_steps: int, steps_per_epoch: int, bits: int
+    ):
         super().__init__(model, args, total_steps, steps_per_epoch)
-        from msq_hf.baselines import dorefa
+        from msq_hf import baselines
 
-        self.mod = dorefa
+        self.family = family
+        self.mod = baselines.METHODS[family]
         self.convert(bits=bits)
 
     def summary(self) -> dict[str, Any]:
-        layers = self.mod.dorefa_layers(self.model)
-        return _weights_summary("dorefa", self.mod.bit_scheme(self.model), {n: int(m.numel) for n, m in layers.items()})
+        layers = getattr(self.mod, f"{self.family}_layers")(self.model)  # dorefa_layers / lsq_layers
+        return _weights_summary(
+            self.family, self.mod.bit_scheme(self.model), {n: int(m.numel) for n, m in layers.items()}
+        )
 
 
 class BSQ(Method):
@@ -495,8 +506,8 @@ def make_method(
         hooks = Method(model, args, total_steps, steps_per_epoch)
         hooks.convert()  # float weights; the declared activation quantizers when --act-bits is set
         return hooks
-    if spec.family == "dorefa":
-        return DoReFa(model, args, total_steps, steps_per_epoch, int(spec.bits))
+    if spec.family in UNIFORM_FAMILIES:
+        return Uniform(spec.family, model, args, total_steps, steps_per_epoch, int(spec.bits))
     if spec.family == "bsq":
         return BSQ(model, args, total_steps, steps_per_epoch)
     if spec.family == "csq":
@@ -907,7 +918,7 @@ def pair_equal_stored_bits(
 def _uniform_partner(stored_bits: float) -> str:
     """The uniform run an unpaired MSQ row needs, as a ``--methods`` name when the table has one."""
     width = round(stored_bits)
-    name = next((m for m, s in METHODS.items() if s.family == "dorefa" and s.bits == width), None)
+    name = next((m for m, s in METHODS.items() if s.family in UNIFORM_FAMILIES and s.bits == width), None)
     return f"`--methods {name}`" if name else f"a uniform {width}-bit run"
 
 

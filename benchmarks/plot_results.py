@@ -25,7 +25,7 @@ from accuracy import DEFAULT_RESULTS, METHODS, load_results, method_rows  # noqa
 from msq_hf.report import ComparisonPoint, plot_accuracy_vs_compression, plot_bits_timeline  # noqa: E402
 
 #: legend label of each method family (points with the same label are joined by a line)
-LABELS = {"float": "float", "dorefa": "DoReFa (uniform)", "bsq": "BSQ", "csq": "CSQ"}
+LABELS = {"float": "float", "dorefa": "DoReFa (uniform)", "lsq": "LSQ (uniform)", "bsq": "BSQ", "csq": "CSQ"}
 
 
 def label(method: str) -> str:
@@ -33,6 +33,8 @@ def label(method: str) -> str:
     spec = METHODS.get(method)
     if spec is None:
         return method
+    if spec.family == "msq" and spec.target is None:
+        return "MSQ grid, no search"
     if spec.family == "msq":
         kind = "MSQ (Hessian k)" if spec.hessian else "MSQ (k = 1)"
         return kind + (", stored-ratio target" if spec.count_sign_bit else "")

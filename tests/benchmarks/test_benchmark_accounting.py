@@ -175,7 +175,15 @@ def converted(method: str, flags: list[str]) -> torch.nn.Module:
     return model
 
 
-ACCURACY_METHODS = ["float", "msq16", "msq8_fixed", "dorefa2", "bsq", "csq"]  # one per family, and the fixed grid
+ACCURACY_METHODS = [
+    "float",
+    "msq16",
+    "msq8_fixed",
+    "dorefa2",
+    "lsq3",
+    "bsq",
+    "csq",
+]  # one per family, and the fixed grid
 
 
 @pytest.mark.parametrize(
@@ -383,3 +391,14 @@ def test_seed_differences_join_directories_and_compare_with_the_same_budget(tmp_
         == 0
     )
     assert (tmp_path / "d.png").stat().st_size > 10_000
+
+
+def test_every_accuracy_method_has_a_plot_label() -> None:
+    """benchmarks/plot_results.py joins points by label: each method of the table needs one, the grid without a
+    search must not join the MSQ line, and each uniform family has its own line."""
+    import plot_results
+
+    labels = {m: plot_results.label(m) for m in accuracy.METHODS}
+    assert all(labels.values())
+    assert labels["msq8_fixed"] != labels["msq16"]
+    assert labels["lsq3"] == labels["lsq2"] != labels["dorefa3"]
