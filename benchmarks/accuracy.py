@@ -118,11 +118,12 @@ METHODS: dict[str, MethodSpec] = {
     "lsq3": MethodSpec("lsq", "LSQ 3-bit", bits=3),
     "lsq2": MethodSpec("lsq", "LSQ 2-bit", bits=2),
 }
-#: the families that train every layer at one width (``bits`` of their MethodSpec)
-UNIFORM_FAMILIES = ("dorefa", "lsq")
 """Run order of the suite: the headline runs (float, MSQ 16x, DoReFa 2-bit) first, so a suite cut short
 still answers the main question; then the equal-stored-bits partners (DoReFa 4-bit for MSQ 10.7x, MSQ with a
-stored-ratio target for DoReFa 2/3-bit)."""
+stored-ratio target for DoReFa 2/3-bit); last MSQ's grid without a search and uniform LSQ (added in issue 14's
+seventh session)."""
+#: the families that train every layer at one width (``bits`` of their MethodSpec)
+UNIFORM_FAMILIES = ("dorefa", "lsq")
 
 
 def build_parser() -> argparse.ArgumentParser:
