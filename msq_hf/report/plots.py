@@ -371,7 +371,7 @@ def plot_seed_differences(
     ax.axvline(0.0, color="gray", lw=1)
     if goal is not None:
         ax.axvline(-goal, color="tab:red", ls="--", lw=1, label=f"goal: at most {goal:g} point below")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper left")
     ax.set_yticks(range(len(series)), list(reversed(list(series))), fontsize=8)
     ax.set_xlabel("accuracy difference (points); bar: mean ± 1 standard error; numbers: seeds", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
