@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -362,9 +363,8 @@ def plot_seed_differences(
     ax = fig.add_subplot(1, 1, 1)
     for row, by_seed in enumerate(reversed(list(series.values()))):
         values = [float(v) for v in by_seed.values()]
-        mean = sum(values) / len(values)
-        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-        ax.errorbar(mean, row, xerr=spread / math.sqrt(len(values)), fmt="|", ms=14, color="black", capsize=4)
+        error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        ax.errorbar(statistics.mean(values), row, xerr=error, fmt="|", ms=14, color="black", capsize=4)
         ax.plot(values, [row] * len(values), "o", ms=5, color="tab:blue", alpha=0.6)
         for seed, value in by_seed.items():
             ax.annotate(str(seed), (float(value), row), xytext=(0, 5), textcoords="offset points", fontsize=6)
