@@ -73,6 +73,7 @@ MSQ_SERIES = {
     "mse": "MSQ + clipped scale",
     "ac-rewind": "MSQ search-then-QAT",
     "ac-rewind-mse": "MSQ search-then-QAT + clipped scale",
+    "learned": "MSQ + learned step",
 }
 
 # One short fine-tuning epoch on a 20,000-image subset (the budget every method shares); the paper's other

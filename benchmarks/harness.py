@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from msq_hf.nn.act import MAX_ACT_BITS, MIN_ACT_BITS, make_act_quantizer  # noqa: E402
+from msq_hf.params import PARAMS  # noqa: E402
 from msq_hf.quant.functional import check_bits  # noqa: E402
 from msq_hf.report.accounting import Accounting, method_accounting  # noqa: E402
 
@@ -47,6 +49,11 @@ PREVIOUS_REGULARIZER: dict[str, Any] = {
 }
 
 
+def field_choices(name: str) -> tuple[str, ...]:
+    """The values MSQConfig's field ``name`` accepts (its ``Literal``), so a flag's choices follow the config."""
+    return typing.get_args(PARAMS[name].type)
+
+
 def add_regularizer_arguments(parser: argparse.ArgumentParser | Any) -> None:
     """``--reg-strength`` and ``--previous-regularizer`` (see :data:`PREVIOUS_REGULARIZER`)."""
     parser.add_argument("--reg-strength", type=float, default=None, help="lambda (default: MSQConfig's)")
@@ -57,19 +64,19 @@ def add_regularizer_arguments(parser: argparse.ArgumentParser | Any) -> None:
     )
     parser.add_argument(
         "--lsb-update",
-        choices=("gradient", "proximal"),
+        choices=field_choices("lsb_update"),
         default=None,
         help="how the LSB regularizer moves the weights (MSQConfig.lsb_update; default: MSQConfig's)",
     )
     parser.add_argument(
         "--lsb-units",
-        choices=("scale", "step", "code", "value"),
+        choices=field_choices("lsb_units"),
         default=None,
         help="units of the LSB pull (MSQConfig.lsb_units; default: MSQConfig's)",
     )
     parser.add_argument(
         "--qat-scale",
-        choices=("max", "mse"),
+        choices=field_choices("qat_scale"),
         default=None,
         help="each layer's scale once the bit scheme is final (MSQConfig.qat_scale; default: MSQConfig's)",
     )

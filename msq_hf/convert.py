@@ -194,6 +194,7 @@ def swap_layers(
         "lsb_form": config.lsb_form,
         "lsb_units": config.lsb_units,
         "reg_reduction": config.reg_reduction,
+        "learned_step": config.qat_scale == "learned",
     }
     options = {
         name: {

@@ -136,11 +136,12 @@ class MSQParams:
         "at the final round, reload every weight and buffer the run started from (a fine-tune's checkpoint), clear "
         "the optimizer state and train the remaining steps as QAT at the bit scheme MSQ found",
     )
-    qat_scale: Literal["max", "mse"] = param(
+    qat_scale: Literal["max", "mse", "learned"] = param(
         "max",
         "each layer's scale S once the bit scheme is final: 'max' keeps the paper's S = max|W|; 'mse' clips the "
         "layer's latent weights to the range c*max|W| of least quantization error at its final bits, at the final "
-        "round and every prune_interval steps after it",
+        "round and every prune_interval steps after it; 'learned' starts each layer's grid step there and trains it "
+        "with the loss (LSQ's gradient) for the rest of the run",
     )
     hessian_interval: int = param(
         2,
@@ -271,7 +272,7 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         "qat_scale",
         ("wnorm",),
         lambda v: v["qat_scale"] == "max" or v["wnorm"] == "signmag",
-        lambda v, s: f"'max' with {s('wnorm')} (the clipped scale fits the sign-magnitude grid)",
+        lambda v, s: f"'max' with {s('wnorm')} (the clipped and learned scales fit the sign-magnitude grid)",
     ),
 )
 

@@ -189,6 +189,8 @@ class MSQQuantizer(HfQuantizer):
                 # float checkpoint: bits/k were never stored, their memory is uninitialised
                 layer.bits.fill_(expected)
                 layer.k.fill_(0)
+                if layer.weight_step is not None:  # qat_scale="learned": inactive until the final round
+                    layer.weight_step.data.zero_()
             else:
                 bits = int(layer.bits)
                 if not MIN_BITS <= bits <= MAX_BITS or (cfg.bit_scheme and bits != expected):
@@ -199,6 +201,7 @@ class MSQQuantizer(HfQuantizer):
                     )
                 if not 0 <= int(layer.k) < bits:
                     layer.k.fill_(0)
+                layer.sync_learned_step()  # transformers assigns tensors without load_state_dict's post-hooks
             sub = getattr(layer, "act_quant", None)
             if sub is not None and hasattr(sub, "signed") and int(sub.signed) not in (-1, 0, 1):
                 sub.signed.fill_(-1)

@@ -38,7 +38,7 @@ from torch import nn
 from msq_hf.config import FORMAT_VERSION
 from msq_hf.convert import quantized_layers
 from msq_hf.errors import MSQExportError, MSQFormatError, MSQIntegrityError, MSQMissingFileError
-from msq_hf.nn.layers import MSQLayerMixin
+from msq_hf.nn.layers import TRAINING_TENSORS, MSQLayerMixin
 from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedMixin, encode_layer, packed_nbytes, stored_bits
 from msq_hf.quant.functional import average_bits, compression_ratio
 
@@ -112,8 +112,8 @@ def layer_info(module: nn.Module, bits: int, wnorm: str, shape: tuple[int, ...],
 def packed_state_dict(model: nn.Module, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """The export state dict of ``model`` and per-layer info ``{name: {bits, stored_bits, shape, ...}}``.
 
-    MSQ layers lose ``weight``/``bits``/``k`` and gain the four packed tensors; already-packed layers
-    (a loaded export) are taken as they are; every other tensor is kept unchanged. With ``verify``
+    MSQ layers lose their :data:`~msq_hf.nn.layers.TRAINING_TENSORS` and gain the four packed tensors;
+    already-packed layers (a loaded export) are taken as they are; every other tensor is kept unchanged. With ``verify``
     each layer's codes are decoded again and compared bit for bit with ``quantized_weight()``.
     """
     layers = quantized_layers(model, required=False)
@@ -127,7 +127,7 @@ def packed_state_dict(model: nn.Module, verify: bool = True) -> tuple[dict[str, 
     for name, layer in layers.items():
         prefix = f"{name}." if name else ""
         if isinstance(layer, MSQLayerMixin):
-            for key in ("weight", "bits", "k"):
+            for key in TRAINING_TENSORS:
                 state.pop(prefix + key, None)
             for key, tensor in encode_layer(name, layer, verify=verify).items():
                 state[prefix + key] = tensor

@@ -6,7 +6,10 @@ trainable-parameter count are those of the float model) and two persistent integ
 * ``bits`` -- the current magnitude precision ``n`` (1..8);
 * ``k``    -- LSBs removed by the next pruning step (0 = the layer is no longer regularized).
 
-so the bit scheme lives in ``state_dict`` and in every Trainer checkpoint.
+so the bit scheme lives in ``state_dict`` and in every Trainer checkpoint. With ``MSQConfig.qat_scale="learned"``
+a layer also has ``weight_step``, a 0-d ``Parameter``: 0 while the scale is ``max|W|`` (the search), the grid step
+learned by the loss once the bit scheme is final (:mod:`msq_hf.quant.learned`; set by the controller, restored
+by ``load_state_dict``).
 
 The LSB regularizer is fused into the quantizer (``msq_hf.nn.quantizer``): one autograd node per
 layer returns the layer's output *and* its L1 LSB term. Its backward adds ``dR/dW = c * sign(l)`` to
@@ -37,8 +40,11 @@ from msq_hf.nn.quantizer import (
 from msq_hf.quant import functional as QF
 from msq_hf.quant.grid import lsb_proximal, max_abs_scale
 from msq_hf.quant.kernels import KERNELS
+from msq_hf.quant.learned import effective_step, learned_fake_quantize, learned_step_codes
 
 REG_ATTR = "_msq_reg"
+#: an MSQ layer's training state, which an export replaces by the packed codes, the step and the bit width
+TRAINING_TENSORS = ("weight", "weight_step", "bits", "k")
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +75,7 @@ class MSQLayerMixin:
         lsb_units: str = "scale",
         reg_reduction: str = "sum",
         act_quantizer: nn.Module | None = None,
+        learned_step: bool = False,
     ) -> None:
         QF.check_bits(bits)
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int32))
@@ -78,6 +85,12 @@ class MSQLayerMixin:
         self.lsb_units = lsb_units
         self.reg_reduction = reg_reduction
         self.act_quant = act_quantizer
+        # qat_scale="learned": the step is a parameter from the start (so optimizers and DDP see it), unused at 0
+        step = nn.Parameter(torch.zeros((), device=self.weight.device)) if learned_step else None
+        self.register_parameter("weight_step", step)
+        self.learned_step_active = False  # Python-side, so the forward never reads the step on the host
+        if learned_step:
+            self.register_load_state_dict_post_hook(_sync_learned_step)
         setattr(self, REG_ATTR, None)
         # True when the last forward ran in training mode without gradients: no LSB term could be recorded
         # (reentrant activation checkpointing does this; msq_hf.training.regularizer refuses it)
@@ -123,8 +136,29 @@ class MSQLayerMixin:
         elif self.n_k >= bits:
             self.k.fill_(bits - 1)
 
+    def start_learned_step(self, step: torch.Tensor | float) -> None:
+        """Switch to the learned step (``qat_scale="learned"``), starting at ``step`` > 0; the scheme must be final."""
+        if self.weight_step is None:
+            raise ValueError(f"{type(self).__name__} has no weight_step: build it with qat_scale='learned'")
+        if self.n_k != 0:
+            raise ValueError(f"{type(self).__name__}: the learned step needs a final bit width (k = 0, not {self.n_k})")
+        step = torch.as_tensor(step, dtype=torch.float32)
+        if not bool(step > 0):
+            raise ValueError(f"{type(self).__name__}: the learned step must start > 0, not {float(step)}")
+        with torch.no_grad():
+            self.weight_step.copy_(step)
+        self.learned_step_active = True
+
+    def sync_learned_step(self) -> None:
+        """Set :attr:`learned_step_active` from ``weight_step`` (non-zero: learned) after its value was loaded."""
+        step = self.weight_step
+        if step is not None and not step.is_meta:
+            self.learned_step_active = bool(step.detach() != 0)
+
     # -- quantization ----------------------------------------------------------------------
     def _quantized_weight_and_reg(self, owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.learned_step_active:  # QAT on the learned grid: nothing is pruned any more, no LSB term
+            return learned_fake_quantize(self.weight, self.weight_step, self.bits), None
         # Training (signmag): the buffers go into the kernels as tensors -- no int(bits)/int(k) host read per
         # layer and step, and torch.compile traces the whole forward+backward as one graph. A layer at k = 0
         # still returns a (zero) regularizer term: whether k is 0 is data, not control flow.
@@ -152,6 +186,8 @@ class MSQLayerMixin:
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight at the current precision (no regularizer, no graph)."""
         with torch.no_grad():
+            if self.learned_step_active:
+                return learned_fake_quantize(self.weight, self.weight_step, self.bits)
             if self.wnorm == "signmag":
                 return QF.fake_quantize_signmag(self.weight, self.n_bits, QF.max_abs_scale(self.weight))
             return QF.quantize_weight(self.weight, self.n_bits, "dorefa")
@@ -169,6 +205,8 @@ class MSQLayerMixin:
 
     def quantized_weight_ste(self) -> torch.Tensor:
         """The fake-quantized weight with the straight-through gradient (for Hessian passes)."""
+        if self.learned_step_active:
+            return learned_fake_quantize(self.weight, self.weight_step, self.bits)
         if self.wnorm == "signmag":
             return msq_quantize_weight(self.weight, self.bits, None)[0]
         return QF.quantize_weight(self.weight, self.n_bits, "dorefa")
@@ -210,10 +248,14 @@ class MSQLayerMixin:
 
         signmag: ``W_q = codes * scale`` with ``scale = S/2^n`` and codes in ``[-(2^n-1), 2^n-1]``.
         dorefa : ``W_q = 2*codes*scale - 1`` with ``scale = 1/2^n`` and codes in ``[0, 2^n-1]``.
-        Computed in the weight's dtype, like ``quantized_weight`` (a bf16 weight rounds in bf16).
+        Computed in the weight's dtype, like ``quantized_weight`` (a bf16 weight rounds in bf16); with the learned
+        step (``qat_scale="learned"``) ``scale`` is that step and the codes are computed in float32.
         """
         with torch.no_grad():
             bits = self.n_bits
+            if self.learned_step_active:
+                step = effective_step(self.weight_step)
+                return learned_step_codes(self.weight, step, bits).to(torch.int16), step.reshape(1)
             if self.wnorm == "signmag":
                 s = QF.max_abs_scale(self.weight)
                 return QF.signed_codes(self.weight, bits, s).to(torch.int16), (s / 2**bits).reshape(1).float()
@@ -238,7 +280,8 @@ class MSQLayerMixin:
         if mode not in (True, False, "auto"):
             raise ValueError(f"{type(self).__name__}.recompute_weight={mode!r} must be True, False or 'auto'")
         if not (
-            (mode is True or (mode == "auto" and self.weight.numel() >= x.numel()))
+            not self.learned_step_active
+            and (mode is True or (mode == "auto" and self.weight.numel() >= x.numel()))
             and self.wnorm == "signmag"
             and self.training
             and torch.is_grad_enabled()
@@ -260,7 +303,13 @@ class MSQLayerMixin:
         return wq
 
     def msq_extra_repr(self) -> str:
-        return f"bits={self.n_bits}, k={self.n_k}, wnorm={self.wnorm}"
+        learned = ", learned_step" if self.learned_step_active else ""
+        return f"bits={self.n_bits}, k={self.n_k}, wnorm={self.wnorm}{learned}"
+
+
+def _sync_learned_step(module: nn.Module, incompatible_keys: Any) -> None:
+    # load_state_dict post-hook: a loaded non-zero weight_step means the checkpoint was in its learned-step QAT
+    module.sync_learned_step()
 
 
 class MSQLinear(MSQLayerMixin, nn.Linear):
@@ -342,4 +391,4 @@ class MSQConv2d(MSQLayerMixin, nn.Conv2d):
         return f"{nn.Conv2d.extra_repr(self)}, {self.msq_extra_repr()}"
 
 
-__all__ = ["MSQConv2d", "MSQLayerMixin", "MSQLinear", "MSQWeightQuantize", "msq_quantize_weight"]
+__all__ = ["TRAINING_TENSORS", "MSQConv2d", "MSQLayerMixin", "MSQLinear", "MSQWeightQuantize", "msq_quantize_weight"]

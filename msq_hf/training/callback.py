@@ -66,13 +66,15 @@ IN_PLACE_WRITES = (
     ("lsb_update", "proximal", "the proximal step writes", "use lsb_update='gradient' (the default) there"),
     ("rewind_weights", True, "the rewind writes back", "use DDP (or one process) for a rewinding run"),
     ("qat_scale", "mse", "the clip (fitted to each layer's max|W|) writes", "use DDP (or one process), or 'max'"),
+    ("qat_scale", "learned", "each learned step starts from", "use DDP (or one process), or 'max'"),
 )
 
 
 def refuse_sharded_writes(config: MSQConfig) -> None:
     """``lsb_update="proximal"`` (after every optimizer step), ``rewind_weights`` and ``qat_scale="mse"`` (from the
-    final round on) write the weights in place: they need every rank to hold the full weights, which DeepSpeed and
-    FSDP shard. Raises ``ValueError`` naming the field there."""
+    final round on) write the weights in place, and ``qat_scale="learned"`` starts each step from its layer's whole
+    weight: they need every rank to hold the full weights, which DeepSpeed and FSDP shard. Raises ``ValueError``
+    naming the field there."""
     kind = PartialState().distributed_type
     if kind not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return
@@ -82,6 +84,21 @@ def refuse_sharded_writes(config: MSQConfig) -> None:
                 f"MSQConfig.{field}={value!r} is not supported under {kind.value}, which shards the weights {writer} "
                 f"in place: {instead}"
             )
+
+
+def refuse_static_graph_ddp(config: MSQConfig, args: TrainingArguments, model: nn.Module) -> None:
+    """``qat_scale="learned"`` gives every layer a step that the forward first uses at the final round, so DDP must
+    allow unused parameters until then. ``ValueError`` if several processes run with ``ddp_find_unused_parameters``
+    off, or left to the Trainer, which turns it off for activation checkpointing."""
+    if config.qat_scale != "learned" or PartialState().num_processes <= 1:
+        return
+    find_unused = args.ddp_find_unused_parameters
+    checkpointing = bool(getattr(model, "is_activation_checkpointing", False) or args.activation_checkpointing)
+    if find_unused is False or (find_unused is None and checkpointing):
+        raise ValueError(
+            "MSQConfig.qat_scale='learned' under DDP needs TrainingArguments(ddp_find_unused_parameters=True): each "
+            "layer's learned step is unused until the final round (MSQ's non-reentrant checkpointing allows it)"
+        )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -255,6 +272,7 @@ class MSQCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None, **kw: Any):
         controller = self.controller
         refuse_sharded_writes(controller.config)
+        refuse_static_graph_ddp(controller.config, args, self._model)
         controller.total_steps = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
         self._optimizer = optimizer
         self.after_clipping = (
@@ -351,5 +369,6 @@ __all__ = [
     "check_restored_bits",
     "refuse_packed",
     "refuse_sharded_writes",
+    "refuse_static_graph_ddp",
     "unwrap_model",
 ]

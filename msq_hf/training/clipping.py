@@ -1,8 +1,12 @@
-"""``qat_scale="mse"``: once the bit scheme is final, fit every MSQ layer's scale to its final grid by clipping.
+"""``qat_scale``: once the bit scheme is final, fit every MSQ layer's scale to its final grid.
 
-The controller calls :func:`fit_clipped_scales` at the final round (after a rewind, if any) and every
-``prune_interval`` steps of the QAT phase after it, so that weights the optimizer pushes past the clipped range
-do not pull ``S = max|W|`` back up. The math is in :mod:`msq_hf.quant.clip`.
+* ``"mse"``: clip the latent weights to the scale of least quantization error. The controller calls
+  :func:`fit_clipped_scales` at the final round (after a rewind, if any) and every ``prune_interval`` steps of the
+  QAT phase after it, so that weights the optimizer pushes past the clipped range do not pull ``S = max|W|`` back up.
+* ``"learned"``: start each layer's learned step (:mod:`msq_hf.quant.learned`) at that same least-error scale, at
+  the final round; from then on the loss trains it (:func:`start_learned_steps`).
+
+The math is in :mod:`msq_hf.quant.clip`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from msq_hf.quant.clip import best_clip_ratio, clip_weight_
+from msq_hf.quant.functional import max_abs_scale
 from msq_hf.training.sensitivity import reduce_across_ranks
 
 logger = logging.getLogger(__name__)
@@ -35,4 +40,33 @@ def fit_clipped_scales(layers: Mapping[str, nn.Module]) -> dict[str, float]:
     return ratios
 
 
-__all__ = ["fit_clipped_scales"]
+def start_learned_steps(layers: Mapping[str, nn.Module]) -> dict[str, float]:
+    """Start every layer's learned step at ``c max|W| / 2^n``, the least-error clipped scale at its final ``n`` bits.
+
+    Returns ``{name: c}``, averaged across ranks like :func:`fit_clipped_scales`. The weights are not touched (LSQ's
+    clamp already holds the weights beyond the range at the top level). A ``ValueError`` names the first layer built
+    without ``qat_scale="learned"`` (no ``weight_step``) or not at its final bit width.
+    """
+    for name, layer in layers.items():
+        if getattr(layer, "weight_step", None) is None:
+            raise ValueError(f"qat_scale='learned': layer {name!r} has no weight_step (built with another qat_scale)")
+    ratios = reduce_across_ranks({name: best_clip_ratio(layer.weight, layer.n_bits) for name, layer in layers.items()})
+    for name, layer in layers.items():
+        top = max_abs_scale(layer.weight.detach()).float()
+        layer.start_learned_step(top * min(1.0, ratios[name]) / 2**layer.n_bits)
+    logger.debug("msq_hf: learned steps start at clip ratios %s", ratios)
+    return ratios
+
+
+def fit_final_scales(layers: Mapping[str, nn.Module], qat_scale: str) -> dict[str, float] | None:
+    """What ``qat_scale`` does at the final round: ``{name: c}`` for ``"mse"``/``"learned"``, ``None`` for ``"max"``."""
+    if qat_scale == "mse":
+        return fit_clipped_scales(layers)
+    if qat_scale == "learned":
+        return start_learned_steps(layers)
+    if qat_scale != "max":
+        raise ValueError(f"qat_scale={qat_scale!r} is not one of 'max', 'mse', 'learned'")
+    return None
+
+
+__all__ = ["fit_clipped_scales", "fit_final_scales", "start_learned_steps"]

@@ -23,7 +23,7 @@ from msq_hf.config import MSQConfig
 from msq_hf.convert import msq_layers
 from msq_hf.integrations.guard import mark_driven
 from msq_hf.quant.functional import average_bits, compression_ratio
-from msq_hf.training.clipping import fit_clipped_scales
+from msq_hf.training.clipping import fit_clipped_scales, fit_final_scales
 from msq_hf.training.log_metrics import msq_metrics
 from msq_hf.training.measure import (
     Batch,
@@ -311,7 +311,7 @@ class MSQController:
         Measures rates and sensitivities (rank-reduced), lets the schedule decide, writes the new bits/k into the
         layers and (``bn_recalibration``) re-estimates BatchNorm statistics on ``batch`` if weights changed. At the
         final round ``rewind_weights`` puts the weights back to :attr:`snapshot` and clears ``optimizer``'s state
-        (required then: a ``ValueError`` without it) and ``qat_scale="mse"`` clips them (:mod:`.clipping`).
+        (required then: a ``ValueError`` without it) and ``qat_scale`` fits each layer's scale (:mod:`.clipping`).
         """
         if self.snapshot is not None and optimizer is None:
             raise ValueError("MSQConfig.rewind_weights=True: pass maybe_step(..., optimizer=...), for the rewind")
@@ -332,8 +332,8 @@ class MSQController:
         if self._finalized and self.snapshot is not None:  # rewind_weights: the scheme is found, QAT from the start
             rewind(self.model, self.snapshot, optimizer)
             self.snapshot = None
-        if clipped := self._finalized and self.config.qat_scale == "mse":  # the scheme is final: fit every scale
-            self.clip_ratios = fit_clipped_scales(self.layers)
+        if clipped := self._finalized and self.config.qat_scale != "max":  # the scheme is final: fit every scale
+            self.clip_ratios = fit_final_scales(self.layers, self.config.qat_scale)
         if (decision.pruned or clipped) and self.config.bn_recalibration and batch is not None:  # stale otherwise
             recalibrate_batchnorm(self.model, batch, loss_fn or self.loss_fn or fp32_default_loss)
         if not self._finalized:  # the rates' trend and the learning rate bound the feedback (pacing module docstring)

@@ -2,14 +2,15 @@
 
 Run by ``tests/test_distributed.py`` as::
 
-    torchrun --nproc_per_node 2 tests/scripts/ddp_train.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/scripts/ddp_train.py OUT_DIR [QAT_SCALE]
 
 Each rank sees different samples (DistributedSampler), so its local sensitivities differ; the
 controller reduces rates and sensitivities across ranks, so all ranks must take identical decisions.
 DDP's buffer broadcast is switched off, so a divergent decision would stay visible in the output. The run uses
 ``rewind_weights`` and ``qat_scale="mse"``: at the final round every rank must put back the weights it started
 from, clipped to the scales fitted to the scheme found, and clear its optimizer state (recorded by a callback right
-after that step).
+after that step). With ``QAT_SCALE=learned`` the weights are not clipped; each layer's learned step starts at the
+fitted scale and DDP must then keep the steps of the ranks identical (they are written at the end).
 """
 
 from __future__ import annotations
@@ -29,20 +30,25 @@ from msq_hf.training.trainer import MSQTrainer
 class AtTheFinalRound(TrainerCallback):
     """Right after the step that finalized MSQ: do the parameters equal the start, and is the optimizer state empty?"""
 
-    def __init__(self, start: dict[str, torch.Tensor]):
-        self.start, self.controller, self.seen = start, None, None
+    def __init__(self, start: dict[str, torch.Tensor], clipped: bool):
+        self.start, self.clipped, self.controller, self.seen = start, clipped, None, None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
         if self.seen is None and self.controller.finalized:
             live = dict(model.module.named_parameters() if hasattr(model, "module") else model.named_parameters())
-            ratios = {f"{name}.weight": c for name, c in self.controller.clip_ratios.items()}
+            ratios = {f"{name}.weight": c for name, c in self.controller.clip_ratios.items()} if self.clipped else {}
             expected = {n: clip_weight_(w.clone(), ratios[n]) if n in ratios else w for n, w in self.start.items()}
             same = all(torch.equal(live[name].detach(), w) for name, w in expected.items())
             self.seen = {"step": state.global_step, "rewound": same, "optimizer_entries": len(optimizer.state)}
             self.seen["clip_ratios"] = dict(self.controller.clip_ratios)
+            self.seen["steps"] = learned_steps(self.controller)
 
 
-def main(out_dir: str) -> None:
+def learned_steps(controller) -> dict[str, float]:
+    return {name: float(layer.weight_step) for name, layer in controller.layers.items() if layer.learned_step_active}
+
+
+def main(out_dir: str, qat_scale: str = "mse") -> None:
     torch.set_num_threads(1)
     import timm
 
@@ -73,7 +79,7 @@ def main(out_dir: str) -> None:
         hessian_batch_size=4,
         final_round_fraction=0.8,
         rewind_weights=True,
-        qat_scale="mse",
+        qat_scale=qat_scale,
     )
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "run"),
@@ -86,11 +92,11 @@ def main(out_dir: str) -> None:
         seed=0,
         logging_steps=4,
         ddp_broadcast_buffers=False,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=qat_scale == "learned",  # the learned steps are unused until the final round
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    probe = AtTheFinalRound({name: p.detach().clone() for name, p in model.named_parameters()})
+    probe = AtTheFinalRound({name: p.detach().clone() for name, p in model.named_parameters()}, qat_scale == "mse")
     trainer = MSQTrainer(model=model, args=args, train_dataset=rows, msq_config=cfg)
     probe.controller = trainer.msq_controller
     trainer.add_callback(probe)
@@ -107,6 +113,7 @@ def main(out_dir: str) -> None:
         "history": [{"step": h["step"], "bits": h["bits"], "k": h["k"]} for h in ctl.history],
         "sensitivities": [h["sensitivities"] for h in ctl.history],
         "at_final_round": probe.seen,
+        "learned_steps": learned_steps(ctl),
         "final_weights_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
     }
     with open(os.path.join(out_dir, f"scheme_rank{rank}.json"), "w", encoding="utf-8") as handle:
@@ -114,4 +121,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
