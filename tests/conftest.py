@@ -217,6 +217,24 @@ def toy_dataset(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
+def toy_batch(n: int) -> dict[str, torch.Tensor]:
+    """The first ``n`` rows of :func:`toy_dataset` as one batch."""
+    rows = toy_dataset(n)
+    return {k: torch.stack([r[k] for r in rows]) for k in ("pixel_values", "labels")}
+
+
+#: MSQConfig fields under which the first pruning step (step 4) is the forced final round of a 12-step run, so that
+#: the QAT phase after it can be checked in a short hand loop
+EARLY_FINAL_ROUND = dict(
+    hessian_guided=False,
+    target_compression=6.0,
+    prune_interval=4,
+    warmup_fraction=0.0,
+    final_round_fraction=0.3,
+    target_fraction=0.3,
+)
+
+
 @pytest.fixture
 def tiny_model_factories() -> dict[str, Callable[[], nn.Module]]:
     """The table of tiny offline model factories."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, toy_dataset
+from conftest import EARLY_FINAL_ROUND, TINY_MODELS, toy_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,21 +65,7 @@ def test_the_config_refuses_the_clip_with_dorefa() -> None:
 
 def _config(**kw) -> msq_hf.MSQConfig:
     # the first pruning step (step 4) is the forced final round of a 12-step run, then QAT refits at 8 and 12
-    base = dict(
-        hessian_guided=False,
-        target_compression=6.0,
-        prune_interval=4,
-        warmup_fraction=0.0,
-        final_round_fraction=0.3,
-        target_fraction=0.3,
-        qat_scale="mse",
-    )
-    return msq_hf.MSQConfig(**{**base, **kw})
-
-
-def _batch() -> dict[str, torch.Tensor]:
-    rows = toy_dataset(8)
-    return {k: torch.stack([r[k] for r in rows]) for k in ("pixel_values", "labels")}
+    return msq_hf.MSQConfig(**{**EARLY_FINAL_ROUND, "qat_scale": "mse", **kw})
 
 
 def _errors(model: torch.nn.Module) -> dict[str, float]:
@@ -95,7 +81,7 @@ def test_the_final_round_clips_and_the_qat_phase_refits(rewind: bool) -> None:
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     ctl = MSQController(model, total_steps=12)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    batch = _batch()
+    batch = toy_batch(8)
     model.train()
     for step in range(1, 13):
         loss = F.cross_entropy(model(batch["pixel_values"]), batch["labels"]) + ctl.regularization()
@@ -129,7 +115,7 @@ def test_the_default_keeps_the_max_scale() -> None:
     torch.manual_seed(0)
     model = msq_hf.quantize_model(TINY_MODELS["timm/test_resnet"](), _config(qat_scale="max"))
     ctl = MSQController(model, total_steps=12)
-    batch = _batch()
+    batch = toy_batch(8)
     for step in range(1, 9):
         ctl.maybe_step(step, batch)
     assert ctl.finalized and ctl.clip_ratios == {} and ctl.history[-1]["clip_ratios"] is None

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE_SIZE, NUM_CLASSES, TINY_MODELS, toy_dataset
+from conftest import EARLY_FINAL_ROUND, TINY_MODELS, toy_batch, toy_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForImageClassification, TrainingArguments
@@ -177,16 +177,7 @@ def test_compile_fullgraph_traces_the_learned_forward_and_backward() -> None:
 
 def _config(**kw) -> msq_hf.MSQConfig:
     # the first pruning step (step 4) is the forced final round of a 12-step run; QAT follows
-    base = dict(
-        hessian_guided=False,
-        target_compression=6.0,
-        prune_interval=4,
-        warmup_fraction=0.0,
-        final_round_fraction=0.3,
-        target_fraction=0.3,
-        qat_scale="learned",
-    )
-    return msq_hf.MSQConfig(**{**base, **kw})
+    return msq_hf.MSQConfig(**{**EARLY_FINAL_ROUND, "qat_scale": "learned", **kw})
 
 
 def test_the_final_round_starts_each_step_at_the_clipped_scale_and_the_loss_trains_it() -> None:
@@ -194,8 +185,7 @@ def test_the_final_round_starts_each_step_at_the_clipped_scale_and_the_loss_trai
     model = msq_hf.quantize_model(TINY_MODELS["timm/test_resnet"](), _config())
     ctl = MSQController(model, total_steps=12)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rows = toy_dataset(8)
-    batch = {k: torch.stack([r[k] for r in rows]) for k in ("pixel_values", "labels")}
+    batch = toy_batch(8)
     model.train()
     for step in range(1, 13):
         loss = F.cross_entropy(model(batch["pixel_values"]), batch["labels"]) + ctl.regularization()
@@ -238,13 +228,6 @@ def _arguments(output_dir: Path, **kw) -> TrainingArguments:
     return TrainingArguments(**{**base, **kw})
 
 
-def _rows(n: int = 32) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    return [{"pixel_values": x[i], "labels": y[i]} for i in range(n)]
-
-
 @pytest.mark.parametrize("family", ["hf/vit", "timm/test_resnet"])
 def test_a_run_resumed_in_the_learned_qat_phase_ends_exactly(family: str, tmp_path: Path) -> None:
     cfg = _config(prune_interval=2, final_round_fraction=0.5, target_fraction=0.5)
@@ -252,7 +235,7 @@ def test_a_run_resumed_in_the_learned_qat_phase_ends_exactly(family: str, tmp_pa
     def trainer(name: str) -> MSQTrainer:
         torch.manual_seed(0)
         return MSQTrainer(
-            model=TINY_MODELS[family](), args=_arguments(tmp_path / name), train_dataset=_rows(), msq_config=cfg
+            model=TINY_MODELS[family](), args=_arguments(tmp_path / name), train_dataset=toy_dataset(32), msq_config=cfg
         )
 
     full = trainer("full")
