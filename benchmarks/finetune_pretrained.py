@@ -231,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (OMP_NUM_THREADS)")
     parser.add_argument("--skip-done", action="store_true", help="skip runs whose result file exists")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where the run records are written and read (another float checkpoint's runs: another folder)",
+    )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument(
         "--plot",
@@ -242,20 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.models) - set(RUNS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; expected {list(RUNS)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for path in migrate_legacy():
-        print(f"renamed a former MSQ result to {path.relative_to(ROOT)}")
+    results = args.results_dir.resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    for path in migrate_legacy(results):
+        print(f"renamed a former MSQ result to {os.path.relpath(path, ROOT)}")
     if not args.table_only:
         for model in args.models or ["resnet18"]:
             for seed in args.seeds:
-                path = RESULTS / f"{result_stem(model, args.method, args.bits, seed, args.tag)}.json"
+                path = results / f"{result_stem(model, args.method, args.bits, seed, args.tag)}.json"
                 if args.skip_done and path.exists():
-                    print(f"[{path.stem}] done before: {path.relative_to(ROOT)}")
+                    print(f"[{path.stem}] done before: {os.path.relpath(path, ROOT)}")
                     continue
                 record = run(model, args.method, args.bits, seed, extra, args.threads, args.tag)
                 path.write_text(json.dumps(record, indent=1))
-                print(f"[{path.stem}] -> {path.relative_to(ROOT)}", flush=True)
-    records = load_results()
+                print(f"[{path.stem}] -> {os.path.relpath(path, ROOT)}", flush=True)
+    records = load_results(results)
     print(table(records))
     # 0.5 bit: an MSQ run overshooting the target stores a little less than the uniform run it is paired with
     print(f"\nMSQ and the uniform runs at equal stored bits (within {PAIR_TOLERANCE} bit per weight):\n")

@@ -194,3 +194,11 @@ def test_the_comparison_plot_joins_each_msq_setting_across_its_targets(tmp_path)
     path = finetune_pretrained.plot_comparison(records, path=tmp_path / "comparison.png")
     assert path is not None and path.stat().st_size > 0
     assert finetune_pretrained.plot_comparison([], path=tmp_path / "none.png") is None
+
+
+def test_the_table_reads_the_records_of_the_results_dir_it_is_given(tmp_path, capsys) -> None:
+    # another float checkpoint's runs live in their own folder; the default folder is not read
+    (tmp_path / "resnet18_lsq_w3_seed0.json").write_text(json.dumps(record("lsq", 0, 0.9111, 3)))
+    assert finetune_pretrained.main(["--table-only", "--results-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "91.11" in text and "92.07" not in text  # 92.07: the default folder's LSQ W3 mean
