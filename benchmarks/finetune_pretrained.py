@@ -74,6 +74,7 @@ MSQ_SERIES = {
     "ac-rewind": "MSQ search-then-QAT",
     "ac-rewind-mse": "MSQ search-then-QAT + clipped scale",
     "learned": "MSQ + learned step",
+    "learned-full": "MSQ + learned step, full grid",
 }
 
 # One short fine-tuning epoch on a 20,000-image subset (the budget every method shares); the paper's other

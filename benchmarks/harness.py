@@ -54,32 +54,31 @@ def field_choices(name: str) -> tuple[str, ...]:
     return typing.get_args(PARAMS[name].type)
 
 
+#: the MSQConfig fields with a choice flag (``--lsb-update`` ...) and what each sets
+CHOICE_FLAGS = {
+    "lsb_update": "how the LSB regularizer moves the weights",
+    "lsb_units": "units of the LSB pull",
+    "qat_scale": "each layer's scale once the bit scheme is final",
+    "qat_grid": "the levels of the learned step's grid",
+}
+
+
 def add_regularizer_arguments(parser: argparse.ArgumentParser | Any) -> None:
-    """``--reg-strength`` and ``--previous-regularizer`` (see :data:`PREVIOUS_REGULARIZER`)."""
+    """``--reg-strength``, ``--previous-regularizer`` (see :data:`PREVIOUS_REGULARIZER`) and a flag per field of
+    :data:`CHOICE_FLAGS`."""
     parser.add_argument("--reg-strength", type=float, default=None, help="lambda (default: MSQConfig's)")
     parser.add_argument(
         "--previous-regularizer",
         action="store_true",
         help="the MSQ regularizer before issue 14, which produced the recorded MSQ rows (PREVIOUS_REGULARIZER)",
     )
-    parser.add_argument(
-        "--lsb-update",
-        choices=field_choices("lsb_update"),
-        default=None,
-        help="how the LSB regularizer moves the weights (MSQConfig.lsb_update; default: MSQConfig's)",
-    )
-    parser.add_argument(
-        "--lsb-units",
-        choices=field_choices("lsb_units"),
-        default=None,
-        help="units of the LSB pull (MSQConfig.lsb_units; default: MSQConfig's)",
-    )
-    parser.add_argument(
-        "--qat-scale",
-        choices=field_choices("qat_scale"),
-        default=None,
-        help="each layer's scale once the bit scheme is final (MSQConfig.qat_scale; default: MSQConfig's)",
-    )
+    for name, what in CHOICE_FLAGS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            choices=field_choices(name),
+            default=None,
+            help=f"{what} (MSQConfig.{name}; default: MSQConfig's)",
+        )
 
 
 def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +86,7 @@ def regularizer_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(PREVIOUS_REGULARIZER) if args.previous_regularizer else {}
     if args.reg_strength is not None:
         settings["reg_strength"] = args.reg_strength
-    for name in ("lsb_update", "lsb_units", "qat_scale"):
+    for name in CHOICE_FLAGS:
         if getattr(args, name, None) is not None:
             settings[name] = getattr(args, name)
     return settings

@@ -195,6 +195,7 @@ def swap_layers(
         "lsb_units": config.lsb_units,
         "reg_reduction": config.reg_reduction,
         "learned_step": config.qat_scale == "learned",
+        "full_grid": config.qat_grid == "full",
     }
     options = {
         name: {
@@ -245,6 +246,7 @@ def prepare_packed_model(model: nn.Module, cfg: MSQConfig, dequantize: bool = Fa
         name: {
             "bits": scheme[name],  # each value validated by MSQConfig
             "wnorm": cfg.wnorm,
+            "full_grid": cfg.qat_grid == "full",
             "act_quantizer": _act_quantizer(cfg, modules[name], i == 0),
             "layer_name": name,
         }

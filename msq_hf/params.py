@@ -143,6 +143,12 @@ class MSQParams:
         "round and every prune_interval steps after it; 'learned' starts each layer's grid step there and trains it "
         "with the loss (LSQ's gradient) for the rest of the run",
     )
+    qat_grid: Literal["signmag", "full"] = param(
+        "signmag",
+        "the levels of the learned step's grid (qat_scale='learned'): 'signmag' keeps MSQ's 2^(n+1)-1 levels; 'full' "
+        "adds the level +2^n, the one code the n+1 stored bits leave unused (sign-magnitude's -0), so a layer uses "
+        "all 2^(n+1) codes of its stored bits, as a uniform (n+1)-bit grid does; the export's size is unchanged",
+    )
     hessian_interval: int = param(
         2,
         "re-estimate the Hutchinson traces at every N-th sensitivity pass; in between, the last traces are reused with "
@@ -273,6 +279,12 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         ("wnorm",),
         lambda v: v["qat_scale"] == "max" or v["wnorm"] == "signmag",
         lambda v, s: f"'max' with {s('wnorm')} (the clipped and learned scales fit the sign-magnitude grid)",
+    ),
+    CrossRule(
+        "qat_grid",
+        ("qat_scale",),
+        lambda v: v["qat_grid"] == "signmag" or v["qat_scale"] == "learned",
+        lambda v, s: f"'signmag' with {s('qat_scale')} (the extra level needs the learned step: 'learned')",
     ),
 )
 

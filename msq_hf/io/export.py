@@ -313,6 +313,7 @@ def export(
             "versions": _versions(),
             "model": model_info,
             "wnorm": cfg.wnorm,
+            "qat_grid": cfg.qat_grid,
             "act_bits": cfg.act_bits,
             "weights": weights_entry,
             "layers": layers,

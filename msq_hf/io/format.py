@@ -38,8 +38,9 @@ from torch import nn
 from msq_hf.config import FORMAT_VERSION
 from msq_hf.convert import quantized_layers
 from msq_hf.errors import MSQExportError, MSQFormatError, MSQIntegrityError, MSQMissingFileError
+from msq_hf.nn.codec import encode_layer, packed_nbytes, stored_bits
 from msq_hf.nn.layers import TRAINING_TENSORS, MSQLayerMixin
-from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedMixin, encode_layer, packed_nbytes, stored_bits
+from msq_hf.nn.packed import MSQPackedConv2d, MSQPackedMixin
 from msq_hf.quant.functional import average_bits, compression_ratio
 
 FORMAT_NAME = "msq-packed"

@@ -39,6 +39,7 @@ class InspectReport:
     format: str | None = None
     format_version: int | None = None
     wnorm: str | None = None
+    qat_grid: str | None = None
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)  # every file in the folder -> bytes
@@ -66,6 +67,7 @@ def _fill(report: InspectReport, manifest: dict[str, Any], totals: dict[str, Any
         return value if isinstance(value, str) else None
 
     report.format, report.wnorm = text(manifest.get("format")), text(manifest.get("wnorm"))
+    report.qat_grid = text(manifest.get("qat_grid", "signmag"))
     version = manifest.get("format_version")
     report.format_version = version if isinstance(version, int) and not isinstance(version, bool) else None
     model = manifest.get("model")
@@ -126,7 +128,8 @@ def format_report(report: InspectReport, max_layers: int | None = None) -> str:
             f"  model      : timm {model.get('architecture')} ({model.get('num_classes')} classes), "
             f"{model.get('dtype')}"
         )
-    out.append(f"  format     : {report.format} v{report.format_version}, wnorm={report.wnorm}")
+    grid = f", qat_grid={report.qat_grid}" if report.wnorm == "signmag" else ""
+    out.append(f"  format     : {report.format} v{report.format_version}, wnorm={report.wnorm}{grid}")
     if report.versions:
         out.append("  written by : " + ", ".join(f"{k} {v}" for k, v in sorted(report.versions.items())))
     t = {k: v for k, v in report.totals.items() if _is_number(v)}

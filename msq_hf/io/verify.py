@@ -46,7 +46,7 @@ from msq_hf.io.format import (
     read_safetensors_header,
     verify_files,
 )
-from msq_hf.nn.packed import decode_weight, packed_nbytes, stored_bits
+from msq_hf.nn.codec import decode_weight, packed_nbytes, stored_bits, top_code
 from msq_hf.quant.functional import MAX_BITS, MIN_BITS, check_bits
 
 WeightReader = Callable[[Path, int, "str | None"], "tuple[Any, dict[str, torch.Tensor] | None]"]
@@ -242,11 +242,11 @@ def read_export(
         )
     msq_config = _msq_config(config, config_path)
     model = _check_model(manifest, config, manifest_path)
-    for key, value in (("wnorm", msq_config.wnorm), ("act_bits", msq_config.act_bits)):
-        if manifest.get(key) != value:
-            raise MSQFormatError(
-                f"{manifest_path}: {key}={manifest.get(key)!r:.80} disagrees with {config_path} ({key}={value!r})"
-            )
+    # (a manifest written before qat_grid existed holds sign-magnitude codes)
+    agree = (("wnorm", msq_config.wnorm, None), ("qat_grid", msq_config.qat_grid, "signmag"))
+    for key, value, absent in (*agree, ("act_bits", msq_config.act_bits, None)):
+        if (found := manifest.get(key, absent)) != value:
+            raise MSQFormatError(f"{manifest_path}: {key}={found!r:.80} disagrees with {config_path} ({key}={value!r})")
     if model["kind"] == "timm":
         timm_model_args(config)  # allow-listed create_model arguments only (also checked when building)
     layers = _check_layers(manifest, msq_config, manifest_path, config_path)
@@ -302,7 +302,7 @@ def _check_packed_tensors(
         scale = read(entries[prefix + "weight_scale"][0], prefix + "weight_scale")
         if not MIN_BITS <= bits <= MAX_BITS:
             raise MSQFormatError(f"tensor {prefix}weight_bits={bits} is outside {MIN_BITS}..{MAX_BITS}")
-        top = 2 ** (bits + 1) - 2 if wnorm == "signmag" else 2**bits - 1
+        top = top_code(bits, wnorm, full_grid=True)  # the widest range any grid of this storage decodes
         extremes = decode_weight(torch.tensor([0, top]), scale, bits, wnorm, (2,), dtype)
         # the step is S / 2^n with S = max|W|, a finite float32: S itself must be finite too
         full_range = scale.to(torch.float32) * 2**bits

@@ -76,6 +76,7 @@ class MSQLayerMixin:
         reg_reduction: str = "sum",
         act_quantizer: nn.Module | None = None,
         learned_step: bool = False,
+        full_grid: bool = False,
     ) -> None:
         QF.check_bits(bits)
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int32))
@@ -89,6 +90,7 @@ class MSQLayerMixin:
         step = nn.Parameter(torch.zeros((), device=self.weight.device)) if learned_step else None
         self.register_parameter("weight_step", step)
         self.learned_step_active = False  # Python-side, so the forward never reads the step on the host
+        self.full_grid = full_grid  # qat_grid="full": the learned grid also has the level +2^n
         if learned_step:
             self.register_load_state_dict_post_hook(_sync_learned_step)
         setattr(self, REG_ATTR, None)
@@ -156,9 +158,12 @@ class MSQLayerMixin:
             self.learned_step_active = bool(step.detach() != 0)
 
     # -- quantization ----------------------------------------------------------------------
+    def _learned_weight(self) -> torch.Tensor:
+        return learned_fake_quantize(self.weight, self.weight_step, self.bits, self.full_grid)
+
     def _quantized_weight_and_reg(self, owns_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.learned_step_active:  # QAT on the learned grid: nothing is pruned any more, no LSB term
-            return learned_fake_quantize(self.weight, self.weight_step, self.bits), None
+            return self._learned_weight(), None
         # Training (signmag): the buffers go into the kernels as tensors -- no int(bits)/int(k) host read per
         # layer and step, and torch.compile traces the whole forward+backward as one graph. A layer at k = 0
         # still returns a (zero) regularizer term: whether k is 0 is data, not control flow.
@@ -187,7 +192,7 @@ class MSQLayerMixin:
         """The fake-quantized weight at the current precision (no regularizer, no graph)."""
         with torch.no_grad():
             if self.learned_step_active:
-                return learned_fake_quantize(self.weight, self.weight_step, self.bits)
+                return self._learned_weight()
             if self.wnorm == "signmag":
                 return QF.fake_quantize_signmag(self.weight, self.n_bits, QF.max_abs_scale(self.weight))
             return QF.quantize_weight(self.weight, self.n_bits, "dorefa")
@@ -206,7 +211,7 @@ class MSQLayerMixin:
     def quantized_weight_ste(self) -> torch.Tensor:
         """The fake-quantized weight with the straight-through gradient (for Hessian passes)."""
         if self.learned_step_active:
-            return learned_fake_quantize(self.weight, self.weight_step, self.bits)
+            return self._learned_weight()
         if self.wnorm == "signmag":
             return msq_quantize_weight(self.weight, self.bits, None)[0]
         return QF.quantize_weight(self.weight, self.n_bits, "dorefa")
@@ -249,13 +254,13 @@ class MSQLayerMixin:
         signmag: ``W_q = codes * scale`` with ``scale = S/2^n`` and codes in ``[-(2^n-1), 2^n-1]``.
         dorefa : ``W_q = 2*codes*scale - 1`` with ``scale = 1/2^n`` and codes in ``[0, 2^n-1]``.
         Computed in the weight's dtype, like ``quantized_weight`` (a bf16 weight rounds in bf16); with the learned
-        step (``qat_scale="learned"``) ``scale`` is that step and the codes are computed in float32.
+        step (``qat_scale="learned"``) ``scale`` is that step, the codes float32 (up to ``2^n`` with ``full_grid``).
         """
         with torch.no_grad():
             bits = self.n_bits
             if self.learned_step_active:
                 step = effective_step(self.weight_step)
-                return learned_step_codes(self.weight, step, bits).to(torch.int16), step.reshape(1)
+                return learned_step_codes(self.weight, step, bits, self.full_grid).to(torch.int16), step.reshape(1)
             if self.wnorm == "signmag":
                 s = QF.max_abs_scale(self.weight)
                 return QF.signed_codes(self.weight, bits, s).to(torch.int16), (s / 2**bits).reshape(1).float()

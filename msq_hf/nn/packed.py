@@ -1,10 +1,6 @@
-"""Bit-packed MSQ layers (what an export loads into) and the weight codec they share with the exporter.
+"""Bit-packed MSQ layers: what an export loads into.
 
-Storage of one quantized weight ``W`` with ``n`` magnitude bits (format version 1):
-
-* ``wnorm="signmag"``: the layer's signed codes ``c`` in ``[-(2^n-1), 2^n-1]`` and step ``s = S/2^n``
-  (``W_q = c * s``) are stored as offset codes ``c + (2^n - 1)`` in ``n + 1`` bits per weight;
-* ``wnorm="dorefa"``: codes ``c`` in ``[0, 2^n-1]`` in ``n`` bits, ``W_q = 2 c s - 1`` with ``s = 1/2^n``.
+The stored form of a weight (codes, offset, scale) is :mod:`msq_hf.nn.codec`'s.
 
 Buffers of a packed layer (the checkpoint keys ``<module>.weight_packed`` etc.):
 ``weight_packed`` (uint8 little-endian bitstream, ``msq_hf.quant.packing``), ``weight_scale`` (float32 [1]),
@@ -30,77 +26,10 @@ from torch.nn.modules.utils import _pair
 
 from msq_hf.errors import MSQFormatError
 from msq_hf.nn.base import conv_forward, copy_geometry, float_twin
+from msq_hf.nn.codec import dequantize_, packed_nbytes, stored_bits, top_code
 from msq_hf.nn.decode_cache import CacheOption, DecodeCache, make_decode_cache
 from msq_hf.quant import functional as QF
 from msq_hf.quant import packing
-
-
-def stored_bits(bits: int, wnorm: str) -> int:
-    """Bits per weight in the bitstream: ``n + 1`` (sign-magnitude offset codes) or ``n`` (DoReFa)."""
-    return QF.storage_bits(int(bits), wnorm)  # type: ignore[arg-type]
-
-
-def packed_nbytes(numel: int, bits: int, wnorm: str) -> int:
-    """Bytes of the ``weight_packed`` tensor of a layer with ``numel`` weights at ``bits`` magnitude bits."""
-    return int(packing.packed_nbytes(int(numel), stored_bits(bits, wnorm)))
-
-
-# ------------------------------------------------------------------------------------------------
-# codec
-
-
-def dequantize_(values: torch.Tensor, scale: torch.Tensor, bits: int, wnorm: str) -> torch.Tensor:
-    """In place on float32 ``values`` holding unsigned stored codes: ``(c - (2^n-1)) * s`` (signmag) or
-    ``2 (c s) - 1`` (dorefa) -- the one dequantization formula, op for op, so every caller is bit-identical."""
-    s = scale.reshape(())
-    if wnorm == "signmag":
-        return values.sub_(2**bits - 1).mul_(s)
-    return values.mul_(s).mul_(2).sub_(1)
-
-
-def decode_weight(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    wnorm: str,
-    shape: tuple[int, ...] | torch.Size,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Dequantize unsigned stored codes (:func:`dequantize_`) in fp32, then cast to ``dtype`` (the exporter
-    checks this reproduces the layer bit for bit)."""
-    w = codes.reshape(shape).to(torch.float32, copy=True)
-    return dequantize_(w, scale.to(device=w.device, dtype=torch.float32), bits, wnorm).to(dtype)
-
-
-def encode_layer(name: str, layer: Any, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The four packed tensors of MSQ layer ``name`` (keys without the module prefix).
-
-    With ``verify`` the codes are unpacked and dequantized again and compared with
-    ``layer.quantized_weight()`` using ``torch.equal``; a difference raises ``MSQFormatError``.
-    """
-    bits = layer.n_bits
-    width = stored_bits(bits, layer.wnorm)
-    codes, scale = layer.integer_codes()
-    if layer.wnorm == "signmag":  # stored as offset codes c + (2^n - 1) >= 0
-        codes = codes + (2**bits - 1)
-    packed = packing.pack_codes(codes.reshape(-1), width)
-    shape = tuple(layer.weight.shape)
-    if verify:
-        back = packing.unpack_codes(packed, width, codes.numel())
-        deq = decode_weight(back, scale, bits, layer.wnorm, shape, layer.weight.dtype)
-        if not torch.equal(deq, layer.quantized_weight()):
-            raise MSQFormatError(
-                f"layer {name!r}: packed codes do not reproduce the fake-quantized weight "
-                f"(bits={bits}, wnorm={layer.wnorm}, dtype={layer.weight.dtype}); refusing to "
-                "write an export that would not match the model"
-            )
-    return {
-        "weight_packed": packed.contiguous(),
-        "weight_scale": scale.reshape(1).to(torch.float32).contiguous(),
-        "weight_bits": torch.tensor([bits], dtype=torch.uint8),
-        "weight_shape": torch.tensor(shape, dtype=torch.int64),
-    }
-
 
 # ------------------------------------------------------------------------------------------------
 # decode cache
@@ -139,11 +68,13 @@ class MSQPackedMixin:
         device: Any,
         act_quantizer: nn.Module | None,
         layer_name: str,
+        full_grid: bool = False,
     ) -> None:
         QF.check_bits(bits)
         numel = math.prod(shape)
         self.bits = int(bits)
         self.wnorm = wnorm
+        self.full_grid = full_grid  # which stored codes are valid (top_code)
         self.weight_dtype = dtype
         self.layer_name = layer_name
         self.expected_shape = tuple(int(d) for d in shape)
@@ -167,13 +98,16 @@ class MSQPackedMixin:
         wnorm: str = "signmag",
         act_quantizer: nn.Module | None = None,
         layer_name: str = "",
+        full_grid: bool = False,
     ) -> Any:
         """Empty packed twin of float layer ``module``: its geometry, dtype and device (its bias tensor is reused)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         copy_geometry(new, module)
         weight = module.weight
-        new._init_packed(tuple(weight.shape), bits, wnorm, weight.dtype, weight.device, act_quantizer, layer_name)
+        new._init_packed(
+            tuple(weight.shape), bits, wnorm, weight.dtype, weight.device, act_quantizer, layer_name, full_grid
+        )
         new.bias = module.bias
         return new
 
@@ -243,7 +177,7 @@ class MSQPackedMixin:
             raise MSQFormatError(
                 f"{where}: weight_scale={scale.tolist()} is invalid: expected one finite positive number"
             )
-        top = 2 ** (bits + 1) - 2 if self.wnorm == "signmag" else 2**bits - 1
+        top = top_code(bits, self.wnorm, self.full_grid)
         stream, largest = self.weight_packed.reshape(-1), 0
         # look for invalid codes a slice at a time: the unpack memory (kept by the process) is a slice's, not a layer's
         for start in range(0, numel if top < (1 << width) - 1 else 0, self.CHECK_STEP):
@@ -323,10 +257,11 @@ class MSQPackedLinear(MSQPackedMixin, nn.Module):
         device: Any = None,
         act_quantizer: nn.Module | None = None,
         layer_name: str = "",
+        full_grid: bool = False,
     ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
-        self._init_packed((out_features, in_features), bits, wnorm, dtype, device, act_quantizer, layer_name)
+        self._init_packed((out_features, in_features), bits, wnorm, dtype, device, act_quantizer, layer_name, full_grid)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,6 +297,7 @@ class MSQPackedConv2d(MSQPackedMixin, nn.Module):
         act_quantizer: nn.Module | None = None,
         same_pad: bool = False,
         layer_name: str = "",
+        full_grid: bool = False,
     ):
         nn.Module.__init__(self)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -373,7 +309,7 @@ class MSQPackedConv2d(MSQPackedMixin, nn.Module):
             pads = (0, 0) if isinstance(self.padding, str) else self.padding
             self._reversed_padding_repeated_twice = [p for p in reversed(pads) for _ in range(2)]
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self._init_packed(shape, bits, wnorm, dtype, device, act_quantizer, layer_name)
+        self._init_packed(shape, bits, wnorm, dtype, device, act_quantizer, layer_name, full_grid)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -391,10 +327,5 @@ __all__ = [
     "MSQPackedConv2d",
     "MSQPackedLinear",
     "MSQPackedMixin",
-    "decode_weight",
-    "dequantize_",
-    "encode_layer",
-    "packed_nbytes",
     "set_decode_cache",
-    "stored_bits",
 ]

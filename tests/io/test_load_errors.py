@@ -20,7 +20,7 @@ from msq_hf.io.export import export
 from msq_hf.io.format import MANIFEST_NAME, WEIGHTS_NAME, file_entry, layer_totals
 from msq_hf.io.inspect import inspect_export
 from msq_hf.io.load import from_pretrained
-from msq_hf.nn.packed import packed_nbytes
+from msq_hf.nn.codec import packed_nbytes
 
 
 @pytest.fixture(autouse=True)
@@ -209,6 +209,26 @@ def test_invalid_codes_are_rejected(export_dir: Path) -> None:
     key = info["checkpoint_key"]
     _rewrite_weights(export_dir, lambda t: t.update({key: torch.full_like(t[key], 255)}))
     with pytest.raises(MSQFormatError, match=rf"layer {name!r}: a stored code is \d+, above the largest valid"):
+        from_pretrained(export_dir)
+
+
+def test_the_all_ones_code_loads_only_from_a_full_grid_export(export_dir: Path) -> None:
+    """``qat_grid="full"`` makes the all-ones code (``+2^n`` steps) valid: only when config.json says so, and the
+    manifest agrees; a manifest written before the field existed is sign-magnitude."""
+    name, info = _first_layer(export_dir)
+    key = info["checkpoint_key"]
+    _rewrite_weights(export_dir, lambda t: t.update({key: torch.full_like(t[key], 255)}))
+    _edit_json(export_dir / MANIFEST_NAME, lambda m: m.update(qat_grid="full"))
+    with pytest.raises(MSQFormatError, match=r"msq_manifest\.json: qat_grid='full' disagrees with .*'signmag'"):
+        from_pretrained(export_dir)
+    _edit_json(
+        export_dir / "config.json", lambda c: c["quantization_config"].update(qat_scale="learned", qat_grid="full")
+    )
+    model = from_pretrained(export_dir)
+    weight = model.get_submodule(name).weight
+    assert bool((weight > 0).all() and (weight == weight.max()).all())  # every code is the extra level +2^n steps
+    _edit_json(export_dir / MANIFEST_NAME, lambda m: m.pop("qat_grid"))
+    with pytest.raises(MSQFormatError, match=r"qat_grid='signmag' disagrees with .*\(qat_grid='full'\)"):
         from_pretrained(export_dir)
 
 

@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from msq_hf.errors import MSQFormatError
-from msq_hf.nn.packed import MSQPackedLinear, stored_bits
+from msq_hf.nn.codec import stored_bits
+from msq_hf.nn.packed import MSQPackedLinear
 from msq_hf.quant import packing
 
 
-def loaded_layer(bits: int, codes: torch.Tensor, out_features: int, in_features: int) -> MSQPackedLinear:
-    layer = MSQPackedLinear(in_features, out_features, bits=bits, layer_name="fc")
+def loaded_layer(
+    bits: int, codes: torch.Tensor, out_features: int, in_features: int, full_grid: bool = False
+) -> MSQPackedLinear:
+    layer = MSQPackedLinear(in_features, out_features, bits=bits, layer_name="fc", full_grid=full_grid)
     layer.weight_packed = packing.pack_codes(codes, stored_bits(bits, "signmag"))
     layer.weight_scale.fill_(0.125)
     return layer
@@ -32,6 +35,21 @@ def test_an_invalid_code_anywhere_is_found_whatever_the_slice(
         bad[where] = top + 1
         with pytest.raises(MSQFormatError, match=rf"layer 'fc': a stored code is {top + 1}, above the largest valid"):
             loaded_layer(bits, bad, out_features, in_features).validate()
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_the_all_ones_code_is_valid_only_in_a_full_grid_export(bits: int) -> None:
+    """``qat_grid="full"`` stores the level ``+2^n`` as the all-ones code ``2^(n+1) - 1``: a full-grid layer decodes it
+    to ``2^n`` steps; a sign-magnitude layer refuses it as corrupt."""
+    top = 2 ** (bits + 1) - 1
+    codes = torch.tensor([0, 2**bits - 1, top])  # -(2^n-1), 0 and +2^n steps
+    layer = loaded_layer(bits, codes, 1, 3, full_grid=True)
+    layer.validate()
+    assert layer.dequantized_weight().flatten().tolist() == [-(2**bits - 1) * 0.125, 0.0, 2**bits * 0.125]
+    with pytest.raises(
+        MSQFormatError, match=rf"a stored code is {top}, above the largest valid {bits}-bit signmag code"
+    ):
+        loaded_layer(bits, codes, 1, 3).validate()
 
 
 def test_the_code_check_works_in_slices_not_in_layer_sized_buffers() -> None:

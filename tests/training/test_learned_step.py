@@ -24,8 +24,9 @@ from transformers import AutoModelForImageClassification, TrainingArguments
 
 import msq_hf
 from msq_hf.convert import msq_layers
+from msq_hf.fields import ConfigFieldError
+from msq_hf.nn.codec import encode_layer
 from msq_hf.nn.layers import MSQConv2d, MSQLinear
-from msq_hf.nn.packed import encode_layer
 from msq_hf.quant.clip import best_clip_ratio, quantization_error
 from msq_hf.quant.functional import max_abs_scale
 from msq_hf.quant.learned import effective_step, learned_fake_quantize, learned_step_codes
@@ -37,34 +38,38 @@ from msq_hf.training.trainer import MSQTrainer
 torch.set_num_threads(1)
 
 
-def lsq_reference(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
-    """LSQ as its paper writes it, with plain autograd ops: gradient-scaled step, clamp, straight-through round."""
-    top = 2**bits - 1
-    g = 1.0 / (w.numel() * top) ** 0.5
+def lsq_reference(w: torch.Tensor, s: torch.Tensor, bits: int, full: bool = False) -> torch.Tensor:
+    """LSQ as its paper writes it, with plain autograd ops: gradient-scaled step, clamp, straight-through round;
+    the range is MSQ's ``[-(2^n-1), 2^n-1]``, or ``[-(2^n-1), 2^n]`` with ``full`` (``qat_grid="full"``)."""
+    qn = 2**bits - 1
+    qp = qn + int(full)
+    g = 1.0 / (w.numel() * qp) ** 0.5
     step = (s - s * g).detach() + s * g
-    x = torch.clamp(w / step, -top, top)
+    x = torch.clamp(w / step, -qn, qp)
     return ((torch.round(x) - x).detach() + x) * step
 
 
 @settings(max_examples=40, deadline=None)
 # (at ratio 1 the largest weight sits exactly on the top code, where the reference's step, rebuilt by the grad-scale
 # trick, can differ from s by an ulp and put it just outside the range)
-@given(seed=st.integers(0, 10_000), bits=st.integers(1, 8), ratio=st.floats(0.05, 0.95))
-def test_values_codes_and_gradients_are_lsq_on_msqs_grid(seed: int, bits: int, ratio: float) -> None:
+@given(seed=st.integers(0, 10_000), bits=st.integers(1, 8), ratio=st.floats(0.05, 0.95), full=st.booleans())
+def test_values_codes_and_gradients_are_lsq_on_msqs_grid(seed: int, bits: int, ratio: float, full: bool) -> None:
     torch.manual_seed(seed)
     w = torch.randn(37, 11, requires_grad=True)
     s = (max_abs_scale(w) * ratio / 2**bits).clone().requires_grad_(True)
-    out = learned_fake_quantize(w, s, torch.tensor(bits, dtype=torch.int32))
-    codes = learned_step_codes(w, effective_step(s), bits)
-    top = 2**bits - 1
-    assert codes.abs().max() <= top and torch.equal(codes, codes.round())
+    out = learned_fake_quantize(w, s, torch.tensor(bits, dtype=torch.int32), full)
+    codes = learned_step_codes(w, effective_step(s), bits, full)
+    qn, qp = 2**bits - 1, 2**bits - 1 + int(full)
+    assert codes.min() >= -qn and codes.max() <= qp and torch.equal(codes, codes.round())
+    x = w.detach() / s.detach()
+    assert bool((codes == qp).any()) == bool((x >= qp - 0.5).any())  # the top level is used exactly when reached
     assert torch.equal(out, codes * s.detach())
-    inside = (w.detach() / s.detach()).abs() <= top
+    inside = (x >= -qn) & (x <= qp)
     assert ((out - w).abs()[inside] <= s.detach() / 2 * (1 + 1e-6)).all()  # rounding, not clipping, inside
     upstream = torch.randn_like(out)
     grad_w, grad_s = torch.autograd.grad(out, (w, s), upstream)
     w2, s2 = w.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
-    ref = lsq_reference(w2, s2, bits)
+    ref = lsq_reference(w2, s2, bits, full)
     ref_w, ref_s = torch.autograd.grad(ref, (w2, s2), upstream)
     assert torch.allclose(out, ref.detach(), rtol=0, atol=1e-6 * float(s.detach()))
     assert torch.equal(grad_w, torch.where(inside, upstream, 0.0))  # straight-through inside, zero beyond the range
@@ -82,15 +87,17 @@ def test_a_negative_or_zero_step_is_a_positive_grid() -> None:
 
 
 def _active(layer: MSQLinear | MSQConv2d, bits: int, fraction: float = 0.7) -> MSQLinear | MSQConv2d:
+    # fraction < 1: the largest weights lie beyond the top level, so the clamp (and a full grid's +2^n) is used
     layer.set_bits(bits, k=0)
     layer.start_learned_step(max_abs_scale(layer.weight) * fraction / 2**bits)
     return layer
 
 
+@pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_eval_and_export_agree_bit_for_bit(dtype: torch.dtype) -> None:
+def test_training_eval_and_export_agree_bit_for_bit(dtype: torch.dtype, full: bool) -> None:
     torch.manual_seed(0)
-    layer = _active(MSQConv2d(3, 5, 3, padding=1, learned_step=True).to(dtype), 2)
+    layer = _active(MSQConv2d(3, 5, 3, padding=1, learned_step=True, full_grid=full).to(dtype), 2)
     x = torch.randn(2, 3, 6, 6, dtype=dtype)
     layer.train()
     trained = layer(x)
@@ -101,6 +108,7 @@ def test_training_eval_and_export_agree_bit_for_bit(dtype: torch.dtype) -> None:
     codes, scale = layer.integer_codes()
     assert scale.dtype == torch.float32 and float(scale) == float(effective_step(layer.weight_step.detach()))
     assert torch.equal((codes.float() * scale).to(dtype), layer.quantized_weight())
+    assert int(codes.max()) == 3 + int(full) and int(codes.min()) == -3  # the full grid's extra level is in use
     encode_layer("conv", layer)  # unpacks, dequantizes and compares with torch.equal; raises on a difference
 
 
@@ -119,6 +127,15 @@ def test_the_layer_refuses_a_step_it_cannot_have() -> None:
     assert not layer.learned_step_active and float(layer.weight_step) == 0.0
 
 
+def test_the_full_grid_needs_the_learned_step() -> None:
+    with pytest.raises(ConfigFieldError, match="qat_grid"):
+        msq_hf.MSQConfig(qat_grid="full")  # qat_scale="max": the search's nested grids have no extra level
+    with pytest.raises(ConfigFieldError, match="qat_grid"):
+        msq_hf.MSQConfig(qat_grid="full", qat_scale="mse")
+    layers = msq_layers(msq_hf.quantize_model(TINY_MODELS["hf/vit"](), _config(qat_grid="full")))
+    assert all(layer.full_grid for layer in layers.values())
+
+
 def test_load_state_dict_restores_the_learned_step_and_a_zero_step_stays_max() -> None:
     torch.manual_seed(0)
     layer = _active(MSQLinear(16, 8, learned_step=True), 3)
@@ -132,18 +149,21 @@ def test_load_state_dict_restores_the_learned_step_and_a_zero_step_stays_max() -
     assert torch.equal(twin.quantized_weight(), fresh.quantized_weight())
 
 
-def _learned_model(name: str) -> torch.nn.Module:
+def _learned_model(name: str, qat_grid: str = "signmag") -> torch.nn.Module:
     torch.manual_seed(0)
     model = TINY_MODELS[name]().eval()
-    msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=8, qat_scale="learned"))
+    msq_hf.quantize_model(model, msq_hf.MSQConfig(init_bits=8, qat_scale="learned", qat_grid=qat_grid))
     for i, (_, layer) in enumerate(sorted(msq_layers(model).items())):
         _active(layer, 1 + i % 4, fraction=0.5 + 0.1 * (i % 5))
     return model
 
 
+@pytest.mark.parametrize("qat_grid", ["signmag", "full"])
 @pytest.mark.parametrize("name", ["hf/vit", "hf/resnet"])
-def test_exports_and_fake_checkpoints_reload_exactly(name: str, tmp_path: Path, images: torch.Tensor) -> None:
-    model = _learned_model(name)
+def test_exports_and_fake_checkpoints_reload_exactly(
+    name: str, qat_grid: str, tmp_path: Path, images: torch.Tensor
+) -> None:
+    model = _learned_model(name, qat_grid)
     with torch.no_grad():
         ref = model(pixel_values=images).logits
     model.save_pretrained(tmp_path / "export")
@@ -160,9 +180,10 @@ def test_exports_and_fake_checkpoints_reload_exactly(name: str, tmp_path: Path, 
         assert torch.equal(fake(pixel_values=images).logits, ref)
 
 
-def test_compile_fullgraph_traces_the_learned_forward_and_backward() -> None:
+@pytest.mark.parametrize("full", [False, True])
+def test_compile_fullgraph_traces_the_learned_forward_and_backward(full: bool) -> None:
     torch.manual_seed(0)
-    layer = _active(MSQConv2d(3, 4, 3, learned_step=True), 2)
+    layer = _active(MSQConv2d(3, 4, 3, learned_step=True, full_grid=full), 2)
     x = torch.randn(2, 3, 8, 8)
     eager = layer(x)
     eager.square().sum().backward()
@@ -228,9 +249,11 @@ def _arguments(output_dir: Path, **kw) -> TrainingArguments:
     return TrainingArguments(**{**base, **kw})
 
 
-@pytest.mark.parametrize("family", ["hf/vit", "timm/test_resnet"])
-def test_a_run_resumed_in_the_learned_qat_phase_ends_exactly(family: str, tmp_path: Path) -> None:
-    cfg = _config(prune_interval=2, final_round_fraction=0.5, target_fraction=0.5)
+@pytest.mark.parametrize(
+    ("family", "qat_grid"), [("hf/vit", "signmag"), ("timm/test_resnet", "signmag"), ("hf/vit", "full")]
+)
+def test_a_run_resumed_in_the_learned_qat_phase_ends_exactly(family: str, qat_grid: str, tmp_path: Path) -> None:
+    cfg = _config(prune_interval=2, final_round_fraction=0.5, target_fraction=0.5, qat_grid=qat_grid)
 
     def trainer(name: str) -> MSQTrainer:
         torch.manual_seed(0)
@@ -247,6 +270,7 @@ def test_a_run_resumed_in_the_learned_qat_phase_ends_exactly(family: str, tmp_pa
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # every layer is on its learned grid (|s|: an optimizer step may carry s through zero)
     assert all(m.learned_step_active and float(m.weight_step) != 0 for m in msq_layers(resumed.model).values())
+    assert {m.full_grid for m in msq_layers(resumed.model).values()} == {qat_grid == "full"}
     torch.manual_seed(0)
     reference = msq_hf.quantize_model(TINY_MODELS[family](), cfg)
     load_checkpoint_exact(reference, tmp_path / "full" / "checkpoint-8")
