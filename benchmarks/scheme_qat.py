@@ -3,7 +3,10 @@
 ``benchmarks/finetune_pretrained.py`` records the bit scheme each MSQ fine-tune ended with. This script takes that
 scheme, quantizes the *float checkpoint* with MSQ's quantizer at exactly those bits (no regularizer, no pruning:
 ``MSQLayerMixin.set_bits`` with ``k = 0``) and trains it with the MSQ run's own recipe flags (data subset, batch,
-optimizer, schedule, clipping, seed), through ``finetune_baseline.TaskLossTrainer``. Two budgets:
+optimizer, schedule, clipping, seed), through ``finetune_baseline.TaskLossTrainer``. A run with
+``--qat_scale learned`` (and its ``--qat_grid``) starts every layer's learned step at its clipped scale, as MSQ's
+final round does, and trains it; ``--qat_scale mse`` is refused (its refit every ``prune_interval`` steps is the
+controller's). Two budgets:
 
 * ``full``: the whole budget of the MSQ run (every step at the final bits);
 * ``tail``: only the steps the MSQ run had left after its final round, starting at the learning rate the recipe's
@@ -16,7 +19,7 @@ Usage (from the repository root)::
 
     python benchmarks/scheme_qat.py benchmarks/results/finetune/resnet18_msq_after-clip_seed0.json --budget tail
 
-Writes ``benchmarks/results/finetune/scheme_qat/<record stem>_<budget>.json``.
+Writes ``scheme_qat/<record stem>_<budget>.json`` next to the record (e.g. ``benchmarks/results/finetune/scheme_qat/``).
 """
 
 from __future__ import annotations
@@ -34,16 +37,20 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from msq_hf.convert import msq_layers
+from msq_hf.training.clipping import fit_final_scales
 from msq_hf.training.pacing import final_round_step as history_final_round_step
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "finetune" / "scheme_qat"
+RESULTS = "scheme_qat"  # the folder, next to the MSQ record, of its scheme-QAT records
 BUDGETS = ("full", "tail")
 
 
-def apply_scheme(model: Any, scheme: dict[str, int]) -> None:
-    """Put every MSQ layer of ``model`` at ``scheme[name]`` bits with ``k = 0``; ``KeyError`` naming the layers
-    that the scheme and the model do not share."""
+def apply_scheme(model: Any, scheme: dict[str, int], qat_scale: str = "max") -> None:
+    """Put every MSQ layer of ``model`` at ``scheme[name]`` bits with ``k = 0`` and, with ``qat_scale="learned"``,
+    start its learned step at the clipped scale (MSQ's final round); ``KeyError`` naming the layers that the scheme
+    and the model do not share."""
+    if qat_scale not in ("max", "learned"):
+        raise ValueError(f"qat_scale={qat_scale!r}: QAT at a scheme runs at max|W| or with the learned step only")
     layers = msq_layers(model)
     if set(layers) != set(scheme):
         raise KeyError(
@@ -52,6 +59,7 @@ def apply_scheme(model: Any, scheme: dict[str, int]) -> None:
         )
     for name, layer in layers.items():
         layer.set_bits(int(scheme[name]), 0)
+    fit_final_scales(layers, qat_scale)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -95,15 +103,16 @@ def child(argv: list[str], scheme: dict[str, int]) -> dict[str, Any]:
     parser.add_argument("--total-steps", type=int, required=True)
     parser.add_argument("--start-step", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
-    training, model_args, data_args, _msq, _run, _ = parse_args(load_recipe(args.recipe), rest)
+    training, model_args, data_args, msq_args, _run, _ = parse_args(load_recipe(args.recipe), rest)
     training.save_strategy = IntervalStrategy.NO
     if args.start_step:  # the schedule's tail: its learning rate at start_step, cosine to 0 over the steps left
         warmup = training.get_warmup_steps(args.total_steps)
         training.learning_rate = cosine_lr(args.start_step, args.total_steps, training.learning_rate, warmup)
         training.max_steps, training.warmup_steps = args.total_steps - args.start_step, 0
     prepared = prepare(model_args, data_args, training.seed)
-    msq_hf.quantize_model(prepared.model, msq_hf.MSQConfig())
-    apply_scheme(prepared.model, scheme)
+    config = msq_hf.MSQConfig(**msq_args.config_values())  # the MSQ run's quantizer (scale, grid); no search here
+    msq_hf.quantize_model(prepared.model, config)
+    apply_scheme(prepared.model, scheme, config.qat_scale)
     trainer = TaskLossTrainer(
         model=prepared.model,
         args=training,
@@ -131,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", choices=BUDGETS, default="tail")
     parser.add_argument("--skip-done", action="store_true")
     args = parser.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for path in (p.resolve() for p in args.records):
         record = json.loads(path.read_text())
         if record.get("method") != "msq" or not record.get("bit_scheme"):
             raise ValueError(f"{path}: not an MSQ record with a bit scheme")
-        target = RESULTS / f"{path.stem}_{args.budget}.json"
+        (path.parent / RESULTS).mkdir(exist_ok=True)
+        target = path.parent / RESULTS / f"{path.stem}_{args.budget}.json"
         if args.skip_done and target.exists():
             print(f"[{target.stem}] done before")
             continue

@@ -12,6 +12,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 import msq_hf
 from msq_hf.convert import msq_layers
+from msq_hf.quant.clip import best_clip_ratio
+from msq_hf.quant.functional import max_abs_scale
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
@@ -39,6 +41,21 @@ def test_apply_scheme_sets_every_layer_and_names_a_mismatch() -> None:
     assert all(m.n_k == 0 for m in msq_layers(model).values())
     with pytest.raises(KeyError, match="only in the scheme \\['nowhere'\\].*only in the model \\[" + repr(names[0])):
         scheme_qat.apply_scheme(model, {**{n: 3 for n in names[1:]}, "nowhere": 3})
+
+
+@pytest.mark.parametrize("qat_grid", ["signmag", "full"])
+def test_apply_scheme_starts_the_learned_step_as_msqs_final_round_does(qat_grid: str) -> None:
+    config = msq_hf.MSQConfig(qat_scale="learned", qat_grid=qat_grid)
+    model = msq_hf.quantize_model(TINY_MODELS["hf/vit"](), config)
+    scheme = {name: 1 + i % 3 for i, name in enumerate(msq_layers(model))}
+    scheme_qat.apply_scheme(model, scheme, config.qat_scale)
+    for name, layer in msq_layers(model).items():
+        ratio = best_clip_ratio(layer.weight, scheme[name])
+        expected = max_abs_scale(layer.weight) * ratio / 2 ** scheme[name]
+        assert layer.learned_step_active and layer.full_grid == (qat_grid == "full")
+        assert torch.allclose(layer.weight_step.detach(), expected)
+    with pytest.raises(ValueError, match="qat_scale='mse'"):
+        scheme_qat.apply_scheme(model, scheme, "mse")
 
 
 def test_final_round_step_reads_the_history() -> None:
