@@ -41,10 +41,6 @@ def packed_nbytes(numel: int, bits: int, wnorm: str) -> int:
     return int(packing.packed_nbytes(int(numel), stored_bits(bits, wnorm)))
 
 
-# ------------------------------------------------------------------------------------------------
-# codec
-
-
 def dequantize_(values: torch.Tensor, scale: torch.Tensor, bits: int, wnorm: str) -> torch.Tensor:
     """In place on float32 ``values`` holding unsigned stored codes: ``(c - (2^n-1)) * s`` (signmag) or
     ``2 (c s) - 1`` (dorefa) -- the one dequantization formula, op for op, so every caller is bit-identical."""
