@@ -102,9 +102,15 @@ RUNS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def float_accuracy(model: str) -> float | None:
-    """The float checkpoint's final test accuracy, if its pretraining record says it finished."""
-    path = PRETRAIN_RESULTS / f"{model}.json"
+def float_record_path(model: str, given: Path | None = None) -> Path:
+    """The pretraining record of the checkpoint being fine-tuned: ``given``, or ``pretrain/<model>.json``."""
+    return given if given is not None else PRETRAIN_RESULTS / f"{model}.json"
+
+
+def float_accuracy(model: str, record: Path | None = None) -> float | None:
+    """The float checkpoint's final test accuracy, if its pretraining record (:func:`float_record_path`) says it
+    finished."""
+    path = float_record_path(model, record)
     if not path.exists():
         return None
     record = json.loads(path.read_text())
@@ -152,7 +158,14 @@ def child_argv(model: str, method: str, bits: int | None, seed: int, out: Path, 
 
 
 def run(
-    model: str, method: str, bits: int | None, seed: int, extra: list[str], threads: int, tag: str | None = None
+    model: str,
+    method: str,
+    bits: int | None,
+    seed: int,
+    extra: list[str],
+    threads: int,
+    tag: str | None = None,
+    float_record: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` with ``method`` for one seed (in a child process) and return its record."""
     stem = result_stem(model, method, bits, seed, tag)
@@ -172,7 +185,8 @@ def run(
         "seed": seed,
         "command": [f"OMP_NUM_THREADS={threads}", "python", *argv[1:]],
         "wall_seconds": round(time.time() - started, 1),
-        "float_test_accuracy": float_accuracy(model),
+        "float_test_accuracy": float_accuracy(model, float_record),
+        "float_record": os.path.relpath(float_record_path(model, float_record), ROOT),
     }
     if method == "msq":
         history = json.loads((out / "msq_history.json").read_text())
@@ -238,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         default=RESULTS,
         help="where the run records are written and read (another float checkpoint's runs: another folder)",
     )
+    parser.add_argument(
+        "--float-record",
+        type=Path,
+        default=None,
+        help="the pretraining record of the checkpoint fine-tuned (default: benchmarks/results/pretrain/<model>.json; "
+        "a re-trained checkpoint's runs name its own record)",
+    )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument(
         "--plot",
@@ -260,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.skip_done and path.exists():
                     print(f"[{path.stem}] done before: {os.path.relpath(path, ROOT)}")
                     continue
-                record = run(model, args.method, args.bits, seed, extra, args.threads, args.tag)
+                record = run(model, args.method, args.bits, seed, extra, args.threads, args.tag, args.float_record)
                 path.write_text(json.dumps(record, indent=1))
                 print(f"[{path.stem}] -> {os.path.relpath(path, ROOT)}", flush=True)
     records = load_results(results)

@@ -12,6 +12,9 @@ controller's). Two budgets:
 * ``tail``: only the steps the MSQ run had left after its final round, starting at the learning rate the recipe's
   schedule had reached there (warm-up 0, cosine to 0 over those steps).
 
+``--uniform-bits N`` trains every layer at ``N`` magnitude bits instead (the same quantizer, budget and seed): the
+uniform control for the scheme the record found, at ``N + 1`` stored bits per weight.
+
 If the ``tail`` run scores well above the MSQ run, the bits are not what cost accuracy: MSQ's weights at the
 moment of the final round are (docs/results.md, "Where the accuracy goes").
 
@@ -37,6 +40,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from msq_hf.convert import msq_layers
+from msq_hf.quant.bits import check_bits
 from msq_hf.training.clipping import fit_final_scales
 from msq_hf.training.pacing import final_round_step as history_final_round_step
 
@@ -60,6 +64,15 @@ def apply_scheme(model: Any, scheme: dict[str, int], qat_scale: str = "max") -> 
     for name, layer in layers.items():
         layer.set_bits(int(scheme[name]), 0)
     fit_final_scales(layers, qat_scale)
+
+
+def run_scheme(record: dict[str, Any], uniform_bits: int | None = None) -> dict[str, int]:
+    """The bit scheme to train: the record's, or every one of its layers at ``uniform_bits`` (the uniform control)."""
+    scheme = record["bit_scheme"]
+    if uniform_bits is None:
+        return dict(scheme)
+    check_bits(uniform_bits)
+    return dict.fromkeys(scheme, uniform_bits)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -139,18 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("records", nargs="+", type=Path, help="MSQ records of benchmarks/finetune_pretrained.py")
     parser.add_argument("--budget", choices=BUDGETS, default="tail")
     parser.add_argument("--skip-done", action="store_true")
+    parser.add_argument(
+        "--uniform-bits", type=int, default=None, help="every layer at N magnitude bits: the uniform control"
+    )
     args = parser.parse_args(argv)
     for path in (p.resolve() for p in args.records):
         record = json.loads(path.read_text())
         if record.get("method") != "msq" or not record.get("bit_scheme"):
             raise ValueError(f"{path}: not an MSQ record with a bit scheme")
         (path.parent / RESULTS).mkdir(exist_ok=True)
-        target = path.parent / RESULTS / f"{path.stem}_{args.budget}.json"
+        control = [] if args.uniform_bits is None else ["--uniform-bits", str(args.uniform_bits)]
+        suffix = "" if args.uniform_bits is None else f"_uniform{args.uniform_bits}"
+        target = path.parent / RESULTS / f"{path.stem}_{args.budget}{suffix}.json"
+        scheme = run_scheme(record, args.uniform_bits)
         if args.skip_done and target.exists():
             print(f"[{target.stem}] done before")
             continue
         argv_child = child_argv(record, args.budget, ROOT / "runs" / "scheme_qat" / target.stem)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MSQ_SCHEME_QAT_SCHEME": json.dumps(record["bit_scheme"])}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MSQ_SCHEME_QAT_SCHEME": json.dumps(scheme)}
         started = time.time()
         out = subprocess.run(argv_child, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
         result = json.loads(out.split("SCHEME_QAT_RESULT ", 1)[1].splitlines()[0])
@@ -158,14 +177,15 @@ def main(argv: list[str] | None = None) -> int:
             **result,
             "budget": args.budget,
             "msq_test_accuracy": record["summary"]["test_accuracy"],
-            "compression": record["summary"]["compression"],
+            "compression": record["summary"]["compression"] if args.uniform_bits is None else 32 / args.uniform_bits,
+            "uniform_bits": args.uniform_bits,
             "threshold_share": record["summary"].get("threshold_share"),
             "wall_seconds": round(time.time() - started, 1),
         }
         source = os.path.relpath(path, ROOT)
-        command = ["OMP_NUM_THREADS=1", "python", "benchmarks/scheme_qat.py", source, "--budget", args.budget]
+        command = ["OMP_NUM_THREADS=1", "python", "benchmarks/scheme_qat.py", source, "--budget", args.budget, *control]
         saved = {"source": source, "command": command}
-        target.write_text(json.dumps({**saved, "summary": summary, "bit_scheme": record["bit_scheme"]}, indent=1))
+        target.write_text(json.dumps({**saved, "summary": summary, "bit_scheme": scheme}, indent=1))
         print(f"[{target.stem}] QAT at the scheme {result['test_accuracy']:.4f} vs MSQ {summary['msq_test_accuracy']}")
     return 0
 

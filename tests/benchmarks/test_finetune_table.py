@@ -202,3 +202,14 @@ def test_the_table_reads_the_records_of_the_results_dir_it_is_given(tmp_path, ca
     assert finetune_pretrained.main(["--table-only", "--results-dir", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "91.11" in text and "92.07" not in text  # 92.07: the default folder's LSQ W3 mean
+
+
+def test_the_float_accuracy_comes_from_the_named_pretraining_record(tmp_path) -> None:
+    # a re-trained checkpoint's runs name its own record (--float-record); the default is pretrain/<model>.json
+    evaluations = [{"test_images": 10000, "test_accuracy": 0.9}, {"test_images": 10000, "test_accuracy": 0.9228}]
+    rerun = tmp_path / "resnet18_rerun.json"
+    rerun.write_text(json.dumps({"status": "done", "evaluations": evaluations}))
+    assert finetune_pretrained.float_accuracy("resnet18", rerun) == 0.9228
+    assert finetune_pretrained.float_record_path("resnet18") == finetune_pretrained.PRETRAIN_RESULTS / "resnet18.json"
+    rerun.write_text(json.dumps({"status": "running", "evaluations": evaluations}))
+    assert finetune_pretrained.float_accuracy("resnet18", rerun) is None  # an unfinished pretraining says nothing

@@ -63,3 +63,11 @@ def test_final_round_step_reads_the_history() -> None:
     assert scheme_qat.final_round_step({"history": history}) == 84
     with pytest.raises(ValueError, match="no final round"):
         scheme_qat.final_round_step({"history": history[:1]})
+
+
+def test_the_uniform_control_keeps_the_layers_and_sets_every_width() -> None:
+    record = {"bit_scheme": {"conv1": 3, "layer1.0.conv1": 1, "fc": 2}}
+    assert scheme_qat.run_scheme(record) == record["bit_scheme"]
+    assert scheme_qat.run_scheme(record, 2) == {"conv1": 2, "layer1.0.conv1": 2, "fc": 2}
+    with pytest.raises(ValueError, match="bits"):
+        scheme_qat.run_scheme(record, 9)
