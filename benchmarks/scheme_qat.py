@@ -49,7 +49,7 @@ RESULTS = "scheme_qat"  # the folder, next to the MSQ record, of its scheme-QAT 
 BUDGETS = ("full", "tail")
 
 
-def apply_scheme(model: Any, scheme: dict[str, int], qat_scale: str = "max") -> None:
+def apply_scheme(model: Any, scheme: dict[str, int], qat_scale: str = "max", init: str = "mse") -> None:
     """Put every MSQ layer of ``model`` at ``scheme[name]`` bits with ``k = 0`` and, with ``qat_scale="learned"``,
     start its learned step at the clipped scale (MSQ's final round); ``KeyError`` naming the layers that the scheme
     and the model do not share."""
@@ -63,7 +63,7 @@ def apply_scheme(model: Any, scheme: dict[str, int], qat_scale: str = "max") -> 
         )
     for name, layer in layers.items():
         layer.set_bits(int(scheme[name]), 0)
-    fit_final_scales(layers, qat_scale)
+    fit_final_scales(layers, qat_scale, init)
 
 
 def run_scheme(record: dict[str, Any], uniform_bits: int | None = None) -> dict[str, int]:
@@ -125,7 +125,7 @@ def child(argv: list[str], scheme: dict[str, int]) -> dict[str, Any]:
     prepared = prepare(model_args, data_args, training.seed)
     config = msq_hf.MSQConfig(**msq_args.config_values())  # the MSQ run's quantizer (scale, grid); no search here
     msq_hf.quantize_model(prepared.model, config)
-    apply_scheme(prepared.model, scheme, config.qat_scale)
+    apply_scheme(prepared.model, scheme, config.qat_scale, config.learned_step_init)
     trainer = TaskLossTrainer(
         model=prepared.model,
         args=training,

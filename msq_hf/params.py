@@ -143,6 +143,12 @@ class MSQParams:
         "round and every prune_interval steps after it; 'learned' starts each layer's grid step there and trains it "
         "with the loss (LSQ's gradient) for the rest of the run",
     )
+    learned_step_init: Literal["mse", "lsq"] = param(
+        "mse",
+        "where each learned step starts at the final round (qat_scale='learned'): 'mse' at the clipped scale of least "
+        "quantization error; 'lsq' at the LSQ paper's 2*mean|W|/sqrt(2^n-1), the start of a uniform LSQ quantizer "
+        "with the same n+1 stored bits",
+    )
     qat_grid: Literal["signmag", "full"] = param(
         "signmag",
         "the levels of the learned step's grid (qat_scale='learned'): 'signmag' keeps MSQ's 2^(n+1)-1 levels; 'full' "
@@ -279,6 +285,12 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         ("wnorm",),
         lambda v: v["qat_scale"] == "max" or v["wnorm"] == "signmag",
         lambda v, s: f"'max' with {s('wnorm')} (the clipped and learned scales fit the sign-magnitude grid)",
+    ),
+    CrossRule(
+        "learned_step_init",
+        ("qat_scale",),
+        lambda v: v["learned_step_init"] == "mse" or v["qat_scale"] == "learned",
+        lambda v, s: f"'mse' with {s('qat_scale')} (only a learned step has a start: 'learned')",
     ),
     CrossRule(
         "qat_grid",

@@ -36,6 +36,12 @@ def effective_step(param: torch.Tensor) -> torch.Tensor:
     return param.float().abs().clamp_min(MIN_STEP)
 
 
+def lsq_initial_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """LSQ's first step for ``weight`` at ``bits`` magnitude bits: ``2 mean|W| / sqrt(2^n - 1)``, the start of a
+    uniform LSQ quantizer with the same ``n + 1`` stored bits (its ``Qp = 2^(b-1) - 1`` with ``b = n + 1``)."""
+    return 2 * weight.detach().float().abs().mean() / (2**bits - 1) ** 0.5
+
+
 def _code_range(bits: torch.Tensor | int, full: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Qn, Qp)`` as float32 tensors: ``2^n - 1`` both, or ``Qp = 2^n`` with ``full`` (from the 0-d ``bits`` buffer
     without a host read, or from an int)."""
@@ -83,4 +89,11 @@ def learned_fake_quantize(
     return LearnedStepQuantize.apply(weight, effective_step(param), bits, full)
 
 
-__all__ = ["MIN_STEP", "LearnedStepQuantize", "effective_step", "learned_fake_quantize", "learned_step_codes"]
+__all__ = [
+    "MIN_STEP",
+    "LearnedStepQuantize",
+    "effective_step",
+    "learned_fake_quantize",
+    "learned_step_codes",
+    "lsq_initial_step",
+]

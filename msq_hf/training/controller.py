@@ -333,7 +333,7 @@ class MSQController:
             rewind(self.model, self.snapshot, optimizer)
             self.snapshot = None
         if clipped := self._finalized and self.config.qat_scale != "max":  # the scheme is final: fit every scale
-            self.clip_ratios = fit_final_scales(self.layers, self.config.qat_scale)
+            self.clip_ratios = fit_final_scales(self.layers, self.config.qat_scale, self.config.learned_step_init)
         if (decision.pruned or clipped) and self.config.bn_recalibration and batch is not None:  # stale otherwise
             recalibrate_batchnorm(self.model, batch, loss_fn or self.loss_fn or fp32_default_loss)
         if not self._finalized:  # the rates' trend and the learning rate bound the feedback (pacing module docstring)

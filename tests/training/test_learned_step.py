@@ -32,6 +32,7 @@ from msq_hf.quant.functional import max_abs_scale
 from msq_hf.quant.learned import effective_step, learned_fake_quantize, learned_step_codes
 from msq_hf.training import callback as callback_module
 from msq_hf.training.checkpoint import load_checkpoint_exact, read_msq_state
+from msq_hf.training.clipping import start_learned_steps
 from msq_hf.training.controller import MSQController
 from msq_hf.training.trainer import MSQTrainer
 
@@ -231,6 +232,24 @@ def test_the_final_round_starts_each_step_at_the_clipped_scale_and_the_loss_trai
                 start[name] = float(layer.weight_step)
     assert all(float(m.weight_step) != start[n] for n, m in ctl.layers.items()), "the loss trains every step"
     assert ctl.history[0]["clip_ratios"] is None
+
+
+def test_the_lsq_start_is_lsqs_first_step_at_the_same_stored_bits() -> None:
+    with pytest.raises(ConfigFieldError, match="learned_step_init"):
+        msq_hf.MSQConfig(learned_step_init="lsq")  # qat_scale="max" has no learned step to start
+    torch.manual_seed(0)
+    model = msq_hf.quantize_model(TINY_MODELS["timm/test_resnet"](), _config(learned_step_init="lsq"))
+    layers = msq_layers(model)
+    for i, layer in enumerate(layers.values()):
+        layer.set_bits(1 + i % 3, k=0)
+    ratios = start_learned_steps(layers, "lsq")
+    for name, layer in layers.items():
+        n, w = layer.n_bits, layer.weight.detach()
+        expected = 2 * w.abs().mean() / (2**n - 1) ** 0.5  # LSQ's Qp at b = n + 1 stored bits is 2^(b-1) - 1
+        assert torch.allclose(layer.weight_step.detach(), expected, rtol=1e-5)
+        assert ratios[name] == pytest.approx(float(expected * 2**n / w.abs().max()), rel=1e-5)
+    with pytest.raises(ValueError, match="learned_step_init='median'"):
+        start_learned_steps(layers, "median")
 
 
 def _arguments(output_dir: Path, **kw) -> TrainingArguments:
