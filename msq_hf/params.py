@@ -245,6 +245,16 @@ def _with_sign(values: Mapping[str, Any], show: Any) -> str:
     return f" and {show('count_sign_bit')}" if values["count_sign_bit"] else ""
 
 
+def _learned_step_only(name: str, default: str, why: str) -> CrossRule:
+    """The rule of a field that only ``qat_scale="learned"`` uses: any value but ``default`` needs it."""
+    return CrossRule(
+        name,
+        ("qat_scale",),
+        lambda v: v[name] == default or v["qat_scale"] == "learned",
+        lambda v, s: f"{default!r} with {s('qat_scale')} ({why}: 'learned')",
+    )
+
+
 CROSS_RULES: tuple[CrossRule, ...] = (
     CrossRule(
         "min_bits", ("init_bits",), lambda v: v["min_bits"] <= v["init_bits"], lambda v, s: f"at most {s('init_bits')}"
@@ -286,18 +296,8 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         lambda v: v["qat_scale"] == "max" or v["wnorm"] == "signmag",
         lambda v, s: f"'max' with {s('wnorm')} (the clipped and learned scales fit the sign-magnitude grid)",
     ),
-    CrossRule(
-        "learned_step_init",
-        ("qat_scale",),
-        lambda v: v["learned_step_init"] == "mse" or v["qat_scale"] == "learned",
-        lambda v, s: f"'mse' with {s('qat_scale')} (only a learned step has a start: 'learned')",
-    ),
-    CrossRule(
-        "qat_grid",
-        ("qat_scale",),
-        lambda v: v["qat_grid"] == "signmag" or v["qat_scale"] == "learned",
-        lambda v, s: f"'signmag' with {s('qat_scale')} (the extra level needs the learned step: 'learned')",
-    ),
+    _learned_step_only("learned_step_init", "mse", "only a learned step has a start"),
+    _learned_step_only("qat_grid", "signmag", "the extra level needs the learned step"),
 )
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from msq_hf.quant.functional import check_bits
+from msq_hf.quant.learned import lsq_initial_step
 
 #: activation bit widths the quantizers accept
 MIN_ACT_BITS, MAX_ACT_BITS = 2, 8
@@ -141,7 +142,7 @@ class LSQActQuantizer(_SignMode):
             with torch.no_grad():  # the step starts from the first batch, unless a checkpoint already set it
                 unset = self.signed < 0
                 signed = torch.where(unset, (x < 0).any().to(self.signed.dtype), self.signed)
-                first = 2 * x.abs().mean().float() / self._levels(signed).sqrt() + 1e-8
+                first = lsq_initial_step(x, self._levels(signed)) + 1e-8
                 self.step.copy_(torch.where(unset, first, self.step))
         signed = self._decide_sign(x)
         qp = self._levels(signed)

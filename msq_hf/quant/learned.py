@@ -36,10 +36,11 @@ def effective_step(param: torch.Tensor) -> torch.Tensor:
     return param.float().abs().clamp_min(MIN_STEP)
 
 
-def lsq_initial_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """LSQ's first step for ``weight`` at ``bits`` magnitude bits: ``2 mean|W| / sqrt(2^n - 1)``, the start of a
-    uniform LSQ quantizer with the same ``n + 1`` stored bits (its ``Qp = 2^(b-1) - 1`` with ``b = n + 1``)."""
-    return 2 * weight.detach().float().abs().mean() / (2**bits - 1) ** 0.5
+def lsq_initial_step(x: torch.Tensor, qp: torch.Tensor | float) -> torch.Tensor:
+    """LSQ's first step for ``x`` on a grid whose largest index is ``qp``: ``2 mean|x| / sqrt(Qp)`` (float32). The
+    LSQ activation quantizer starts there; a learned weight step at ``n`` magnitude bits starts there with
+    ``Qp = 2^n - 1`` (``learned_step_init="lsq"``), as a uniform LSQ quantizer with the same ``n + 1`` stored bits."""
+    return 2 * x.detach().abs().mean().float() / torch.as_tensor(qp, dtype=torch.float32).sqrt()
 
 
 def _code_range(bits: torch.Tensor | int, full: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ def start_learned_steps(layers: Mapping[str, nn.Module], init: str = "mse") -> d
         {
             name: best_clip_ratio(layer.weight, layer.n_bits)
             if init == "mse"
-            else float(lsq_initial_step(layer.weight, layer.n_bits) * 2**layer.n_bits / tops[name])
+            else float(lsq_initial_step(layer.weight, 2**layer.n_bits - 1) * 2**layer.n_bits / tops[name])
             for name, layer in layers.items()
         }
     )
