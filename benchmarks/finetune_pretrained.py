@@ -75,6 +75,8 @@ MSQ_SERIES = {
     "ac-rewind-mse": "MSQ search-then-QAT + clipped scale",
     "learned": "MSQ + learned step",
     "learned-full": "MSQ + learned step, full grid",
+    "learned-full-lsqinit": "MSQ + learned step, full grid, LSQ start",
+    "lsqinit-sens": "MSQ + LSQ start, full grid, Hessian prune order",
 }
 
 # One short fine-tuning epoch on a 20,000-image subset (the budget every method shares); the paper's other
@@ -207,6 +209,14 @@ def load_results(results: Path = RESULTS) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
 
 
+def plot_paths(results: Path) -> tuple[Path, Path]:
+    """The two figures of a results folder: :data:`PLOT` and :data:`COMPARISON_PLOT` for the default one, the same
+    names suffixed by the folder's name for any other (a re-run's figures never overwrite the documented ones)."""
+    if results.resolve() == RESULTS.resolve():
+        return PLOT, COMPARISON_PLOT
+    return tuple(p.with_name(f"{p.stem}_{results.name}{p.suffix}") for p in (PLOT, COMPARISON_PLOT))
+
+
 def plot(records: list[dict[str, Any]], path: Path = PLOT) -> Path | None:
     """Seed 0's average-bits trajectory of every recorded MSQ setting, one panel each (threshold-pruning dots, the
     forced round's red cross, the plan, the run's own target)."""
@@ -263,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plot",
         action="store_true",
-        help=f"draw {PLOT.relative_to(ROOT)} and {COMPARISON_PLOT.relative_to(ROOT)} from the records",
+        help=f"draw {PLOT.relative_to(ROOT)} and {COMPARISON_PLOT.relative_to(ROOT)} from the records (with "
+        "another --results-dir, the same names suffixed by its folder name)",
     )
     args, extra = parser.parse_known_args(argv)
     check_method(args.method, args.bits)
@@ -289,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     # 0.5 bit: an MSQ run overshooting the target stores a little less than the uniform run it is paired with
     print(f"\nMSQ and the uniform runs at equal stored bits (within {PAIR_TOLERANCE} bit per weight):\n")
     print(pairing_table(records, PAIR_TOLERANCE))
-    for written in (plot(records), plot_comparison(records)) if args.plot else ():
+    trajectories, comparison = plot_paths(results)
+    for written in (plot(records, trajectories), plot_comparison(records, path=comparison)) if args.plot else ():
         if written is not None:
             print(f"\nplot: {written.relative_to(ROOT)}")
     return 0

@@ -60,6 +60,8 @@ CHOICE_FLAGS = {
     "lsb_units": "units of the LSB pull",
     "qat_scale": "each layer's scale once the bit scheme is final",
     "qat_grid": "the levels of the learned step's grid",
+    "learned_step_init": "where the learned step starts",
+    "prune_order": "which layers prune first when only some may",
 }
 
 

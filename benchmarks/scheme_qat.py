@@ -43,6 +43,7 @@ from msq_hf.convert import msq_layers
 from msq_hf.quant.bits import check_bits
 from msq_hf.training.clipping import fit_final_scales
 from msq_hf.training.pacing import final_round_step as history_final_round_step
+from msq_hf.training.schedule import compression
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "scheme_qat"  # the folder, next to the MSQ record, of its scheme-QAT records
@@ -66,13 +67,27 @@ def apply_scheme(model: Any, scheme: dict[str, int], qat_scale: str = "max", ini
     fit_final_scales(layers, qat_scale, init)
 
 
-def run_scheme(record: dict[str, Any], uniform_bits: int | None = None) -> dict[str, int]:
-    """The bit scheme to train: the record's, or every one of its layers at ``uniform_bits`` (the uniform control)."""
+def run_scheme(
+    record: dict[str, Any], uniform_bits: int | None = None, scheme_file: Path | None = None
+) -> dict[str, int]:
+    """The bit scheme to train: the record's, every one of its layers at ``uniform_bits`` (the uniform control), or
+    the ``{layer: bits}`` JSON of ``scheme_file`` (a chosen scheme; ``ValueError`` naming the file and the layers it
+    does not share with the record, or its first bad width)."""
     scheme = record["bit_scheme"]
-    if uniform_bits is None:
+    if uniform_bits is not None and scheme_file is not None:
+        raise ValueError("--uniform-bits and --scheme are exclusive: give one")
+    if uniform_bits is not None:
+        check_bits(uniform_bits)
+        return dict.fromkeys(scheme, uniform_bits)
+    if scheme_file is None:
         return dict(scheme)
-    check_bits(uniform_bits)
-    return dict.fromkeys(scheme, uniform_bits)
+    chosen = json.loads(Path(scheme_file).read_text())
+    if not isinstance(chosen, dict) or set(chosen) != set(scheme):
+        names = set(chosen) if isinstance(chosen, dict) else set()
+        missing, unknown = sorted(set(scheme) - names)[:5], sorted(names - set(scheme))[:5]
+        msg = f"{scheme_file}: not a {{layer: bits}} map of the record's layers: lacks {missing}, adds {unknown}"
+        raise ValueError(msg)
+    return {name: check_bits(chosen[name], f"{scheme_file}: layer {name!r}") for name in scheme}
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -155,16 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--uniform-bits", type=int, default=None, help="every layer at N magnitude bits: the uniform control"
     )
+    parser.add_argument("--scheme", type=Path, default=None, help="a {layer: magnitude bits} JSON to train instead")
     args = parser.parse_args(argv)
     for path in (p.resolve() for p in args.records):
         record = json.loads(path.read_text())
         if record.get("method") != "msq" or not record.get("bit_scheme"):
             raise ValueError(f"{path}: not an MSQ record with a bit scheme")
         (path.parent / RESULTS).mkdir(exist_ok=True)
-        control = [] if args.uniform_bits is None else ["--uniform-bits", str(args.uniform_bits)]
-        suffix = "" if args.uniform_bits is None else f"_uniform{args.uniform_bits}"
+        control, suffix = [], ""
+        if args.uniform_bits is not None:
+            control, suffix = ["--uniform-bits", str(args.uniform_bits)], f"_uniform{args.uniform_bits}"
+        if args.scheme is not None:
+            control, suffix = ["--scheme", os.path.relpath(args.scheme.resolve(), ROOT)], f"_{args.scheme.stem}"
         target = path.parent / RESULTS / f"{path.stem}_{args.budget}{suffix}.json"
-        scheme = run_scheme(record, args.uniform_bits)
+        scheme = run_scheme(record, args.uniform_bits, args.scheme)
         if args.skip_done and target.exists():
             print(f"[{target.stem}] done before")
             continue
@@ -177,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             **result,
             "budget": args.budget,
             "msq_test_accuracy": record["summary"]["test_accuracy"],
-            "compression": record["summary"]["compression"] if args.uniform_bits is None else 32 / args.uniform_bits,
+            "compression": compression(scheme, record["numels"]),
             "uniform_bits": args.uniform_bits,
             "threshold_share": record["summary"].get("threshold_share"),
             "wall_seconds": round(time.time() - started, 1),

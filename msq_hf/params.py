@@ -107,6 +107,11 @@ class MSQParams:
         number("a number in (0, 1]", lambda v: 0 < v <= 1),
     )
     default_k: Literal[1, 2] = param(1, "LSBs pruned per step when hessian_guided is off")
+    prune_order: Literal["rate", "sensitivity"] = param(
+        "rate",
+        "which layers go first when the plan or the target lets only some prune: 'rate' (fewest nonzero LSBs) or "
+        "'sensitivity' (least Hessian cost per stored bit saved; needs hessian_guided)",
+    )
     # -- Hessian sensitivity (HAWQ-V2, Eq. 9)
     hessian_guided: bool = param(
         True, "choose k from Hessian-trace sensitivity (k=1 above the mean, 2 below)", negations=("--no-hessian",)
@@ -295,6 +300,12 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         ("wnorm",),
         lambda v: v["qat_scale"] == "max" or v["wnorm"] == "signmag",
         lambda v, s: f"'max' with {s('wnorm')} (the clipped and learned scales fit the sign-magnitude grid)",
+    ),
+    CrossRule(
+        "prune_order",
+        ("hessian_guided",),
+        lambda v: v["prune_order"] == "rate" or v["hessian_guided"],
+        lambda v, s: f"'rate' with {s('hessian_guided')} (the 'sensitivity' order needs the Hessian pass)",
     ),
     _learned_step_only("learned_step_init", "mse", "only a learned step has a start"),
     _learned_step_only("qat_grid", "signmag", "the extra level needs the learned step"),

@@ -14,6 +14,12 @@ import torch
 REFERENCE_LEVELS = 256.0  # 2^8: "scale" units measure the pull in grid steps of an 8-bit grid of the layer
 
 
+def grid_levels(bits: torch.Tensor) -> torch.Tensor:
+    """``2^n`` as float32 from the 0-d integer ``bits`` tensor, on its device (no host read): the codes of an ``n``-bit
+    magnitude are ``0 .. 2^n - 1``."""
+    return torch.bitwise_left_shift(torch.ones_like(bits), bits).to(torch.float32)
+
+
 def grid_constants(
     bits: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, units: str, numel: int | None
 ) -> tuple[torch.Tensor, ...]:
@@ -30,7 +36,7 @@ def grid_constants(
     ``"scale"``/``"step"`` and ``-1`` otherwise (:func:`scale_powers`).
     """
     one = torch.ones_like(bits)
-    levels = torch.bitwise_left_shift(one, bits).to(torch.float32)
+    levels = grid_levels(bits)
     two_k = torch.bitwise_left_shift(one, k).to(torch.float32)
     low_max = (torch.bitwise_left_shift(one, bits - k) - 1).to(dtype)
     active = (k > 0).to(torch.float32) * (1.0 / numel if numel else 1.0)
@@ -123,6 +129,7 @@ def lsb_proximal(
 __all__ = [
     "REFERENCE_LEVELS",
     "grid_constants",
+    "grid_levels",
     "grid_values",
     "lsb_proximal",
     "max_abs_scale",

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from msq_hf.quant.grid import grid_levels
+
 #: the smallest step the grid can have: a step trained to zero (or a sign flip through it) cannot divide by zero
 MIN_STEP = torch.finfo(torch.float32).tiny
 
@@ -46,8 +48,7 @@ def lsq_initial_step(x: torch.Tensor, qp: torch.Tensor | float) -> torch.Tensor:
 def _code_range(bits: torch.Tensor | int, full: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Qn, Qp)`` as float32 tensors: ``2^n - 1`` both, or ``Qp = 2^n`` with ``full`` (from the 0-d ``bits`` buffer
     without a host read, or from an int)."""
-    bits = torch.as_tensor(bits, device=device)
-    top = (torch.bitwise_left_shift(torch.ones_like(bits), bits) - 1).to(torch.float32)
+    top = grid_levels(torch.as_tensor(bits, device=device)) - 1
     return top, top + 1 if full else top
 
 

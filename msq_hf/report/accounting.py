@@ -1,6 +1,7 @@
 """Honest accounting of quantized weights: the paper's ratio (magnitude bits) beside what is really stored.
 
-An MSQ layer of ``n`` bits stores a sign and ``n`` magnitude bits (``2^(n+1) - 1`` levels), and so do the bit-plane
+An MSQ layer of ``n`` bits stores a sign and ``n`` magnitude bits (``2^(n+1) - 1`` levels; ``2^(n+1)`` on the learned
+step's ``qat_grid="full"``, which also uses the code for -0), and so do the bit-plane
 baselines BSQ and CSQ (``p - n`` planes: sign + ``N`` magnitude planes). Their papers count ``n`` bits per weight.
 A uniform DoReFa (or LSQ/PACT-style) ``n``-bit weight has ``2^n`` levels and stores ``n`` bits. Comparing the
 papers' ratios therefore hands the sign-magnitude methods one free bit per weight.
@@ -180,10 +181,16 @@ def storage_reference_table(widths: tuple[int, ...] = (1, 2, 3, 4, 8)) -> str:
         "| stored ratio (sign counted) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for family, title in (("msq", "MSQ / BSQ / CSQ (sign + magnitude)"), ("dorefa", "DoReFa / LSQ (uniform grid)")):
+    families = (
+        ("msq", "MSQ / BSQ / CSQ (sign + magnitude)", -1),
+        # qat_grid="full" also uses the code sign-magnitude spends on -0: the same bits, one level more
+        ("msq", 'MSQ, learned step, qat_grid="full"', 0),
+        ("dorefa", "DoReFa / LSQ (uniform grid)", 0),
+    )
+    for family, title, spare in families:
         for b in widths:
             acc = method_accounting(family, b)
-            levels = 2 ** int(acc.stored_bits) - 1 if storage_convention(family) == "signmag" else 2**b
+            levels = 2 ** int(acc.stored_bits) + spare
             rows.append(
                 f"| {title} | {b} | {levels} | {acc.stored_bits:g} | {format_ratio(acc.paper_ratio)} "
                 f"| {format_ratio(acc.stored_ratio)} |"

@@ -103,14 +103,7 @@ class MSQController:
         self.learning_rate: float | None = None  # the optimizer's, set by the trainer: bounds lambda (pull_limit)
         self._regularizer = LSBRegularizer(self.layers)
         self._pacer = Pacer.from_config(config)
-        self._schedule = BitPruningSchedule(
-            config.target_compression,
-            config.prune_threshold,
-            min_bits=config.min_bits,
-            count_sign_bit=config.count_sign_bit,
-            final_round_fraction=config.final_round_fraction,
-            default_k=config.default_k,
-        )
+        self._schedule = BitPruningSchedule.from_config(config)
         self.total_steps = total_steps
         # rewind_weights: the weights the final round goes back to (msq_hf.training.rewind), on the CPU
         self.snapshot: WeightSnapshot | None = WeightSnapshot.take(model) if config.rewind_weights else None

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["BitPruningSchedule", "LayerState", "PruneDecision", "compression", "make_state"]
+__all__ = ["BitPruningSchedule", "LayerState", "PruneDecision", "bit_cost", "compression", "make_state"]
 
 STATE_VERSION = 1
 _SUPPORTED_BITS = (1, 8)  # same range as msq_hf.quant.functional.MIN_BITS..MAX_BITS (kept torch-free here)
@@ -34,6 +34,7 @@ _RULES = {
     "min_bits": (lambda v: type(v) is int and _SUPPORTED_BITS[0] <= v <= _SUPPORTED_BITS[1], "an integer in 1..8"),
     "final_round_fraction": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
     "default_k": (lambda v: type(v) is int and v in (1, 2), "1 or 2"),
+    "prune_order": (lambda v: v in ("rate", "sensitivity"), "'rate' or 'sensitivity'"),
 }
 # hyperparameters recorded in state_dict (a resume with other values warns) and shown by repr
 _HYPERPARAMETERS = (*_RULES, "count_sign_bit")
@@ -50,6 +51,13 @@ def compression(bits: Mapping[str, int], numels: Mapping[str, int], count_sign_b
     if stored <= 0:
         raise ValueError(f"compression is undefined: the layers store {stored} bits (all numels zero?)")
     return 32.0 * total / stored
+
+
+def bit_cost(sensitivity: float, numel: int, drop: int) -> float:
+    """Estimated loss per stored bit saved by dropping ``drop`` LSBs of a layer of ``numel`` weights whose HAWQ-V2
+    sensitivity at its current bits is ``sensitivity``: each dropped bit doubles the grid step, so the squared
+    error and the sensitivity grow about ``4^drop`` times, by ``(4^drop - 1) S`` for ``numel * drop`` bits."""
+    return math.inf if numel * drop <= 0 else (4**drop - 1) * sensitivity / (numel * drop)
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,9 @@ class BitPruningSchedule:
             reached, a final round over all layers is forced (0 < f <= 1).
         total_steps: optimizer steps of the run (``None`` disables the forced round); assignable later.
         default_k: ``k`` given to every layer when no sensitivities are available (1 or 2).
+        prune_order: the order of the layers when only some may prune (the plan's floor, the final and the forced
+            round): ``"rate"``, fewest nonzero LSBs first, or ``"sensitivity"``, least :func:`bit_cost` first
+            (the rate order where no sensitivities are given).
     """
 
     def __init__(
@@ -112,6 +123,7 @@ class BitPruningSchedule:
         final_round_fraction: float = 0.7,
         total_steps: int | None = None,
         default_k: int = 1,
+        prune_order: str = "rate",
     ):
         given = {name: value for name, value in locals().items() if name in _RULES}  # the checked arguments
         for name, (ok, expected) in _RULES.items():
@@ -123,9 +135,17 @@ class BitPruningSchedule:
         self.count_sign_bit = bool(count_sign_bit)
         self.final_round_fraction = float(final_round_fraction)
         self.default_k = int(default_k)
+        self.prune_order = prune_order
         self.total_steps = total_steps
         self._finalized_step: int | None = None  # set by the final round
         self._history: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_config(cls, config: Any) -> BitPruningSchedule:
+        """The schedule of an ``MSQConfig`` (read by attribute: this module imports nothing of msq_hf)."""
+        names = ("min_bits", "count_sign_bit", "final_round_fraction", "default_k", "prune_order")
+        fields = {name: getattr(config, name) for name in names}
+        return cls(config.target_compression, config.prune_threshold, **fields)
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -161,6 +181,15 @@ class BitPruningSchedule:
         # a tiny relative slack so that a target equal to an exactly representable ratio
         # (e.g. 16.0 with every layer at 2 bits) counts as reached despite float rounding
         return self.compression(bits, numels) >= self.target_compression * (1 - 1e-12)
+
+    def _order(self, names: Any, rates: Mapping[str, float], sens: Mapping[str, float] | None, state: Any) -> list:
+        if self.prune_order == "rate" or sens is None:  # ties by name: the order never depends on dict order
+            return sorted(names, key=lambda n: (rates[n], n))
+        cost = {n: bit_cost(float(sens[n]), state[n].numel, max(state[n].k, 1)) for n in names}
+        return sorted(names, key=lambda n: (cost[n], rates[n], n))
+
+    def _order_words(self, sens: Mapping[str, float] | None) -> str:
+        return "ascending nonzero rate" if self.prune_order == "rate" or sens is None else "ascending Hessian cost/bit"
 
     # -- checks -----------------------------------------------------------------------------------
     def check_reachable(self, numels: Mapping[str, int]) -> None:
@@ -268,7 +297,7 @@ class BitPruningSchedule:
             raise ValueError(f"step: LSB nonzero rate of layer(s) {bad[:5]} is NaN")
 
         if self.forced_round_due(global_step):
-            return self._forced_round(state, rates, global_step)
+            return self._forced_round(state, rates, global_step, sensitivities)
 
         candidates = [
             name
@@ -277,18 +306,18 @@ class BitPruningSchedule:
         ]
         if floor_bits is not None:  # paced: the candidates with the fewest nonzero LSBs, down to the floor
             total, stored, paced = sum(numels.values()) or 1, sum(numels[n] * bits[n] for n in bits), []
-            for name in sorted(candidates, key=lambda n: (rates[n], n)):
+            for name in self._order(candidates, rates, sensitivities, state):
                 if (stored - numels[name] * state[name].k) / total >= floor_bits - 1e-9:
                     stored -= numels[name] * state[name].k
                     paced.append(name)
             candidates = paced
         after_all = {name: b - (state[name].k if name in candidates else 0) for name, b in bits.items()}
         if candidates and self._reached(after_all, numels):
-            order = sorted(candidates, key=lambda n: (rates[n], n))
+            order = self._order(candidates, rates, sensitivities, state)
             new_bits, pruned, _ = self._land(bits, numels, order, {name: state[name].k for name in order})
             reason = (
-                f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by ascending "
-                f"nonzero rate until compression >= {self.target_compression:g}x"
+                f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by "
+                f"{self._order_words(sensitivities)} until compression >= {self.target_compression:g}x"
             )
             return self._record(new_bits, numels, pruned, reason, global_step)
 
@@ -299,27 +328,49 @@ class BitPruningSchedule:
         return self._record(after_all, numels, candidates, reason, global_step, new_k)
 
     def _forced_round(
-        self, state: Mapping[str, LayerState], rates: dict[str, float], global_step: int
+        self, state: Mapping[str, LayerState], rates: dict[str, float], global_step: int, sens: Any
     ) -> PruneDecision:
-        # all layers that can still lose a bit, least-used LSBs first (threshold ignored)
+        # all layers that can still lose a bit, in the prune order (threshold ignored)
         new_bits = {name: layer.bits for name, layer in state.items()}
         numels = {name: layer.numel for name, layer in state.items()}
-        order = sorted((name for name in state if new_bits[name] > self.min_bits), key=lambda n: (rates[n], n))
+        order = self._order([name for name in state if new_bits[name] > self.min_bits], rates, sens, state)
         pruned: list[str] = []
         drops = {name: max(state[name].k, 1) for name in order}  # first pass: the layer's own k (>= 1)
         reached = self._reached(new_bits, numels)
+        if self.prune_order == "sensitivity" and sens is not None:
+            new_bits, pruned, reached = self._cheapest_bits(new_bits, numels, order, rates, sens)
         while not reached and any(new_bits[name] > self.min_bits for name in order):
             room = {name: min(drops[name], new_bits[name] - self.min_bits) for name in order}
             new_bits, newly, reached = self._land(new_bits, numels, [name for name in order if room[name] > 0], room)
             pruned += [name for name in newly if name not in pruned]
             drops = dict.fromkeys(order, 1)  # later passes: one bit at a time
         cutoff = f"step {global_step} >= {self.final_round_fraction:g} * total_steps={self._total_steps}"
-        outcome = f"pruned {len(pruned)} layer(s) by ascending nonzero rate"  # not reached: check_reachable skipped
+        outcome = f"pruned {len(pruned)} layer(s) by {self._order_words(sens)}"  # not reached: check_reachable skipped
         missed = (
             f"every layer is at min_bits={self.min_bits} and the target {self.target_compression:g}x is still not met"
         )
         reason = f"forced final round ({cutoff}): {outcome if reached else missed}"
         return self._record(new_bits, numels, pruned, reason, global_step, forced=True)
+
+    def _cheapest_bits(
+        self, bits: dict[str, int], numels: dict[str, int], names: list[str], rates: Any, sens: Any
+    ) -> tuple[dict[str, int], list[str], bool]:
+        """The forced round in the sensitivity order, a greedy HAWQ-style allocation: one bit at a time from the layer
+        whose next bit costs least (its sensitivity grows about 4x per bit it lost in this round), the crossing landed
+        with the least overshoot (:meth:`_land`); ``(bits, pruned, reached)``."""
+        new_bits, pruned, lost = dict(bits), [], dict.fromkeys(names, 0)
+        reached = self._reached(new_bits, numels)
+        while not reached and any(new_bits[name] > self.min_bits for name in names):
+            cost = {name: bit_cost(float(sens[name]) * 4 ** lost[name], numels[name], 1) for name in names}
+            order = sorted((n for n in names if new_bits[n] > self.min_bits), key=lambda n: (cost[n], rates[n], n))
+            trial = {**new_bits, order[0]: new_bits[order[0]] - 1}
+            if self._reached(trial, numels):
+                new_bits, newly, reached = self._land(new_bits, numels, order, dict.fromkeys(order, 1))
+            else:
+                new_bits, newly = trial, order[:1]
+            lost[newly[-1]] += 1
+            pruned += [name for name in newly if name not in pruned]
+        return new_bits, pruned, reached
 
     def _land(
         self, bits: Mapping[str, int], numels: Mapping[str, int], order: list[str], drops: Mapping[str, int]

@@ -161,6 +161,15 @@ def test_plot_draws_seed_zero_of_every_msq_setting(tmp_path, monkeypatch) -> Non
     assert not (tmp_path / "none.png").exists()
 
 
+def test_a_rerun_folder_draws_its_own_figures(tmp_path) -> None:
+    default = finetune_pretrained.plot_paths(finetune_pretrained.RESULTS)
+    assert default == (finetune_pretrained.PLOT, finetune_pretrained.COMPARISON_PLOT)
+    trajectories, comparison = finetune_pretrained.plot_paths(tmp_path / "finetune_rerun")
+    assert trajectories.name == "finetune_trajectories_finetune_rerun.png"
+    assert comparison.name == "finetune_accuracy_vs_ratio_finetune_rerun.png"
+    assert trajectories.parent == finetune_pretrained.PLOT.parent
+
+
 def test_the_comparison_plot_joins_each_msq_setting_across_its_targets(tmp_path) -> None:
     assert [ft.series_tag(t) for t in ("t16-mse", "t16", "t10.67-ac-rewind", "mse", None, "t1x")] == [
         "mse",

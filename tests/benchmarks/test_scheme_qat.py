@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import msq_hf
 from msq_hf.convert import msq_layers
 from msq_hf.quant.clip import best_clip_ratio
 from msq_hf.quant.functional import max_abs_scale
+from msq_hf.training.schedule import compression
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
@@ -71,3 +74,27 @@ def test_the_uniform_control_keeps_the_layers_and_sets_every_width() -> None:
     assert scheme_qat.run_scheme(record, 2) == {"conv1": 2, "layer1.0.conv1": 2, "fc": 2}
     with pytest.raises(ValueError, match="bits"):
         scheme_qat.run_scheme(record, 9)
+
+
+def test_a_chosen_scheme_must_name_the_records_layers_with_valid_widths(tmp_path: Path) -> None:
+    record = {"bit_scheme": {"conv1": 3, "layer1.0.conv1": 1, "fc": 2}}
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text('{"fc": 8, "conv1": 5, "layer1.0.conv1": 1}')
+    assert scheme_qat.run_scheme(record, scheme_file=chosen) == {"conv1": 5, "layer1.0.conv1": 1, "fc": 8}
+    chosen.write_text('{"fc": 8, "conv1": 5, "layer9": 1}')
+    with pytest.raises(ValueError, match=r"chosen.json.*lacks \['layer1.0.conv1'\], adds \['layer9'\]"):
+        scheme_qat.run_scheme(record, scheme_file=chosen)
+    chosen.write_text('{"fc": 8, "conv1": 9, "layer1.0.conv1": 1}')
+    with pytest.raises(ValueError, match="chosen.json: layer 'conv1'"):
+        scheme_qat.run_scheme(record, scheme_file=chosen)
+    with pytest.raises(ValueError, match="exclusive"):
+        scheme_qat.run_scheme(record, 2, chosen)
+
+
+def test_the_committed_schemes_fit_the_resnet18_records_at_16x() -> None:
+    record = json.loads(
+        (ROOT / "benchmarks/results/finetune_rerun/resnet18_msq_t16-learned-full-lsqinit_seed0.json").read_text()
+    )
+    for path in sorted((ROOT / "benchmarks" / "schemes").glob("resnet18-*.json")):
+        scheme = scheme_qat.run_scheme(record, scheme_file=path)
+        assert compression(scheme, record["numels"]) >= 16.0, path.name

@@ -106,4 +106,6 @@ def test_reference_table_rows() -> None:
     table = storage_reference_table((2, 3))
     assert "| MSQ / BSQ / CSQ (sign + magnitude) | 2 | 7 | 3 | 16.00x | 10.67x |" in table
     assert "| DoReFa / LSQ (uniform grid) | 3 | 8 | 3 | 10.67x | 10.67x |" in table
+    # the full grid has LSQ W3's eight levels at MSQ's three stored bits
+    assert '| MSQ, learned step, qat_grid="full" | 2 | 8 | 3 | 16.00x | 10.67x |' in table
     assert ComparisonPoint("m", 1.0, 2.0, 3.0).paper_ratio == 2.0

@@ -176,3 +176,51 @@ def test_unreachable_target_raises_on_start() -> None:
 def test_controller_needs_a_config() -> None:
     with pytest.raises(ValueError, match="MSQ layers"):
         MSQController(SmallNet(), msq_hf.MSQConfig())
+
+
+class PaddedNet(SmallNet):
+    """SmallNet with a wide hidden layer whose input is the 8 pooled features padded with 504 zeros: 63/64 of its
+    weights never see data, like the 3x3 convolutions of 1x1 maps in ResNet-18's ``layer4`` at 32 px."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__(classes)
+        self.wide = nn.Linear(512, 64)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1)
+        return self.fc(F.relu(self.wide(F.pad(pooled, (0, 504)))))
+
+
+def _padded_run(order: str) -> MSQController:
+    torch.manual_seed(0)
+    config = msq_hf.MSQConfig(
+        init_bits=8, target_compression=8.0, reg_strength=1e-3, prune_threshold=0.6, prune_interval=3,
+        hessian_max_probes=16, hessian_batch_size=16, final_round_fraction=0.8, warmup_fraction=0.25,
+        prune_order=order,
+    )  # fmt: skip
+    model = msq_hf.quantize_model(PaddedNet(), config)
+    ctl = MSQController(model, total_steps=24, seed=0)
+    x, y = data(96, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(1, 25):
+        batch = (x[(step - 1) % 6 * 16 :][:16], y[(step - 1) % 6 * 16 :][:16])
+        ctl.maybe_start(step - 1, batch)
+        loss = F.cross_entropy(model(batch[0]), batch[1]) + ctl.regularization()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctl.maybe_step(step, batch)
+    assert ctl.finalized and ctl.compression >= 8.0
+    return ctl
+
+
+def test_the_hessian_order_takes_the_bits_from_the_layer_that_never_sees_data() -> None:
+    by_cost, by_rate = _padded_run("sensitivity"), _padded_run("rate")
+    # the padded layer holds 98 % of the weights: the Hessian order takes the reduction from it alone ...
+    assert by_cost.bits["wide"] < min(by_cost.bits["conv"], by_cost.bits["fc"]), by_cost.bits
+    # ... and so leaves the two small layers that see data more bits than the rate order, at the same target
+    assert by_cost.bits["conv"] + by_cost.bits["fc"] > by_rate.bits["conv"] + by_rate.bits["fc"], (
+        by_cost.bits,
+        by_rate.bits,
+    )

@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msq_hf.quant import functional as QF
-from msq_hf.training.schedule import BitPruningSchedule, LayerState, PruneDecision, compression, make_state
+from msq_hf.training.schedule import (
+    BitPruningSchedule,
+    LayerState,
+    PruneDecision,
+    bit_cost,
+    compression,
+    make_state,
+)
 
 SCHEDULE_PY = pathlib.Path(__file__).resolve().parents[2] / "msq_hf" / "training" / "schedule.py"
 
@@ -142,6 +149,7 @@ def test_mean_includes_frozen_layers():
         ({"final_round_fraction": 1.5}, "final_round_fraction"),
         ({"total_steps": 0}, "total_steps"),
         ({"default_k": 3}, "default_k"),
+        ({"prune_order": "cost"}, "prune_order"),
     ],
 )
 def test_constructor_rejects_bad_values(kwargs, field):
@@ -347,6 +355,70 @@ def test_no_op_after_finalize():
 # ---------------------------------------------------------------------------------------------
 # forced final round (fallback)
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# prune order (prune_order="sensitivity": least Hessian cost per stored bit saved first)
+# ---------------------------------------------------------------------------------------------
+
+
+@given(st.floats(-1e3, 1e3, allow_nan=False), st.integers(1, 10**7), st.integers(1, 2), st.floats(0.01, 100))
+def test_bit_cost_is_the_error_growth_per_bit_saved(sens, numel, drop, scale):
+    assert bit_cost(sens, numel, drop) == pytest.approx((4**drop - 1) * sens / (numel * drop), rel=1e-12)
+    # linear in the sensitivity: scaling every layer's S scales every cost alike, so the order is unchanged
+    assert bit_cost(sens * scale, numel, drop) == pytest.approx(scale * bit_cost(sens, numel, drop), rel=1e-9, abs=0)
+
+
+def test_bit_cost_of_a_layer_that_saves_nothing_is_infinite():
+    assert bit_cost(1.0, 0, 2) == float("inf") and bit_cost(1.0, 10, 0) == float("inf")
+
+
+# a large insensitive layer and three small sensitive ones; the rates say the opposite order
+ORDER_BITS = {"big": 8, "s1": 8, "s2": 8, "s3": 8}
+ORDER_NUMELS = {"big": 300, "s1": 100, "s2": 100, "s3": 100}
+ORDER_RATES = {"big": 0.04, "s1": 0.01, "s2": 0.02, "s3": 0.03}
+ORDER_SENS = {"big": 1e-9, "s1": 1e-3, "s2": 1e-4, "s3": 1e-5}
+
+
+def test_sensitivity_order_lets_the_cheapest_layer_prune_first_under_the_floor():
+    state = state_of(ORDER_BITS, k=2, numels=ORDER_NUMELS)
+    by_rate = sched(tau=0.05).step(state, ORDER_RATES, ORDER_SENS, 1, floor_bits=6.9)
+    by_cost = sched(tau=0.05, prune_order="sensitivity").step(state, ORDER_RATES, ORDER_SENS, 1, floor_bits=6.9)
+    # the floor lets 1.1 bits of 8 go: the rate order spends it on the small sensitive layers
+    assert by_rate.pruned == ["s1", "s2", "s3"]
+    assert by_cost.pruned == ["big"] and by_cost.bits == {**ORDER_BITS, "big": 6}
+
+
+def test_sensitivity_order_drives_the_final_and_the_forced_round():
+    state = state_of(ORDER_BITS, k=1, numels=ORDER_NUMELS)
+    target = compression({**ORDER_BITS, "big": 7, "s3": 7}, ORDER_NUMELS)
+    final = sched(target=target, tau=0.05, prune_order="sensitivity").step(state, ORDER_RATES, ORDER_SENS, 1)
+    assert final.finalized and final.pruned == ["big", "s3"] and "Hessian cost" in final.reason
+    forced = sched(target=16.0, tau=0.001, total_steps=10, prune_order="sensitivity")
+    decision = forced.step(state, ORDER_RATES, ORDER_SENS, 7)
+    assert decision.forced and decision.pruned[0] == "big" and decision.compression >= 16.0
+    # the big layer reaches min_bits before the most sensitive one loses a single bit more than it must
+    assert decision.bits["big"] == 1 and decision.bits["s1"] == max(decision.bits.values())
+
+
+def test_sensitivity_order_counts_the_drop_and_falls_back_to_rates_without_sensitivities():
+    # equal S and N: a layer dropping 2 LSBs costs (4^2 - 1)/2 = 7.5 per bit, one dropping 1 costs 3
+    state = state_of({"a": 8, "b": 8}, k={"a": 2, "b": 1}, numels=100)
+    rates = {"a": 0.01, "b": 0.02}
+    s = sched(target=compression({"a": 8, "b": 7}, {"a": 100, "b": 100}), tau=0.05, prune_order="sensitivity")
+    assert s.step(state, rates, {"a": 1.0, "b": 1.0}, 1).pruned == ["b"]
+    s = sched(target=compression({"a": 8, "b": 7}, {"a": 100, "b": 100}), tau=0.05, prune_order="sensitivity")
+    blind = s.step(state, rates, None, 1)
+    assert blind.pruned == ["a"] and "nonzero rate" in blind.reason
+
+
+def test_from_config_reads_every_schedule_field():
+    from msq_hf import MSQConfig
+
+    config = MSQConfig(target_compression=12.0, prune_threshold=0.2, min_bits=2, prune_order="sensitivity")
+    s = BitPruningSchedule.from_config(config)
+    assert (s.target_compression, s.prune_threshold, s.min_bits, s.prune_order) == (12.0, 0.2, 2, "sensitivity")
+    assert (s.count_sign_bit, s.final_round_fraction, s.default_k) == (False, 0.7, 1)
 
 
 def test_fallback_not_before_fraction():
