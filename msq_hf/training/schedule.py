@@ -1,6 +1,7 @@
 """The MSQ bit-pruning decision (Algorithm 1 of MSQ; see docs/pruning.md).
 
-Pure Python on purpose (no torch, no msq_hf: a test loads this file standalone): it only sees numbers -- per layer
+Pure Python on purpose (no torch; of msq_hf only the pure :mod:`msq_hf.training.allocation`, which orders the layers
+and lands each pass on the target; a test loads this file standalone): it only sees numbers -- per layer
 ``bits``, ``k``, ``numel``, LSB nonzero rate and HAWQ-V2 sensitivity -- and decides which layers drop bits,
 identically on every rank given rank-reduced inputs. The controller measures the numbers and writes the decision
 back. Contract of ``step(state, rates, sensitivities, global_step)``: ``state`` is every layer *before* this step,
@@ -16,7 +17,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["BitPruningSchedule", "LayerState", "PruneDecision", "bit_cost", "compression", "make_state"]
+from msq_hf.training.allocation import PRUNE_ORDERS, cheapest_bits, land, order_words, prune_order, uses_sensitivity
+
+__all__ = ["BitPruningSchedule", "LayerState", "PruneDecision", "compression", "make_state"]
 
 STATE_VERSION = 1
 _SUPPORTED_BITS = (1, 8)  # same range as msq_hf.quant.functional.MIN_BITS..MAX_BITS (kept torch-free here)
@@ -34,7 +37,7 @@ _RULES = {
     "min_bits": (lambda v: type(v) is int and _SUPPORTED_BITS[0] <= v <= _SUPPORTED_BITS[1], "an integer in 1..8"),
     "final_round_fraction": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
     "default_k": (lambda v: type(v) is int and v in (1, 2), "1 or 2"),
-    "prune_order": (lambda v: v in ("rate", "sensitivity"), "'rate' or 'sensitivity'"),
+    "prune_order": (lambda v: v in PRUNE_ORDERS, "'rate' or 'sensitivity'"),
 }
 # hyperparameters recorded in state_dict (a resume with other values warns) and shown by repr
 _HYPERPARAMETERS = (*_RULES, "count_sign_bit")
@@ -51,13 +54,6 @@ def compression(bits: Mapping[str, int], numels: Mapping[str, int], count_sign_b
     if stored <= 0:
         raise ValueError(f"compression is undefined: the layers store {stored} bits (all numels zero?)")
     return 32.0 * total / stored
-
-
-def bit_cost(sensitivity: float, numel: int, drop: int) -> float:
-    """Estimated loss per stored bit saved by dropping ``drop`` LSBs of a layer of ``numel`` weights whose HAWQ-V2
-    sensitivity at its current bits is ``sensitivity``: each dropped bit doubles the grid step, so the squared
-    error and the sensitivity grow about ``4^drop`` times, by ``(4^drop - 1) S`` for ``numel * drop`` bits."""
-    return math.inf if numel * drop <= 0 else (4**drop - 1) * sensitivity / (numel * drop)
 
 
 @dataclass(frozen=True)
@@ -109,9 +105,8 @@ class BitPruningSchedule:
             reached, a final round over all layers is forced (0 < f <= 1).
         total_steps: optimizer steps of the run (``None`` disables the forced round); assignable later.
         default_k: ``k`` given to every layer when no sensitivities are available (1 or 2).
-        prune_order: the order of the layers when only some may prune (the plan's floor, the final and the forced
-            round): ``"rate"``, fewest nonzero LSBs first, or ``"sensitivity"``, least :func:`bit_cost` first
-            (the rate order where no sensitivities are given).
+        prune_order: the order when only some layers may prune (:mod:`~msq_hf.training.allocation`): ``"rate"``
+            or ``"sensitivity"`` (least Hessian cost per bit; the rate order without sensitivities).
     """
 
     def __init__(
@@ -178,18 +173,15 @@ class BitPruningSchedule:
         return compression(bits, numels, self.count_sign_bit)
 
     def _reached(self, bits: Mapping[str, int], numels: Mapping[str, int]) -> bool:
-        # a tiny relative slack so that a target equal to an exactly representable ratio
-        # (e.g. 16.0 with every layer at 2 bits) counts as reached despite float rounding
+        # a tiny relative slack: a target equal to an exact ratio (16.0, every layer at 2 bits) despite float rounding
         return self.compression(bits, numels) >= self.target_compression * (1 - 1e-12)
 
-    def _order(self, names: Any, rates: Mapping[str, float], sens: Mapping[str, float] | None, state: Any) -> list:
-        if self.prune_order == "rate" or sens is None:  # ties by name: the order never depends on dict order
-            return sorted(names, key=lambda n: (rates[n], n))
-        cost = {n: bit_cost(float(sens[n]), state[n].numel, max(state[n].k, 1)) for n in names}
-        return sorted(names, key=lambda n: (cost[n], rates[n], n))
+    def _order(self, names: list[str], rates: Mapping[str, float], sens: Any, state: Any) -> list[str]:
+        numels, ks = {n: state[n].numel for n in names}, {n: state[n].k for n in names}
+        return prune_order(names, rates, self.prune_order, sens, numels, ks)
 
-    def _order_words(self, sens: Mapping[str, float] | None) -> str:
-        return "ascending nonzero rate" if self.prune_order == "rate" or sens is None else "ascending Hessian cost/bit"
+    def _land(self, bits: Mapping[str, int], numels: Mapping[str, int], order: list[str], drops: Any) -> Any:
+        return land(bits, order, drops, lambda b: self._reached(b, numels), lambda b: self.compression(b, numels))
 
     # -- checks -----------------------------------------------------------------------------------
     def check_reachable(self, numels: Mapping[str, int]) -> None:
@@ -317,7 +309,7 @@ class BitPruningSchedule:
             new_bits, pruned, _ = self._land(bits, numels, order, {name: state[name].k for name in order})
             reason = (
                 f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by "
-                f"{self._order_words(sensitivities)} until compression >= {self.target_compression:g}x"
+                f"{order_words(self.prune_order, sensitivities)} until compression >= {self.target_compression:g}x"
             )
             return self._record(new_bits, numels, pruned, reason, global_step)
 
@@ -337,62 +329,19 @@ class BitPruningSchedule:
         pruned: list[str] = []
         drops = {name: max(state[name].k, 1) for name in order}  # first pass: the layer's own k (>= 1)
         reached = self._reached(new_bits, numels)
-        if self.prune_order == "sensitivity" and sens is not None:
-            new_bits, pruned, reached = self._cheapest_bits(new_bits, numels, order, rates, sens)
+        if uses_sensitivity(self.prune_order, sens):  # a greedy allocation, one bit at a time
+            tests = (lambda b: self._reached(b, numels), lambda b: self.compression(b, numels))
+            new_bits, pruned, reached = cheapest_bits(new_bits, order, self.min_bits, (sens, rates, numels), *tests)
         while not reached and any(new_bits[name] > self.min_bits for name in order):
             room = {name: min(drops[name], new_bits[name] - self.min_bits) for name in order}
             new_bits, newly, reached = self._land(new_bits, numels, [name for name in order if room[name] > 0], room)
             pruned += [name for name in newly if name not in pruned]
             drops = dict.fromkeys(order, 1)  # later passes: one bit at a time
         cutoff = f"step {global_step} >= {self.final_round_fraction:g} * total_steps={self._total_steps}"
-        outcome = f"pruned {len(pruned)} layer(s) by {self._order_words(sens)}"  # not reached: check_reachable skipped
-        missed = (
-            f"every layer is at min_bits={self.min_bits} and the target {self.target_compression:g}x is still not met"
-        )
+        outcome = f"pruned {len(pruned)} layer(s) by {order_words(self.prune_order, sens)}"
+        missed = f"every layer is at min_bits={self.min_bits}, the target {self.target_compression:g}x still not met"
         reason = f"forced final round ({cutoff}): {outcome if reached else missed}"
         return self._record(new_bits, numels, pruned, reason, global_step, forced=True)
-
-    def _cheapest_bits(
-        self, bits: dict[str, int], numels: dict[str, int], names: list[str], rates: Any, sens: Any
-    ) -> tuple[dict[str, int], list[str], bool]:
-        """The forced round in the sensitivity order, a greedy HAWQ-style allocation: one bit at a time from the layer
-        whose next bit costs least (its sensitivity grows about 4x per bit it lost in this round), the crossing landed
-        with the least overshoot (:meth:`_land`); ``(bits, pruned, reached)``."""
-        new_bits, pruned, lost = dict(bits), [], dict.fromkeys(names, 0)
-        reached = self._reached(new_bits, numels)
-        while not reached and any(new_bits[name] > self.min_bits for name in names):
-            cost = {name: bit_cost(float(sens[name]) * 4 ** lost[name], numels[name], 1) for name in names}
-            order = sorted((n for n in names if new_bits[n] > self.min_bits), key=lambda n: (cost[n], rates[n], n))
-            trial = {**new_bits, order[0]: new_bits[order[0]] - 1}
-            if self._reached(trial, numels):
-                new_bits, newly, reached = self._land(new_bits, numels, order, dict.fromkeys(order, 1))
-            else:
-                new_bits, newly = trial, order[:1]
-            lost[newly[-1]] += 1
-            pruned += [name for name in newly if name not in pruned]
-        return new_bits, pruned, reached
-
-    def _land(
-        self, bits: Mapping[str, int], numels: Mapping[str, int], order: list[str], drops: Mapping[str, int]
-    ) -> tuple[dict[str, int], list[str], bool]:
-        """Prune ``order``'s layers in turn by ``drops[name]`` bits until the target is reached; ``(bits, pruned,
-        reached)``. The prune that would cross the target is replaced by the crossing that overshoots least: the
-        layer not pruned yet and drop (1 to its ``drops``) that reach the target by the smallest margin (ties: the
-        earlier in ``order``). The first crossing can overshoot by a whole large layer's ``k`` bits; dropping fewer
-        LSBs than ``k`` is safe, as all ``k`` had a low nonzero rate."""
-        new_bits, pruned = dict(bits), []
-        for index, name in enumerate(order):
-            trial = {**new_bits, name: new_bits[name] - drops[name]}
-            if not self._reached(trial, numels):
-                new_bits, pruned = trial, [*pruned, name]
-                continue
-            options = [(o, {**new_bits, o: new_bits[o] - d}) for o in order[index:] for d in range(1, drops[o] + 1)]
-            crossings = [
-                (self.compression(b, numels), i, o, b) for i, (o, b) in enumerate(options) if self._reached(b, numels)
-            ]
-            _, _, chosen, landed = min(crossings, key=lambda c: c[:2])
-            return landed, [*pruned, chosen], True
-        return new_bits, pruned, self._reached(new_bits, numels)
 
     def _record(
         self,

@@ -13,16 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msq_hf.quant import functional as QF
-from msq_hf.training.schedule import (
-    BitPruningSchedule,
-    LayerState,
-    PruneDecision,
-    bit_cost,
-    compression,
-    make_state,
-)
+from msq_hf.training.allocation import bit_cost
+from msq_hf.training.schedule import BitPruningSchedule, LayerState, PruneDecision, compression, make_state
 
 SCHEDULE_PY = pathlib.Path(__file__).resolve().parents[2] / "msq_hf" / "training" / "schedule.py"
+ALLOCATION_PY = SCHEDULE_PY.with_name("allocation.py")
+# what loading the schedule may import of msq_hf: the lazy package (no torch) and the pure allocation module
+PURE_MSQ_MODULES = {"msq_hf", "msq_hf.lazy", "msq_hf.training", "msq_hf.training.allocation"}
 
 
 def sched(target: float = 16.0, tau: float = 0.05, **kw) -> BitPruningSchedule:
@@ -50,21 +47,26 @@ def test_schedule_module_does_not_import_torch():
         "s = mod.BitPruningSchedule(16.0, 0.05)\n"
         "d = s.step(mod.make_state({'a': 8}, {'a': 1}, {'a': 10}), {'a': 0.0}, None, 1)\n"
         "assert d.bits == {'a': 7}, d\n"
-        "print('torch' in sys.modules, any(m.startswith('msq_hf') for m in sys.modules))\n"
+        "print('torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('msq_hf')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    torch_loaded, msq_modules = out.stdout.split(" ", 1)
+    assert torch_loaded == "False"
+    assert set(ast.literal_eval(msq_modules)) <= PURE_MSQ_MODULES
 
 
-def test_schedule_source_has_no_torch_or_package_import():
-    tree = ast.parse(SCHEDULE_PY.read_text())
+@pytest.mark.parametrize("path", [SCHEDULE_PY, ALLOCATION_PY], ids=lambda p: p.name)
+def test_schedule_source_imports_only_the_standard_library_and_the_allocation(path):
+    tree = ast.parse(path.read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
+            imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            imported.add("." if node.level else node.module.split(".")[0])
-    assert imported <= {"__future__", "collections", "math", "warnings", "dataclasses", "typing"}, imported
+            imported.add("." if node.level else node.module)
+    stdlib = {"__future__", "collections.abc", "math", "warnings", "dataclasses", "typing"}
+    allowed = stdlib | ({"msq_hf.training.allocation"} - {f"msq_hf.training.{path.stem}"})  # never itself
+    assert imported <= allowed, imported
 
 
 # ---------------------------------------------------------------------------------------------
