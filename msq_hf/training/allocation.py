@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["PRUNE_ORDERS", "bit_cost", "cheapest_bits", "land", "order_words", "prune_order"]
+__all__ = ["PRUNE_ORDERS", "bit_cost", "cheapest_bits", "land", "order_words", "prune_order", "uses_sensitivity"]
 
 PRUNE_ORDERS = ("rate", "sensitivity")
 
@@ -23,7 +23,8 @@ Ratio = Callable[[Mapping[str, int]], float]
 def bit_cost(sensitivity: float, numel: int, drop: int) -> float:
     """Estimated loss per stored bit saved by dropping ``drop`` LSBs of a layer of ``numel`` weights whose HAWQ-V2
     sensitivity at its current bits is ``sensitivity``: each dropped bit doubles the grid step, so the squared
-    error and the sensitivity grow about ``4^drop`` times, by ``(4^drop - 1) S`` for ``numel * drop`` bits."""
+    error and the sensitivity grow about ``4^drop`` times, by ``(4^drop - 1) S`` for ``numel * drop`` bits. A
+    negative estimate (Hutchinson noise around a trace of about zero) ranks as the cheapest of all."""
     return math.inf if numel * drop <= 0 else (4**drop - 1) * sensitivity / (numel * drop)
 
 
