@@ -137,7 +137,7 @@ class BitPruningSchedule:
 
     @classmethod
     def from_config(cls, config: Any) -> BitPruningSchedule:
-        """The schedule of an ``MSQConfig`` (read by attribute: this module imports nothing of msq_hf)."""
+        """The schedule of an ``MSQConfig`` (read by attribute: this module does not import the config)."""
         names = ("min_bits", "count_sign_bit", "final_round_fraction", "default_k", "prune_order")
         fields = {name: getattr(config, name) for name in names}
         return cls(config.target_compression, config.prune_threshold, **fields)
@@ -173,15 +173,15 @@ class BitPruningSchedule:
         return compression(bits, numels, self.count_sign_bit)
 
     def _reached(self, bits: Mapping[str, int], numels: Mapping[str, int]) -> bool:
-        # a tiny relative slack: a target equal to an exact ratio (16.0, every layer at 2 bits) despite float rounding
+        # relative slack: an exactly representable target (16.0, all at 2 bits) is reached despite float rounding
         return self.compression(bits, numels) >= self.target_compression * (1 - 1e-12)
 
     def _order(self, names: list[str], rates: Mapping[str, float], sens: Any, state: Any) -> list[str]:
         numels, ks = {n: state[n].numel for n in names}, {n: state[n].k for n in names}
         return prune_order(names, rates, self.prune_order, sens, numels, ks)
 
-    def _land(self, bits: Mapping[str, int], numels: Mapping[str, int], order: list[str], drops: Any) -> Any:
-        return land(bits, order, drops, lambda b: self._reached(b, numels), lambda b: self.compression(b, numels))
+    def _tests(self, numels: Mapping[str, int]) -> tuple[Any, Any]:  # allocation's reached(bits) and ratio(bits)
+        return (lambda b: self._reached(b, numels)), (lambda b: self.compression(b, numels))
 
     # -- checks -----------------------------------------------------------------------------------
     def check_reachable(self, numels: Mapping[str, int]) -> None:
@@ -264,8 +264,8 @@ class BitPruningSchedule:
         Order of the rules: (1) already finalized -> no-op ``"qat"``; (2) target already met -> finalize without
         pruning; (3) at/after the forced-round cut-off -> forced final round over all layers; (4) if pruning every
         candidate (rate < threshold, ``k >= 1``, ``bits - k >= min_bits``) reaches the target -> final round,
-        candidates by ascending rate (ties by name) up to the target, the crossing made by the candidate and drop
-        that overshoot least (:meth:`_land`); (5) otherwise prune every candidate and reassign ``k``.
+        candidates in the prune order up to the target, the crossing made by the candidate and drop that overshoot
+        least (:func:`~msq_hf.training.allocation.land`); (5) otherwise prune every candidate and reassign ``k``.
         """
         self._validate_state(state)
         bits = {name: layer.bits for name, layer in state.items()}
@@ -306,7 +306,7 @@ class BitPruningSchedule:
         after_all = {name: b - (state[name].k if name in candidates else 0) for name, b in bits.items()}
         if candidates and self._reached(after_all, numels):
             order = self._order(candidates, rates, sensitivities, state)
-            new_bits, pruned, _ = self._land(bits, numels, order, {name: state[name].k for name in order})
+            new_bits, pruned, _ = land(bits, order, {name: state[name].k for name in order}, *self._tests(numels))
             reason = (
                 f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by "
                 f"{order_words(self.prune_order, sensitivities)} until compression >= {self.target_compression:g}x"
@@ -330,11 +330,11 @@ class BitPruningSchedule:
         drops = {name: max(state[name].k, 1) for name in order}  # first pass: the layer's own k (>= 1)
         reached = self._reached(new_bits, numels)
         if uses_sensitivity(self.prune_order, sens):  # a greedy allocation, one bit at a time
-            tests = (lambda b: self._reached(b, numels), lambda b: self.compression(b, numels))
-            new_bits, pruned, reached = cheapest_bits(new_bits, order, self.min_bits, (sens, rates, numels), *tests)
+            costs = (sens, rates, numels)
+            new_bits, pruned, reached = cheapest_bits(new_bits, order, self.min_bits, costs, *self._tests(numels))
         while not reached and any(new_bits[name] > self.min_bits for name in order):
             room = {name: min(drops[name], new_bits[name] - self.min_bits) for name in order}
-            new_bits, newly, reached = self._land(new_bits, numels, [name for name in order if room[name] > 0], room)
+            new_bits, newly, reached = land(new_bits, [n for n in order if room[n] > 0], room, *self._tests(numels))
             pruned += [name for name in newly if name not in pruned]
             drops = dict.fromkeys(order, 1)  # later passes: one bit at a time
         cutoff = f"step {global_step} >= {self.final_round_fraction:g} * total_steps={self._total_steps}"
