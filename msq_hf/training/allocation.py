@@ -29,7 +29,10 @@ def bit_cost(sensitivity: float, numel: int, drop: int) -> float:
 
 
 def uses_sensitivity(order: str, sensitivities: Mapping[str, float] | None) -> bool:
-    """Whether ``order`` ranks by :func:`bit_cost` here (``"sensitivity"`` with sensitivities given)."""
+    """Whether ``order`` ranks by :func:`bit_cost` here (``"sensitivity"`` with sensitivities given); ``ValueError``
+    naming ``prune_order`` for an order that is not one of :data:`PRUNE_ORDERS`."""
+    if order not in PRUNE_ORDERS:
+        raise ValueError(f"prune_order={order!r} is not one of {', '.join(map(repr, PRUNE_ORDERS))}")
     return order == "sensitivity" and sensitivities is not None
 
 

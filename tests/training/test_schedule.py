@@ -414,6 +414,13 @@ def test_sensitivity_order_counts_the_drop_and_falls_back_to_rates_without_sensi
     assert blind.pruned == ["a"] and "nonzero rate" in blind.reason
 
 
+def test_an_unknown_order_is_refused_by_name():
+    from msq_hf.training.allocation import prune_order
+
+    with pytest.raises(ValueError, match="prune_order='cost' is not one of 'rate', 'sensitivity'"):
+        prune_order(["a"], {"a": 0.1}, "cost", None, {"a": 1}, {"a": 1})
+
+
 def test_from_config_reads_every_schedule_field():
     from msq_hf import MSQConfig
 
