@@ -62,6 +62,7 @@ CHOICE_FLAGS = {
     "qat_grid": "the levels of the learned step's grid",
     "learned_step_init": "where the learned step starts",
     "prune_order": "which layers prune first when only some may",
+    "lsb_pull": "each layer's share of the LSB pull",
 }
 
 

@@ -112,6 +112,12 @@ class MSQParams:
         "which layers go first when the plan or the target lets only some prune: 'rate' (fewest nonzero LSBs) or "
         "'sensitivity' (least Hessian cost per stored bit saved; needs hessian_guided)",
     )
+    lsb_pull: Literal["uniform", "sensitivity"] = param(
+        "uniform",
+        "which layers the LSB regularizer pulls: 'uniform' (every layer, one lambda: the paper) or 'sensitivity' "
+        "(only the layers the greedy Hessian allocation of the target, re-made at each measurement, would cut; "
+        "needs hessian_guided)",
+    )
     # -- Hessian sensitivity (HAWQ-V2, Eq. 9)
     hessian_guided: bool = param(
         True, "choose k from Hessian-trace sensitivity (k=1 above the mean, 2 below)", negations=("--no-hessian",)
@@ -260,6 +266,16 @@ def _learned_step_only(name: str, default: str, why: str) -> CrossRule:
     )
 
 
+def _hessian_only(name: str, default: str, what: str) -> CrossRule:
+    """The rule of a field whose non-default value ranks layers by Hessian sensitivity: it needs the Hessian pass."""
+    return CrossRule(
+        name,
+        ("hessian_guided",),
+        lambda v: v[name] == default or v["hessian_guided"],
+        lambda v, s: f"{default!r} with {s('hessian_guided')} ({what} needs the Hessian pass)",
+    )
+
+
 CROSS_RULES: tuple[CrossRule, ...] = (
     CrossRule(
         "min_bits", ("init_bits",), lambda v: v["min_bits"] <= v["init_bits"], lambda v, s: f"at most {s('init_bits')}"
@@ -301,12 +317,8 @@ CROSS_RULES: tuple[CrossRule, ...] = (
         lambda v: v["qat_scale"] == "max" or v["wnorm"] == "signmag",
         lambda v, s: f"'max' with {s('wnorm')} (the clipped and learned scales fit the sign-magnitude grid)",
     ),
-    CrossRule(
-        "prune_order",
-        ("hessian_guided",),
-        lambda v: v["prune_order"] == "rate" or v["hessian_guided"],
-        lambda v, s: f"'rate' with {s('hessian_guided')} (the 'sensitivity' order needs the Hessian pass)",
-    ),
+    _hessian_only("prune_order", "rate", "the 'sensitivity' order"),
+    _hessian_only("lsb_pull", "uniform", "the 'sensitivity' pull"),
     _learned_step_only("learned_step_init", "mse", "only a learned step has a start"),
     _learned_step_only("qat_grid", "signmag", "the extra level needs the learned step"),
 )

@@ -11,7 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["PRUNE_ORDERS", "bit_cost", "cheapest_bits", "land", "order_words", "prune_order", "uses_sensitivity"]
+__all__ = [
+    "PRUNE_ORDERS",
+    "bit_cost",
+    "cheapest_bits",
+    "land",
+    "order_words",
+    "prune_order",
+    "pull_weights",
+    "uses_sensitivity",
+]
 
 PRUNE_ORDERS = ("rate", "sensitivity")
 
@@ -105,3 +114,20 @@ def cheapest_bits(
         lost[newly[-1]] += 1
         pruned += [name for name in newly if name not in pruned]
     return new_bits, pruned, done
+
+
+def pull_weights(
+    bits: Mapping[str, int],
+    min_bits: int,
+    costs: tuple[Mapping[str, float], Mapping[str, float], Mapping[str, int]],
+    reached: Reached,
+    ratio: Ratio,
+) -> dict[str, float]:
+    """Each layer's share of lambda under ``lsb_pull="sensitivity"``: 1 for a layer that the greedy allocation of the
+    target from ``bits`` now (:func:`cheapest_bits`, ``costs = (sensitivities, rates, numels)``) still takes bits
+    from, 0 for a layer it keeps where it is. Threshold pruning then does the cutting -- the regularizer empties the
+    LSBs of the layers the Hessian chose, the others keep theirs and stay above the threshold -- and the choice is
+    re-made at every measurement, from the sensitivities at the bits reached."""
+    names = [name for name in bits if bits[name] > min_bits]
+    destination, _, _ = cheapest_bits(bits, names, min_bits, costs, reached, ratio)
+    return {name: 1.0 if destination[name] < bits[name] else 0.0 for name in bits}

@@ -211,25 +211,22 @@ class MSQCallback(TrainerCallback):
                 self._measuring = False
 
     def _add_reg_grad(self, name: str, layer: nn.Module, grad: torch.Tensor) -> torch.Tensor | None:
-        """``grad + lambda * s * dR_l/dW`` on the first backward of an optimizer step (``s``: AMP loss scale)."""
+        """``grad + lambda * w_l * s * dR_l/dW`` on the first backward of an optimizer step (``w_l``: the layer's share
+        of lambda, ``s``: AMP loss scale)."""
         if self._measuring or name not in self._reg_pending:
             return None
         self._reg_pending.discard(name)
         if self._reg_scale is None:  # once per step, not per layer (each query syncs with the device)
             self._reg_scale = self._regularizer_scale()
-        if self._reg_scale == 0.0 or layer.n_k <= 0:
+        scale = self._reg_scale * self.controller.regularizer.weights[name]  # the layer's share of lambda (lsb_pull)
+        if scale == 0.0 or layer.n_k <= 0:
             return None
-        return grad + (layer.regularizer_gradient() * self._reg_scale).to(grad.dtype)
+        return grad + (layer.regularizer_gradient() * scale).to(grad.dtype)
 
     def add_regularizer_after_clipping(self) -> None:
-        """``W.grad += lambda * dR_l/dW`` for every MSQ layer that got a gradient this step (after clipping)."""
-        strength = self.controller.reg_strength if self.controller.regularizing else 0.0
-        if strength == 0.0:
-            return
-        for layer in self.controller.layers.values():
-            grad = layer.weight.grad
-            if grad is not None:
-                grad.add_(layer.regularizer_gradient().to(grad.dtype), alpha=strength)
+        """``W.grad += lambda * w_l * dR_l/dW`` for every MSQ layer that got a gradient this step (after clipping;
+        ``w_l`` the layer's share, :meth:`~msq_hf.training.regularizer.LSBRegularizer.add_gradients`)."""
+        self.controller.regularizer.add_gradients(self.controller.reg_strength if self.controller.regularizing else 0.0)
 
     def _regularizer_scale(self) -> float:
         """``lambda`` times the loss scale the backward carries (accelerate's GradScaler under fp16), 0 if off."""

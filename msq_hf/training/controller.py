@@ -23,6 +23,7 @@ from msq_hf.config import MSQConfig
 from msq_hf.convert import msq_layers
 from msq_hf.integrations.guard import mark_driven
 from msq_hf.quant.functional import average_bits, compression_ratio
+from msq_hf.training.allocation import pull_weights
 from msq_hf.training.clipping import fit_clipped_scales, fit_final_scales
 from msq_hf.training.log_metrics import msq_metrics
 from msq_hf.training.measure import (
@@ -101,7 +102,7 @@ class MSQController:
         self.traces = TraceReuse(config.hessian_interval)  # Hutchinson traces kept between Hessian passes
         self.measure_seconds = 0.0  # wall time spent measuring (nonzero rates, Hessian passes) in this process
         self.learning_rate: float | None = None  # the optimizer's, set by the trainer: bounds lambda (pull_limit)
-        self._regularizer = LSBRegularizer(self.layers)
+        self.regularizer = LSBRegularizer(self.layers)  # its weights: each layer's share of lambda (lsb_pull)
         self._pacer = Pacer.from_config(config)
         self._schedule = BitPruningSchedule.from_config(config)
         self.total_steps = total_steps
@@ -166,7 +167,7 @@ class MSQController:
     @property
     def last_regularization(self) -> float:
         """Value of the last :meth:`regularization` term (already multiplied by lambda)."""
-        return float(self._regularizer.last)
+        return float(self.regularizer.last)
 
     @property
     def reg_strength(self) -> float:
@@ -198,7 +199,7 @@ class MSQController:
         """``lambda * sum_l R_l`` of the last training forward (MSQ Eq. 8) to add to the loss: the layers' fused terms,
         summed and cleared (``LSBRegularizer``); a 0-dim zero without gradient in eval mode, under ``no_grad``, after
         the final round, at lambda = 0 or with ``lsb_update="proximal"`` (:attr:`last_regularization` logs it)."""
-        reg = self._regularizer.collect(0.0 if self._finalized else self.reg_strength)
+        reg = self.regularizer.collect(0.0 if self._finalized else self.reg_strength)
         return torch.zeros_like(reg.detach()) if self.proximal else reg  # proximal: the value is only logged
 
     @property
@@ -210,7 +211,7 @@ class MSQController:
         """Call after each optimizer step at ``learning_rate``: with ``lsb_update="proximal"``, the LSB pull
         (:meth:`LSBRegularizer.proximal_step` at ``learning_rate * lambda``) while MSQ regularizes; else nothing."""
         if self.proximal and self._started and not self._finalized:
-            self._regularizer.proximal_step(float(learning_rate) * self.reg_strength)
+            self.regularizer.proximal_step(float(learning_rate) * self.reg_strength)
 
     # -- measurements ---------------------------------------------------------------------------
     def nonzero_rates(self) -> dict[str, float]:
@@ -244,9 +245,12 @@ class MSQController:
         return rates, sens
 
     # -- pruning ----------------------------------------------------------------------------------
-    def _apply(self, bits: Mapping[str, int], ks: Mapping[str, int]) -> None:
+    def _apply(self, bits: Mapping[str, int], ks: Mapping[str, int], rates: Any = None, sens: Any = None) -> None:
         for name, layer in self.layers.items():
             layer.set_bits(int(bits[name]), int(ks.get(name, 0)))
+        if self.config.lsb_pull == "sensitivity" and sens and rates:  # pull the layers the Hessian would cut
+            tests = self._schedule.target_tests(self.numels)
+            self.regularizer.weights = pull_weights(self.bits, self.config.min_bits, (sens, rates, self.numels), *tests)
 
     def _record(
         self, step: int, rates: Mapping[str, float], sens: Mapping[str, float] | None, done: PruneDecision | None = None
@@ -260,6 +264,7 @@ class MSQController:
         entry.update(pruned=list(done.pruned) if done else [], forced=bool(done is not None and done.forced))
         entry.update(reg_strength=self.reg_strength, planned_bits=self.plan.planned_bits(step) if self.plan else None)
         entry["clip_ratios"] = dict(self.clip_ratios) if self._finalized and self.clip_ratios else None
+        entry["pull"] = dict(self.regularizer.weights) if self.config.lsb_pull != "uniform" else None
         self._history.append(entry)
 
     def start(self, batch: Batch | None = None, loss_fn: LossFn | None = None, global_step: int = 0) -> None:
@@ -268,7 +273,7 @@ class MSQController:
         self._schedule.check_reachable(self.numels)
         rates, sens = self._measure(batch, global_step, loss_fn)
         ks = self._schedule.assign_k(self.bits, sens)
-        self._apply(self.bits, ks)
+        self._apply(self.bits, ks, rates, sens)
         self._started = True
         self._pacer.begin(global_step, self._total_steps, self.avg_bits)
         self._record(global_step, self.nonzero_rates(), sens)
@@ -320,7 +325,7 @@ class MSQController:
         now = {"rates": rates, "bits": self.bits, "k": self.ks}  # the precision these rates were measured at
         state = make_state(now["bits"], now["k"], self.numels)
         decision = self._schedule.step(state, rates, sens, global_step, self._pacer.floor_bits(global_step))
-        self._apply(decision.bits, decision.k)
+        self._apply(decision.bits, decision.k, rates, sens)
         self._finalized = bool(decision.finalized)
         if self._finalized and self.snapshot is not None:  # rewind_weights: the scheme is found, QAT from the start
             rewind(self.model, self.snapshot, optimizer)
@@ -330,10 +335,11 @@ class MSQController:
         if (decision.pruned or clipped) and self.config.bn_recalibration and batch is not None:  # stale otherwise
             recalibrate_batchnorm(self.model, batch, loss_fn or self.loss_fn or fp32_default_loss)
         if not self._finalized:  # the rates' trend and the learning rate bound the feedback (pacing module docstring)
-            top = [layer.n_bits for layer in self.layers.values() if layer.n_k > 0]
-            change = rate_change(last_measurement(self._history), now, self.numels)
+            top = {name: layer.n_bits for name, layer in self.layers.items() if layer.n_k > 0}
+            shares = [self.regularizer.weights[name] for name in top]
+            limit = pull_limit(self.learning_rate, list(top.values()), self.config.lsb_units, shares)
             self._pacer.update(
-                global_step, self.avg_bits, change, pull_limit(self.learning_rate, top, self.config.lsb_units)
+                global_step, self.avg_bits, rate_change(last_measurement(self._history), now, self.numels), limit
             )
         self._record(global_step, rates, sens, decision)
         return decision
@@ -376,7 +382,7 @@ class MSQController:
         if unknown:
             msg = f"MSQ controller state does not match the model: layer(s) {unknown[:5]} are in only one of them"
             raise ValueError(msg)
-        self._apply(state["bits"], state["k"])
+        self._apply(state["bits"], state["k"], state.get("last_rates"), state.get("last_sensitivities"))
         self._started = bool(state["started"])
         self._finalized = bool(state["finalized"])
         self.snapshot = None if self._finalized else self.snapshot  # a resumed rewind reads the checkpoint's copy

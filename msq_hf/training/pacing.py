@@ -66,18 +66,24 @@ def target_average_bits(target_compression: float, count_sign_bit: bool = False)
     return 32.0 / target_compression - (1 if count_sign_bit else 0)
 
 
-def pull_limit(learning_rate: float | None, regularized_bits: Sequence[int], units: str) -> float | None:
-    """The largest lambda whose LSB pull moves a weight of the finest regularized layer (``max(regularized_bits)``
-    bits) by at most :data:`MAX_PULL` of its grid steps per plain SGD step at ``learning_rate``.
+def pull_limit(
+    learning_rate: float | None, regularized_bits: Sequence[int], units: str, shares: Sequence[float] | None = None
+) -> float | None:
+    """The largest lambda whose LSB pull moves a weight of every regularized layer (``regularized_bits``, pulled
+    at ``shares`` of lambda, default 1 each) by at most :data:`MAX_PULL` of its grid steps per plain SGD step at
+    ``learning_rate``: with equal shares the finest layer's (``max(regularized_bits)`` bits) bound.
 
-    The pull is ``lr * lambda * 2^(n-8)`` grid steps in ``"scale"`` units and ``lr * lambda`` in ``"step"`` units
-    (``msq_hf.quant.grid``); ``"code"``/``"value"`` units depend on the weights' scale, and an unknown learning
-    rate or no regularized layer gives no limit (``None``).
+    The pull is ``lr * share * lambda * 2^(n-8)`` grid steps in ``"scale"`` units and ``lr * share * lambda`` in
+    ``"step"`` units (``msq_hf.quant.grid``); ``"code"``/``"value"`` units depend on the weights' scale, and an
+    unknown learning rate or no regularized layer gives no limit (``None``).
     """
     if learning_rate is None or not learning_rate > 0 or not regularized_bits or units not in ("scale", "step"):
         return None
-    per_lambda = learning_rate * (2.0 ** (max(regularized_bits) - 8) if units == "scale" else 1.0)
-    return MAX_PULL / per_lambda
+    shares = [1.0] * len(regularized_bits) if shares is None else shares
+    per_lambda = learning_rate * max(
+        w * (2.0 ** (n - 8) if units == "scale" else 1.0) for n, w in zip(regularized_bits, shares, strict=True)
+    )
+    return MAX_PULL / per_lambda if per_lambda > 0 else None  # every share 0: nothing is pulled
 
 
 @dataclass(frozen=True)

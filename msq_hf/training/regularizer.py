@@ -17,10 +17,13 @@ __all__ = ["LSBRegularizer"]
 
 
 class LSBRegularizer:
-    """``lambda * sum_l R_l`` of the last training forward of ``layers`` (name -> MSQ layer)."""
+    """``lambda * sum_l w_l R_l`` of the last training forward of ``layers`` (name -> MSQ layer); ``weights``
+    holds each layer's share ``w_l`` of lambda (1, or 0 for a layer ``lsb_pull="sensitivity"`` leaves alone:
+    :func:`msq_hf.training.allocation.pull_weights`)."""
 
     def __init__(self, layers: Mapping[str, nn.Module]):
         self.layers = dict(layers)
+        self.weights: dict[str, float] = dict.fromkeys(self.layers, 1.0)
         self.last: torch.Tensor | float = 0.0  # the last lambda * R (a device tensor while training)
 
     def collect(self, strength: float) -> torch.Tensor:
@@ -33,7 +36,9 @@ class LSBRegularizer:
         entirely under ``no_grad`` records nothing and is fine.)
         """
         silent = [name for name, layer in self.layers.items() if layer.forward_without_grad and layer.n_k > 0]
-        terms = [t for t in (layer.pop_regularization() for layer in self.layers.values()) if t is not None]
+        popped = ((name, layer.pop_regularization()) for name, layer in self.layers.items())
+        # a uniform pull multiplies nothing: the default graph is the paper's sum
+        terms = [t if self.weights[n] == 1 else t * self.weights[n] for n, t in popped if t is not None]
         if terms and silent:
             # some layers recorded a term in this forward, others ran without gradients: checkpointed segments
             raise RuntimeError(
@@ -49,10 +54,18 @@ class LSBRegularizer:
         self.last = reg.detach()  # read on the host only when logged: no device sync per step
         return reg
 
+    def add_gradients(self, strength: float) -> None:
+        """``W.grad += strength * w_l * dR_l/dW`` for every layer that got a gradient this step: the regularizer's
+        gradient joining after the Trainer's clipping (``regularizer_after_clipping``). Device-side, no host read."""
+        for name, layer in self.layers.items():
+            grad = layer.weight.grad
+            if grad is not None and strength * self.weights[name] != 0:
+                grad.add_(layer.regularizer_gradient().to(grad.dtype), alpha=strength * self.weights[name])
+
     def proximal_step(self, amount: float) -> None:
-        """Move every layer's weights one proximal step of ``amount * R_l`` (``amount = lr * lambda``) toward their
-        zero-LSB grid points (:meth:`msq_hf.nn.layers.MSQLayerMixin.apply_lsb_proximal`; layers at ``k = 0`` stay
+        """Move every layer's weights one proximal step of ``amount * w_l * R_l`` (``amount = lr * lambda``) toward
+        their zero-LSB grid points (:meth:`msq_hf.nn.layers.MSQLayerMixin.apply_lsb_proximal`; layers at ``k = 0`` stay
         as they are). Device-side, no host read."""
         if amount > 0:
-            for layer in self.layers.values():
-                layer.apply_lsb_proximal(amount)
+            for name, layer in self.layers.items():
+                layer.apply_lsb_proximal(amount * self.weights[name])

@@ -180,7 +180,8 @@ class BitPruningSchedule:
         numels, ks = {n: state[n].numel for n in names}, {n: state[n].k for n in names}
         return prune_order(names, rates, self.prune_order, sens, numels, ks)
 
-    def _tests(self, numels: Mapping[str, int]) -> tuple[Any, Any]:  # allocation's reached(bits) and ratio(bits)
+    def target_tests(self, numels: Mapping[str, int]) -> tuple[Any, Any]:
+        """``reached(bits)`` and ``ratio(bits)`` of this target over ``numels``, as :mod:`.allocation` takes them."""
         return (lambda b: self._reached(b, numels)), (lambda b: self.compression(b, numels))
 
     # -- checks -----------------------------------------------------------------------------------
@@ -306,7 +307,7 @@ class BitPruningSchedule:
         after_all = {name: b - (state[name].k if name in candidates else 0) for name, b in bits.items()}
         if candidates and self._reached(after_all, numels):
             order = self._order(candidates, rates, sensitivities, state)
-            new_bits, pruned, _ = land(bits, order, {name: state[name].k for name in order}, *self._tests(numels))
+            new_bits, pruned, _ = land(bits, order, {name: state[name].k for name in order}, *self.target_tests(numels))
             reason = (
                 f"final round: pruned {len(pruned)} of {len(candidates)} candidate(s) by "
                 f"{order_words(self.prune_order, sensitivities)} until compression >= {self.target_compression:g}x"
@@ -328,13 +329,12 @@ class BitPruningSchedule:
         order = self._order([name for name in state if new_bits[name] > self.min_bits], rates, sens, state)
         pruned: list[str] = []
         drops = {name: max(state[name].k, 1) for name in order}  # first pass: the layer's own k (>= 1)
-        reached = self._reached(new_bits, numels)
+        reached, tests = self._reached(new_bits, numels), self.target_tests(numels)
         if uses_sensitivity(self.prune_order, sens):  # a greedy allocation, one bit at a time
-            costs = (sens, rates, numels)
-            new_bits, pruned, reached = cheapest_bits(new_bits, order, self.min_bits, costs, *self._tests(numels))
+            new_bits, pruned, reached = cheapest_bits(new_bits, order, self.min_bits, (sens, rates, numels), *tests)
         while not reached and any(new_bits[name] > self.min_bits for name in order):
             room = {name: min(drops[name], new_bits[name] - self.min_bits) for name in order}
-            new_bits, newly, reached = land(new_bits, [n for n in order if room[n] > 0], room, *self._tests(numels))
+            new_bits, newly, reached = land(new_bits, [n for n in order if room[n] > 0], room, *tests)
             pruned += [name for name in newly if name not in pruned]
             drops = dict.fromkeys(order, 1)  # later passes: one bit at a time
         cutoff = f"step {global_step} >= {self.final_round_fraction:g} * total_steps={self._total_steps}"

@@ -192,12 +192,12 @@ class PaddedNet(SmallNet):
         return self.fc(F.relu(self.wide(F.pad(pooled, (0, 504)))))
 
 
-def _padded_run(order: str) -> MSQController:
+def _padded_run(order: str, **extra: str) -> MSQController:
     torch.manual_seed(0)
     config = msq_hf.MSQConfig(
         init_bits=8, target_compression=8.0, reg_strength=1e-3, prune_threshold=0.6, prune_interval=3,
         hessian_max_probes=16, hessian_batch_size=16, final_round_fraction=0.8, warmup_fraction=0.25,
-        prune_order=order,
+        prune_order=order, **extra,
     )  # fmt: skip
     model = msq_hf.quantize_model(PaddedNet(), config)
     ctl = MSQController(model, total_steps=24, seed=0)
@@ -224,3 +224,28 @@ def test_the_hessian_order_takes_the_bits_from_the_layer_that_never_sees_data() 
         by_cost.bits,
         by_rate.bits,
     )
+
+
+def test_the_sensitivity_pull_regularizes_only_the_layers_the_hessian_would_cut() -> None:
+    from msq_hf.training.allocation import pull_weights
+    from msq_hf.training.schedule import BitPruningSchedule
+
+    ctl = _padded_run("sensitivity", lsb_pull="sensitivity")
+    tests = BitPruningSchedule.from_config(ctl.config).target_tests(ctl.numels)
+    measured = [entry for entry in ctl.history if not entry["forced"] and entry["phase"] == "regularize"]
+    for entry in measured:  # every measurement re-chooses from its sensitivities, at the bits it left
+        costs = (entry["sensitivities"], entry["rates"], ctl.numels)
+        assert entry["pull"] == pull_weights(entry["bits"], 1, costs, *tests), entry["step"]
+    assert any(not all(entry["pull"].values()) for entry in measured), "some step left a layer unpulled"
+    assert all(entry["pull"] is None for entry in _padded_run("sensitivity").history), "uniform: nothing recorded"
+    # a resume re-derives the shares from the checkpoint's bits, last rates and sensitivities
+    state = {
+        **ctl.state_dict(),
+        "finalized": False,
+        "bits": dict.fromkeys(ctl.names, 8),
+        "k": dict.fromkeys(ctl.names, 2),
+    }
+    resumed = MSQController(ctl.model, ctl.config, total_steps=24)
+    resumed.load_state_dict(state)
+    costs = (state["last_sensitivities"], state["last_rates"], ctl.numels)
+    assert resumed.regularizer.weights == pull_weights(state["bits"], 1, costs, *tests)

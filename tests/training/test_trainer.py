@@ -466,3 +466,47 @@ def test_default_logs_hold_only_the_global_msq_values(tmp_path) -> None:
     for entry in train_logs:
         msq_keys = [k for k in entry if k.startswith("msq/")]
         assert "msq/compression" in msq_keys and len(msq_keys) <= 8, msq_keys
+
+
+class ShareSetter(TrainerCallback):
+    """Gives the first MSQ layer a zero share of lambda before the first step (what lsb_pull="sensitivity" does
+    to a layer the Hessian keeps)."""
+
+    def __init__(self, msq_callback: MSQCallback) -> None:
+        self.msq_callback = msq_callback
+
+    def on_step_begin(self, args, state, control, **kw):
+        regularizer = self.msq_callback.controller.regularizer
+        regularizer.weights = {**regularizer.weights, next(iter(regularizer.weights)): 0.0}
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["in_loss", "after_clipping"])
+@pytest.mark.parametrize("front", ["msq_trainer", "plain_trainer"])
+def test_every_path_of_the_pull_applies_each_layers_share(front: str, after: bool, tmp_path) -> None:
+    data = make_dataset(8)
+
+    def first_grads(name: str, reg: float, share: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+        cfg = msq_hf.MSQConfig(
+            reg_strength=reg, hessian_guided=False, target_compression=1.0, prune_interval=100, warmup_fraction=0.0,
+            regularizer_after_clipping=after,
+        )  # fmt: skip
+        cap, args = GradCapture(), args_for(tmp_path, name, max_steps=1, learning_rate=0.0, max_grad_norm=1e3)
+        if front == "msq_trainer":
+            trainer = MSQTrainer(model=tiny_vit(), args=args, train_dataset=data, msq_config=cfg, callbacks=[cap])
+            callback = trainer.msq_callback
+        else:
+            callback = MSQCallback(cfg)
+            model = msq_hf.quantize_model(tiny_vit(), cfg)
+            trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, cap])
+        if share:
+            trainer.add_callback(ShareSetter(callback))
+        trainer.train()
+        return cap.grads, [f"{n}.weight" for n in callback.controller.names]
+
+    task, names = first_grads("task", 0.0, False)
+    full, _ = first_grads("full", 10.0, False)
+    shared, _ = first_grads("shared", 10.0, True)
+    assert float((full[names[0]] - task[names[0]]).abs().max()) > 1e-3, "the pull must be visible"
+    torch.testing.assert_close(shared[names[0]], task[names[0]], rtol=1e-4, atol=1e-7)  # share 0: no pull
+    for name in names[1:]:
+        torch.testing.assert_close(shared[name], full[name], rtol=1e-4, atol=1e-7, msg=name)  # share 1: as before
