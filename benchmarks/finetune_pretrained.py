@@ -77,6 +77,7 @@ MSQ_SERIES = {
     "learned-full": "MSQ + learned step, full grid",
     "learned-full-lsqinit": "MSQ + learned step, full grid, LSQ start",
     "lsqinit-sens": "MSQ + LSQ start, full grid, Hessian prune order",
+    "cut-ac-rewind-step": "MSQ + Hessian order and pull, search-then-QAT",
 }
 
 # One short fine-tuning epoch on a 20,000-image subset (the budget every method shares); the paper's other

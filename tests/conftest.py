@@ -22,7 +22,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 _HF_HOME = tempfile.mkdtemp(prefix="msq_hf_tests_hf_home_")
 os.environ["HF_HOME"] = _HF_HOME
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -245,3 +246,26 @@ def tiny_model_factories() -> dict[str, Callable[[], nn.Module]]:
 def images() -> torch.Tensor:
     """A fixed batch of 2 random 32x32 RGB images."""
     return torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+
+
+FRONTS = ("msq_trainer", "plain_trainer")
+"""The two ways to train with MSQ: ``MSQTrainer``, or a plain ``transformers.Trainer`` with an ``MSQCallback``."""
+
+
+def trainer_for(
+    front: str, model: nn.Module, config: Any, args: Any, dataset: Any, callbacks: Sequence[Any] = ()
+) -> tuple[Any, Any]:
+    """``(trainer, msq_callback)`` training ``model`` with MSQ ``config`` through ``front`` (one of :data:`FRONTS`);
+    ``callbacks`` run after MSQ's."""
+    from transformers import Trainer
+
+    import msq_hf
+    from msq_hf.training.callback import MSQCallback
+    from msq_hf.training.trainer import MSQTrainer
+
+    if front == "msq_trainer":
+        trainer = MSQTrainer(model=model, args=args, train_dataset=dataset, msq_config=config, callbacks=[*callbacks])
+        return trainer, trainer.msq_callback
+    callback = MSQCallback(config)
+    model = msq_hf.quantize_model(model, config)
+    return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, *callbacks]), callback

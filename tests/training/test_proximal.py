@@ -13,15 +13,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, toy_dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from conftest import FRONTS, TINY_MODELS, toy_dataset, trainer_for
+from transformers import TrainerCallback, TrainingArguments
 
 import msq_hf
 from msq_hf.config import ConfigFieldError
 from msq_hf.quant.grid import lsb_proximal, max_abs_scale
-from msq_hf.training.callback import MSQCallback
 from msq_hf.training.controller import MSQController
-from msq_hf.training.trainer import MSQTrainer
 
 torch.set_num_threads(1)
 
@@ -119,7 +117,7 @@ def test_hand_loop_prunes_by_threshold_alone() -> None:
     assert share["threshold_share"] == 1.0 and share["forced_layers"] == 0
 
 
-@pytest.mark.parametrize("front", ["msq_trainer", "plain_trainer"])
+@pytest.mark.parametrize("front", FRONTS)
 def test_trainers_apply_the_proximal_step_after_the_optimizer(front: str, tmp_path) -> None:
     # same model, same data, one step: the proximal run's weights are the task-only run's, moved by lsb_proximal
     lr, reg = 0.05, 5.0
@@ -139,15 +137,9 @@ def test_trainers_apply_the_proximal_step_after_the_optimizer(front: str, tmp_pa
             dataloader_num_workers=0,
             max_grad_norm=1.0,
         )
-        if front == "msq_trainer":
-            trainer = MSQTrainer(model=tiny_vit(), args=args, train_dataset=rows, msq_config=cfg, callbacks=[stop])
-            controller = trainer.msq_controller
-        else:
-            callback = MSQCallback(cfg)
-            model = msq_hf.quantize_model(tiny_vit(), cfg)
-            trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback, stop])
-            controller = callback.controller
+        trainer, callback = trainer_for(front, tiny_vit(), cfg, args, rows, [stop])
         trainer.train()
+        controller = callback.controller
         assert trainer.state.global_step == 1 and not controller.finalized
         train.layers = controller.layers
         return {n: layer.weight.detach().clone() for n, layer in controller.layers.items()}

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FRONTS, trainer_for
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
 
 import msq_hf
 import msq_hf.models  # noqa: F401  (registers resnet20_cifar with timm)
@@ -174,7 +175,7 @@ def test_gradient_accumulation_matches_one_big_batch(model_fn, tmp_path) -> None
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("front", ["msq_trainer", "plain_trainer"])
+@pytest.mark.parametrize("front", FRONTS)
 def test_regularizer_gradient_joins_after_clipping_unclipped(front: str, tmp_path) -> None:
     # clip at 1e-3: the task gradient (norm ~1) is scaled down ~1000x; the LSB pull must arrive in full, once
     data = make_dataset(8)
@@ -190,13 +191,7 @@ def test_regularizer_gradient_joins_after_clipping_unclipped(front: str, tmp_pat
         )
         cap = GradCapture()
         args = args_for(tmp_path, name, max_steps=1, learning_rate=0.0, max_grad_norm=clip)
-        if front == "msq_trainer":
-            trainer = MSQTrainer(model=tiny_vit(), args=args, train_dataset=data, msq_config=cfg, callbacks=[cap])
-            callback = trainer.msq_callback
-        else:
-            callback = MSQCallback(cfg)
-            model = msq_hf.quantize_model(tiny_vit(), cfg)
-            trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, cap])
+        trainer, callback = trainer_for(front, tiny_vit(), cfg, args, data, [cap])
         trainer.train()
         return cap.grads, callback
 
@@ -481,7 +476,7 @@ class ShareSetter(TrainerCallback):
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["in_loss", "after_clipping"])
-@pytest.mark.parametrize("front", ["msq_trainer", "plain_trainer"])
+@pytest.mark.parametrize("front", FRONTS)
 def test_every_path_of_the_pull_applies_each_layers_share(front: str, after: bool, tmp_path) -> None:
     data = make_dataset(8)
 
@@ -491,13 +486,7 @@ def test_every_path_of_the_pull_applies_each_layers_share(front: str, after: boo
             regularizer_after_clipping=after,
         )  # fmt: skip
         cap, args = GradCapture(), args_for(tmp_path, name, max_steps=1, learning_rate=0.0, max_grad_norm=1e3)
-        if front == "msq_trainer":
-            trainer = MSQTrainer(model=tiny_vit(), args=args, train_dataset=data, msq_config=cfg, callbacks=[cap])
-            callback = trainer.msq_callback
-        else:
-            callback = MSQCallback(cfg)
-            model = msq_hf.quantize_model(tiny_vit(), cfg)
-            trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, cap])
+        trainer, callback = trainer_for(front, tiny_vit(), cfg, args, data, [cap])
         if share:
             trainer.add_callback(ShareSetter(callback))
         trainer.train()
